@@ -1,0 +1,99 @@
+// Shared helpers for the fastattr extension: argument checks and the raw-pointer ABI.
+//
+// The extension never sees a torch tensor. Python passes data pointers as integers, with shapes,
+// strides (in elements) and dtype codes, so one binary serves every torch version. Because a bad
+// pointer or index here is a memory error rather than an exception, every entry point re-checks
+// what the Python layer already validated: the C++ layer must stay safe on its own.
+#pragma once
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace fastattr {
+
+// Must match fastattr/_ext.py DTYPE_CODES.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5 };
+
+inline const char* dtype_name(int code) {
+  switch (code) {
+    case kFloat32: return "float32";
+    case kFloat16: return "float16";
+    case kBFloat16: return "bfloat16";
+    case kInt32: return "int32";
+    case kInt64: return "int64";
+    case kUInt8: return "uint8";
+    default: return "unknown";
+  }
+}
+
+// pybind11 translates std::invalid_argument into ValueError.
+template <typename... Args>
+[[noreturn]] inline void fail(Args&&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  throw std::invalid_argument(os.str());
+}
+
+inline void check_arg(bool ok, const char* arg, const std::string& expected, const std::string& actual) {
+  if (!ok) fail(arg, ": expected ", expected, ", got ", actual);
+}
+
+inline void check_nonnull(std::uintptr_t ptr, std::int64_t numel, const char* arg) {
+  if (numel > 0 && ptr == 0) fail(arg, ": expected a non-null data pointer for ", numel, " elements");
+}
+
+inline void check_dtype(int code, int expected, const char* arg) {
+  if (code != expected) fail(arg, ": expected dtype ", dtype_name(expected), ", got ", dtype_name(code));
+}
+
+inline void check_float_dtype(int code, const char* arg) {
+  if (code != kFloat32 && code != kFloat16 && code != kBFloat16)
+    fail(arg, ": expected dtype float32, float16 or bfloat16, got ", dtype_name(code));
+}
+
+// Half-precision conversions for the CPU kernels (no dependency on compiler __fp16 support).
+inline float half_to_float(std::uint16_t h) {
+  const std::uint32_t sign = (std::uint32_t)(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu;
+  std::uint32_t mant = h & 0x3ffu;
+  std::uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) { mant <<= 1; --exp; }
+      mant &= 0x3ffu;
+      bits = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float bf16_to_float(std::uint16_t b) {
+  std::uint32_t bits = (std::uint32_t)b << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <int Code> struct Loader;
+template <> struct Loader<kFloat32> {
+  static float load(const void* p, std::int64_t i) { return static_cast<const float*>(p)[i]; }
+};
+template <> struct Loader<kFloat16> {
+  static float load(const void* p, std::int64_t i) { return half_to_float(static_cast<const std::uint16_t*>(p)[i]); }
+};
+template <> struct Loader<kBFloat16> {
+  static float load(const void* p, std::int64_t i) { return bf16_to_float(static_cast<const std::uint16_t*>(p)[i]); }
+};
+
+}  // namespace fastattr

@@ -1,0 +1,50 @@
+// The feature-to-feature Jacobian contraction, shared by the CPU and CUDA launchers.
+//
+//   out[rows[s], b] += sum_d grads[b, pos(s), d] * vectors[s, d]       (fp32 accumulation)
+//
+// Rows s are pre-sorted by position and cut into tiles that never straddle two positions, so each
+// tile is one small GEMM (tile rows x D) @ (D x B) against a single grads slice; nothing is
+// gathered. The plan (sorted vectors, rows, tiles) is built once per attribution run in Python.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattr {
+
+struct ContractionArgs {
+  // grads: (B, P, D), unit stride along D.
+  std::uintptr_t grads;
+  int grads_dtype;
+  std::int64_t B, P, D;
+  std::int64_t grads_stride_b, grads_stride_p;
+  // vectors: (S, D) sorted by position, unit stride along D.
+  std::uintptr_t vectors;
+  int vectors_dtype;
+  std::int64_t S;
+  std::int64_t vectors_stride_s;
+  // rows: (S,) int32 output row of each vector (sorted order).
+  std::uintptr_t rows;
+  // tiles: (T,) int32 each: position, first and one-past-last vector of the tile.
+  std::uintptr_t tile_pos, tile_start, tile_end;
+  std::int64_t n_tiles;
+  // out: R rows by B columns addressed as out[r * out_stride_r + b * out_stride_b].
+  std::uintptr_t out;
+  int out_dtype;
+  std::int64_t R;
+  std::int64_t out_stride_r, out_stride_b;
+  // Rows may repeat (several decoder rows of one feature in one call): accumulate atomically.
+  bool atomic;
+};
+
+// Checks everything that can be checked without reading device memory.
+void validate_contraction_args(const ContractionArgs& a);
+
+void contract_cpu(const ContractionArgs& a);
+
+#ifdef FASTATTR_WITH_CUDA
+// Tile height and width of the CUDA kernel; the Python plan cuts tiles of this height.
+constexpr int kCudaContractTileS = 64;
+void contract_cuda(const ContractionArgs& a, std::uintptr_t stream);
+#endif
+
+}  // namespace fastattr

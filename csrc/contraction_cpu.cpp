@@ -1,0 +1,213 @@
+// CPU contraction: one task per (tile, batch chunk), a register-blocked dot-product micro-kernel.
+//
+// Host memory lets us check every index before touching memory, so out-of-range tiles or rows are
+// reported as ValueError instead of corrupting the heap. Half-precision inputs are widened once
+// per task into a scratch buffer so the micro-kernel only ever sees fp32.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "contraction.h"
+
+#ifdef FASTATTR_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace fastattr {
+namespace {
+
+constexpr std::int64_t kBatchChunk = 32;
+
+// 4 rows x 2 batch columns per step: 8 accumulators reuse each loaded value 2-4 times.
+template <bool Dummy>
+inline __attribute__((always_inline)) void micro_kernel(const float* const* v, int nv, const float* g0,
+                                                         const float* g1, std::int64_t D, float acc[4][2]) {
+  float a00 = 0, a01 = 0, a10 = 0, a11 = 0, a20 = 0, a21 = 0, a30 = 0, a31 = 0;
+  const float* v0 = v[0];
+  const float* v1 = v[nv > 1 ? 1 : 0];
+  const float* v2 = v[nv > 2 ? 2 : 0];
+  const float* v3 = v[nv > 3 ? 3 : 0];
+#pragma omp simd reduction(+ : a00, a01, a10, a11, a20, a21, a30, a31)
+  for (std::int64_t d = 0; d < D; ++d) {
+    const float x0 = g0[d], x1 = g1[d];
+    a00 += v0[d] * x0; a01 += v0[d] * x1;
+    a10 += v1[d] * x0; a11 += v1[d] * x1;
+    a20 += v2[d] * x0; a21 += v2[d] * x1;
+    a30 += v3[d] * x0; a31 += v3[d] * x1;
+  }
+  acc[0][0] = a00; acc[0][1] = a01; acc[1][0] = a10; acc[1][1] = a11;
+  acc[2][0] = a20; acc[2][1] = a21; acc[3][0] = a30; acc[3][1] = a31;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2(const float* const* v, int nv, const float* g0,
+                                                          const float* g1, std::int64_t D, float acc[4][2]) {
+  micro_kernel<true>(v, nv, g0, g1, D, acc);
+}
+#endif
+void micro_kernel_generic(const float* const* v, int nv, const float* g0, const float* g1, std::int64_t D,
+                          float acc[4][2]) {
+  micro_kernel<false>(v, nv, g0, g1, D, acc);
+}
+
+using MicroKernel = void (*)(const float* const*, int, const float*, const float*, std::int64_t, float[4][2]);
+
+MicroKernel pick_micro_kernel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_kernel_avx2;
+#endif
+  return micro_kernel_generic;
+}
+
+float load_float(const void* base, std::int64_t i, int dtype) {
+  switch (dtype) {
+    case kFloat16: return Loader<kFloat16>::load(base, i);
+    case kBFloat16: return Loader<kBFloat16>::load(base, i);
+    default: return Loader<kFloat32>::load(base, i);
+  }
+}
+
+std::uint16_t float_to_bf16(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+std::uint16_t float_to_half(float f) {
+  std::uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const std::uint32_t sign = (x >> 16) & 0x8000u;
+  const std::uint32_t absx = x & 0x7fffffffu;
+  if (absx >= 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0));
+  if (absx >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // overflows to inf after rounding
+  if (absx < 0x38800000u) {  // below half's smallest normal: count units of 2^-24, ties to even
+    float mag;
+    std::memcpy(&mag, &absx, sizeof mag);
+    return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(std::nearbyint(mag * 16777216.0f)));
+  }
+  std::uint32_t h = ((absx - 0x38000000u) >> 13);
+  const std::uint32_t rem = absx & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return static_cast<std::uint16_t>(sign | h);
+}
+
+void accumulate(void* out, std::int64_t idx, int dtype, float value, bool atomic) {
+  switch (dtype) {
+    case kFloat32: {
+      float* p = static_cast<float*>(out) + idx;
+      if (atomic) {
+#pragma omp atomic
+        *p += value;
+      } else {
+        *p += value;
+      }
+      break;
+    }
+    case kFloat16: {  // atomic half updates are serialised by the caller (see contract_cpu)
+      auto* p = static_cast<std::uint16_t*>(out) + idx;
+      *p = float_to_half(half_to_float(*p) + value);
+      break;
+    }
+    default: {
+      auto* p = static_cast<std::uint16_t*>(out) + idx;
+      *p = float_to_bf16(bf16_to_float(*p) + value);
+      break;
+    }
+  }
+}
+
+void validate_host_indices(const ContractionArgs& a) {
+  const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
+  const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
+  const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
+  const auto* te = reinterpret_cast<const std::int32_t*>(a.tile_end);
+  for (std::int64_t s = 0; s < a.S; ++s)
+    if (rows[s] < 0 || rows[s] >= a.R) fail("rows: expected indices in [0, ", a.R, "), got ", rows[s], " at ", s);
+  for (std::int64_t t = 0; t < a.n_tiles; ++t) {
+    if (tp[t] < 0 || tp[t] >= a.P) fail("positions: expected indices in [0, ", a.P, "), got ", tp[t], " in tile ", t);
+    if (ts[t] < 0 || ts[t] > te[t] || te[t] > a.S)
+      fail("tiles: expected 0 <= start <= end <= ", a.S, ", got [", ts[t], ", ", te[t], ") in tile ", t);
+  }
+}
+
+}  // namespace
+
+void contract_cpu(const ContractionArgs& a) {
+  if (a.B == 0 || a.S == 0) return;
+  validate_host_indices(a);
+  static const MicroKernel kernel = pick_micro_kernel();
+
+  const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
+  const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
+  const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
+  const auto* te = reinterpret_cast<const std::int32_t*>(a.tile_end);
+  const void* G = reinterpret_cast<const void*>(a.grads);
+  const void* V = reinterpret_cast<const void*>(a.vectors);
+  void* out = reinterpret_cast<void*>(a.out);
+  const bool widen = a.grads_dtype != kFloat32;
+  const std::int64_t n_chunks = (a.B + kBatchChunk - 1) / kBatchChunk;
+  const std::int64_t n_tasks = a.n_tiles * n_chunks;
+  // Repeated rows race between tasks; fp32 uses atomic adds, half outputs run the tasks in order.
+  const bool serial = a.atomic && a.out_dtype != kFloat32;
+  const std::int64_t D = a.D;
+
+#pragma omp parallel if (!serial && n_tasks > 1)
+  {
+    std::vector<float> vbuf, gbuf;
+    std::vector<const float*> vrows;
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t task = 0; task < n_tasks; ++task) {
+      const std::int64_t t = task / n_chunks;
+      const std::int64_t b0 = (task % n_chunks) * kBatchChunk;
+      const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
+      const std::int64_t s0 = ts[t], s1 = te[t], p = tp[t];
+      const std::int64_t ns = s1 - s0, nb = b1 - b0;
+      if (ns == 0) continue;
+
+      // Row pointers into vectors and grads, widened to fp32 when the inputs are half precision.
+      vrows.resize(ns);
+      std::vector<const float*> grows(nb);
+      if (widen) {
+        vbuf.resize(ns * D);
+        gbuf.resize(nb * D);
+        for (std::int64_t i = 0; i < ns; ++i) {
+          for (std::int64_t d = 0; d < D; ++d)
+            vbuf[i * D + d] = load_float(V, (s0 + i) * a.vectors_stride_s + d, a.vectors_dtype);
+          vrows[i] = vbuf.data() + i * D;
+        }
+        for (std::int64_t j = 0; j < nb; ++j) {
+          const std::int64_t base = (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
+          for (std::int64_t d = 0; d < D; ++d) gbuf[j * D + d] = load_float(G, base + d, a.grads_dtype);
+          grows[j] = gbuf.data() + j * D;
+        }
+      } else {
+        for (std::int64_t i = 0; i < ns; ++i)
+          vrows[i] = static_cast<const float*>(V) + (s0 + i) * a.vectors_stride_s;
+        for (std::int64_t j = 0; j < nb; ++j)
+          grows[j] = static_cast<const float*>(G) + (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
+      }
+
+      float acc[4][2];
+      for (std::int64_t i = 0; i < ns; i += 4) {
+        const int nv = static_cast<int>(std::min<std::int64_t>(4, ns - i));
+        for (std::int64_t j = 0; j < nb; j += 2) {
+          const int ng = (j + 1 < nb) ? 2 : 1;
+          kernel(vrows.data() + i, nv, grows[j], grows[j + ng - 1], D, acc);
+          for (int r = 0; r < nv; ++r) {
+            const std::int64_t row = rows[s0 + i + r];
+            for (int c = 0; c < ng; ++c)
+              accumulate(out, row * a.out_stride_r + (b0 + j + c) * a.out_stride_b, a.out_dtype, acc[r][c], a.atomic);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace fastattr

@@ -1,0 +1,8 @@
+// Each op file registers its own bindings, so adding an op touches no shared file but this one.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace fastattr {
+void register_contraction_ops(pybind11::module_& m);
+void register_graph_ops(pybind11::module_& m);
+}  // namespace fastattr

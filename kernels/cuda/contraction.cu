@@ -1,0 +1,156 @@
+// CUDA contraction: a grouped GEMM over positions, out[rows[s], b] += V[s, :] . G[b, pos(s), :].
+//
+// Each block owns one plan tile (up to 64 vectors of a single position) and 64 batch columns.
+// Vectors and the grads slice stream through shared memory in 16-wide slices of D, widened to
+// fp32; each thread keeps a 4x4 register tile. The (B x S x D) gathered tensor of the reference
+// never exists: grads are read in place through their strides.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "contraction.h"
+
+namespace fastattr {
+namespace {
+
+constexpr int kTileS = kCudaContractTileS;  // vectors per block
+constexpr int kTileB = 64;                  // batch columns per block
+constexpr int kTileD = 16;                  // slice of D staged in shared memory
+constexpr int kThreads = 256;               // 16 x 16 threads, 4 x 4 outputs each
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename OutT> __device__ __forceinline__ void atomic_accumulate(OutT* p, float v);
+template <> __device__ __forceinline__ void atomic_accumulate<float>(float* p, float v) { atomicAdd(p, v); }
+template <> __device__ __forceinline__ void atomic_accumulate<__half>(__half* p, float v) { atomicAdd(p, __float2half_rn(v)); }
+template <> __device__ __forceinline__ void atomic_accumulate<__nv_bfloat16>(__nv_bfloat16* p, float v) {
+  atomicAdd(p, __float2bfloat16_rn(v));
+}
+
+template <typename T, typename OutT>
+__global__ void __launch_bounds__(kThreads) contract_kernel(
+    const T* __restrict__ grads, const T* __restrict__ vectors, const int* __restrict__ rows,
+    const int* __restrict__ tile_pos, const int* __restrict__ tile_start, const int* __restrict__ tile_end,
+    OutT* __restrict__ out, std::int64_t B, std::int64_t P, std::int64_t D, std::int64_t gsb, std::int64_t gsp,
+    std::int64_t vss, std::int64_t S, std::int64_t R, std::int64_t osr, std::int64_t osb, bool atomic) {
+  __shared__ float vs[kTileD][kTileS + 1];
+  __shared__ float gs[kTileD][kTileB + 1];
+
+  const int tile = blockIdx.x;
+  const std::int64_t b0 = static_cast<std::int64_t>(blockIdx.y) * kTileB;
+  const int p = tile_pos[tile];
+  const int s0 = tile_start[tile];
+  const int ns = min(tile_end[tile] - s0, kTileS);
+  // The Python plan validated every index; these guards keep a corrupted plan from writing or
+  // reading out of bounds (it would then produce zeros, never a stray write).
+  if (p < 0 || p >= P || s0 < 0 || ns <= 0 || s0 + ns > S) return;
+  const int nb = static_cast<int>(B - b0 < kTileB ? B - b0 : kTileB);
+
+  const int tx = threadIdx.x % 16;  // batch direction
+  const int ty = threadIdx.x / 16;  // vector direction
+  float acc[4][4] = {};
+
+  const T* gbase = grads + static_cast<std::int64_t>(p) * gsp;
+  for (std::int64_t d0 = 0; d0 < D; d0 += kTileD) {
+    // Stage a kTileS x kTileD slice of vectors and a kTileB x kTileD slice of grads; each
+    // thread loads 4 of each, consecutive threads walking along D for coalescing.
+#pragma unroll
+    for (int k = 0; k < (kTileS * kTileD) / kThreads; ++k) {
+      const int idx = threadIdx.x + k * kThreads;
+      const int s = idx / kTileD, d = idx % kTileD;
+      float v = 0.f;
+      if (s < ns && d0 + d < D) v = to_float(vectors[static_cast<std::int64_t>(s0 + s) * vss + d0 + d]);
+      vs[d][s] = v;
+    }
+#pragma unroll
+    for (int k = 0; k < (kTileB * kTileD) / kThreads; ++k) {
+      const int idx = threadIdx.x + k * kThreads;
+      const int b = idx / kTileD, d = idx % kTileD;
+      float g = 0.f;
+      if (b < nb && d0 + d < D) g = to_float(gbase[(b0 + b) * gsb + d0 + d]);
+      gs[d][b] = g;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < kTileD; ++d) {
+      float a[4], g[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = vs[d][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[j] = gs[d][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], g[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int s = ty + 16 * i;
+    if (s >= ns) continue;
+    const int row = rows[s0 + s];
+    if (row < 0 || row >= R) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int b = tx + 16 * j;
+      if (b >= nb) continue;
+      OutT* dst = out + static_cast<std::int64_t>(row) * osr + (b0 + b) * osb;
+      if (atomic) {
+        atomic_accumulate(dst, acc[i][j]);
+      } else {
+        *dst = from_float<OutT>(to_float(*dst) + acc[i][j]);
+      }
+    }
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+template <typename T, typename OutT>
+void launch(const ContractionArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>((a.B + kTileB - 1) / kTileB));
+  contract_kernel<T, OutT><<<grid, kThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(a.grads), reinterpret_cast<const T*>(a.vectors),
+      reinterpret_cast<const int*>(a.rows), reinterpret_cast<const int*>(a.tile_pos),
+      reinterpret_cast<const int*>(a.tile_start), reinterpret_cast<const int*>(a.tile_end),
+      reinterpret_cast<OutT*>(a.out), a.B, a.P, a.D, a.grads_stride_b, a.grads_stride_p, a.vectors_stride_s, a.S,
+      a.R, a.out_stride_r, a.out_stride_b, a.atomic);
+  check_cuda(cudaGetLastError(), "contract_cuda launch");
+}
+
+}  // namespace
+
+void contract_cuda(const ContractionArgs& a, std::uintptr_t stream_handle) {
+  if (a.B == 0 || a.S == 0 || a.n_tiles == 0) return;
+  if (a.n_tiles > 0x7fffffff) fail("tiles: expected fewer than 2^31 tiles, got ", a.n_tiles);
+  if ((a.B + kTileB - 1) / kTileB > 65535) fail("grads: expected batch size <= ", 65535 * kTileB, ", got ", a.B);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const bool same = a.out_dtype == a.vectors_dtype;
+  switch (a.vectors_dtype) {
+    case kFloat32: launch<float, float>(a, stream); break;
+    case kFloat16: same ? launch<__half, __half>(a, stream) : launch<__half, float>(a, stream); break;
+    case kBFloat16:
+      same ? launch<__nv_bfloat16, __nv_bfloat16>(a, stream) : launch<__nv_bfloat16, float>(a, stream);
+      break;
+    default: fail("vectors: unsupported dtype ", dtype_name(a.vectors_dtype));
+  }
+}
+
+}  // namespace fastattr

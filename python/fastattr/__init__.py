@@ -1,0 +1,55 @@
+"""fastattr: compiled kernels for attribution graphs, as drop-in replacements for circuit-tracer.
+
+The public graph functions keep circuit-tracer's names, signatures and return types; each also
+takes ``backend=`` to force one of ``cuda``, ``triton``, ``cpu`` or ``torch``.
+"""
+
+from fastattr._backends import (
+    BackendUnavailableError,
+    available_backends,
+    last_backend,
+    use_backend,
+)
+from fastattr._info import __version__, info
+from fastattr.contraction import ContractionPlan, contract
+try:  # DEV-TEMP
+    from fastattr.influence import (
+        compute_edge_influence,
+        compute_influence,
+        compute_node_influence,
+        compute_partial_influences,
+        normalize_matrix,
+    )
+    from fastattr.pruning import PruneResult, compute_graph_scores, prune_graph, prune_graph_sparse
+    from fastattr.threshold import find_threshold
+    from fastattr.topk_edges import SparseEdges, topk_edges
+except ImportError:  # DEV-TEMP
+    pass
+try:  # DEV-TEMP
+    from fastattr.patch import patch_circuit_tracer
+except ImportError:  # DEV-TEMP
+    pass
+
+__all__ = [
+    "BackendUnavailableError",
+    "ContractionPlan",
+    "PruneResult",
+    "SparseEdges",
+    "__version__",
+    "available_backends",
+    "compute_edge_influence",
+    "compute_graph_scores",
+    "compute_influence",
+    "compute_node_influence",
+    "compute_partial_influences",
+    "contract",
+    "find_threshold",
+    "info",
+    "last_backend",
+    "normalize_matrix",
+    "patch_circuit_tracer",
+    "prune_graph",
+    "prune_graph_sparse",
+    "topk_edges",
+    "use_backend",
+]

@@ -1,0 +1,76 @@
+"""Argument validation shared by every op.
+
+Every message names the argument and gives the expected and the actual value, so that a wrong
+call fails loudly at the boundary instead of producing a silently wrong graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    t,
+    name: str,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+    unit_last_stride: bool = False,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if unit_last_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a unit stride in the last dimension, got strides {t.stride()}")
+    return t
+
+
+def check_shape(t: torch.Tensor, name: str, expected: Sequence[int | None]) -> None:
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+
+
+def check_index_range(idx: torch.Tensor, name: str, upper: int) -> None:
+    """Indices must lie in [0, upper): a kernel would otherwise write out of bounds."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name}: expected indices in [0, {upper}), got values in [{lo}, {hi}]")
+
+
+def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_b}: expected a tensor on {a.device} (the device of {name_a}), got one on {b.device}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise ValueError(f"{name}: expected finite values, got {n_nan} NaN and {n_inf} Inf entries")
+
+
+def check_fraction(x: float, name: str) -> None:
+    if not (0.0 <= float(x) <= 1.0):
+        raise ValueError(f"{name} must be between 0.0 and 1.0, got {x}")

@@ -1,0 +1,183 @@
+"""The sparse feature-to-feature Jacobian product, circuit-tracer's backward-hook contraction.
+
+    out[rows[s], b] += sum_d grads[b, positions[s], d] * vectors[s, d]
+
+circuit-tracer computes this with ``einsum(grads[:, positions], vectors)``, which first gathers a
+(B x S x D) tensor. Here the rows are sorted by position once per attribution run (a
+:class:`ContractionPlan`); every backward pass then runs a grouped GEMM, one small
+(S_p x D) @ (D x B) product per position, straight from ``grads``.
+
+One op serves every node kind: feature decoder rows (scaled by activation), the several decoder
+rows of a cross-layer transcoder feature, error nodes and token nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastattr import _backends, _ext, reference
+from fastattr._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_index_range,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+
+OP = "contract"
+_TRITON_BLOCK_S_INTERPRET = 32
+_TRITON_BLOCK_S = 64
+_CPU_BLOCK_S = 64
+
+
+class ContractionPlan:
+    """The fixed half of the contraction: vectors, their positions and output rows.
+
+    Build it once per attribution run (positions and vectors do not change between batches) and
+    call it with each batch's grads. Sorting by position and cutting tiles happen here, once.
+
+    Args:
+        vectors: (S, D) float32, float16 or bfloat16, unit stride along D.
+        positions: (S,) int32/int64 position of each vector in grads' second dimension.
+        rows: (S,) int32/int64 output row of each vector. Repeated rows accumulate.
+    """
+
+    def __init__(self, vectors: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
+        check_tensor(vectors, "vectors", ndim=2, dtypes=FLOAT_DTYPES, unit_last_stride=True)
+        check_tensor(positions, "positions", ndim=1, dtypes=INDEX_DTYPES)
+        check_tensor(rows, "rows", ndim=1, dtypes=INDEX_DTYPES)
+        check_same_device("vectors", vectors, "positions", positions)
+        check_same_device("vectors", vectors, "rows", rows)
+        n = vectors.shape[0]
+        check_shape(positions, "positions", (n,))
+        check_shape(rows, "rows", (n,))
+        check_index_range(positions, "positions", 2**31 - 1)
+        check_index_range(rows, "rows", 2**31 - 1)
+
+        self.device = vectors.device
+        self.dtype = vectors.dtype
+        self.n_vectors = n
+        self.d_model = vectors.shape[1]
+        order = torch.argsort(positions, stable=True)
+        self.vectors = vectors[order].contiguous()
+        self.positions = positions[order].to(torch.int32).contiguous()
+        self.rows = rows[order].to(torch.int32).contiguous()
+        # Bounds the grads and out shapes must cover, checked per call at no device cost.
+        self.min_positions = int(self.positions.max()) + 1 if n else 0
+        self.min_rows = int(self.rows.max()) + 1 if n else 0
+        self.unique_rows = n == 0 or int(torch.unique(self.rows).numel()) == n
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def tiles(self, block_s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(position, start, end) int32 per tile: runs of at most ``block_s`` same-position vectors."""
+        if block_s not in self._tiles:
+            if self.n_vectors == 0:
+                empty = torch.zeros(0, dtype=torch.int32, device=self.device)
+                self._tiles[block_s] = (empty, empty, empty)
+            else:
+                pos, counts = torch.unique_consecutive(self.positions, return_counts=True)
+                group_start = torch.cumsum(counts, 0) - counts
+                n_tiles = (counts + block_s - 1) // block_s
+                tile_group = torch.repeat_interleave(torch.arange(len(pos), device=self.device), n_tiles)
+                first_tile = torch.cumsum(n_tiles, 0) - n_tiles
+                within = torch.arange(int(n_tiles.sum()), device=self.device) - first_tile[tile_group]
+                start = group_start[tile_group] + within * block_s
+                end = torch.minimum(start + block_s, (group_start + counts)[tile_group])
+                self._tiles[block_s] = (
+                    pos[tile_group].to(torch.int32).contiguous(),
+                    start.to(torch.int32).contiguous(),
+                    end.to(torch.int32).contiguous(),
+                )
+        return self._tiles[block_s]
+
+    def __call__(self, grads: torch.Tensor, out: torch.Tensor, *, out_layout: str = "rb", backend: str | None = None) -> torch.Tensor:
+        """Accumulate this plan's scores for ``grads`` (B, P, D) into ``out`` and return ``out``.
+
+        ``out`` is (R, B) for ``out_layout="rb"`` (circuit-tracer's buffer) or (B, R) for "br",
+        float32 or the vectors' dtype, any strides.
+        """
+        check_tensor(grads, "grads", ndim=3, dtypes=FLOAT_DTYPES, device=self.device, unit_last_stride=True)
+        if grads.dtype != self.dtype:
+            raise TypeError(
+                f"grads: expected dtype {str(self.dtype).replace('torch.', '')} (the vectors' dtype), "
+                f"got {str(grads.dtype).replace('torch.', '')}"
+            )
+        B, P, D = grads.shape
+        if D != self.d_model:
+            raise ValueError(f"grads: expected last dimension {self.d_model} (the vectors' D), got shape {tuple(grads.shape)}")
+        if P < self.min_positions:
+            raise ValueError(f"grads: expected at least {self.min_positions} positions (max position + 1), got shape {tuple(grads.shape)}")
+        if out_layout not in ("rb", "br"):
+            raise ValueError(f"out_layout: expected 'rb' or 'br', got {out_layout!r}")
+        check_tensor(out, "out", ndim=2, device=self.device)
+        if out.dtype not in (torch.float32, self.dtype):
+            raise TypeError(f"out: expected dtype float32 or {str(self.dtype).replace('torch.', '')}, got {str(out.dtype).replace('torch.', '')}")
+        R, out_b = out.shape if out_layout == "rb" else out.shape[::-1]
+        if out_b != B:
+            want = f"(*, {B})" if out_layout == "rb" else f"({B}, *)"
+            raise ValueError(f"out: expected shape {want} for batch size {B} and out_layout={out_layout!r}, got {tuple(out.shape)}")
+        if R < self.min_rows:
+            raise ValueError(f"out: expected at least {self.min_rows} rows (max row + 1), got shape {tuple(out.shape)} with out_layout={out_layout!r}")
+        stride_r, stride_b = out.stride() if out_layout == "rb" else out.stride()[::-1]
+
+        name, impl = _backends.select(OP, grads.device, backend, _IMPLS)
+        if self.n_vectors and B:
+            impl(self, grads, out, R, stride_r, stride_b, out_layout)
+        return out
+
+
+def contract(
+    grads: torch.Tensor,
+    vectors: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    out_layout: str = "rb",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One-shot contraction. For repeated calls with the same vectors build a :class:`ContractionPlan`."""
+    return ContractionPlan(vectors, positions, rows)(grads, out, out_layout=out_layout, backend=backend)
+
+
+def _raw_args(plan: ContractionPlan, grads: torch.Tensor, tiles, out: torch.Tensor, R: int, stride_r: int, stride_b: int) -> tuple:
+    B, P, D = grads.shape
+    tile_pos, tile_start, tile_end = tiles
+    return (
+        _ext.ptr(grads), _ext.dtype_code(grads), B, P, D, grads.stride(0), grads.stride(1),
+        _ext.ptr(plan.vectors), _ext.dtype_code(plan.vectors), plan.n_vectors, plan.vectors.stride(0),
+        _ext.ptr(plan.rows), _ext.ptr(tile_pos), _ext.ptr(tile_start), _ext.ptr(tile_end), tile_pos.numel(),
+        _ext.ptr(out), _ext.dtype_code(out), R, stride_r, stride_b, not plan.unique_rows,
+    )  # fmt: skip
+
+
+def _contract_cpu(plan, grads, out, R, stride_r, stride_b, layout):
+    _ext.ext.contract_cpu(*_raw_args(plan, grads, plan.tiles(_CPU_BLOCK_S), out, R, stride_r, stride_b))
+
+
+def _contract_cuda(plan, grads, out, R, stride_r, stride_b, layout):
+    tiles = plan.tiles(int(_ext.ext.contract_cuda_tile_s))
+    args = _raw_args(plan, grads, tiles, out, R, stride_r, stride_b)
+    with torch.cuda.device(grads.device):
+        _ext.ext.contract_cuda(*args, _ext.cuda_stream(grads.device))
+
+
+def _contract_triton(plan, grads, out, R, stride_r, stride_b, layout):
+    from fastattr.triton_kernels import contraction as kernels
+
+    interpret = _backends.triton_interpret()
+    block_s = _TRITON_BLOCK_S_INTERPRET if interpret else _TRITON_BLOCK_S
+    tile_pos, tile_start, tile_end = plan.tiles(block_s)
+    kernels.contract(
+        grads, plan.vectors, plan.rows, tile_pos, tile_start, tile_end, out, stride_r, stride_b,
+        block_s=block_s, atomic=not plan.unique_rows, interpret=interpret,
+    )  # fmt: skip
+
+
+def _contract_torch(plan, grads, out, R, stride_r, stride_b, layout):
+    # fp32 like the kernels, so that backends agree to rounding on half-precision inputs too.
+    reference.contract(grads.float(), plan.vectors.float(), plan.positions, plan.rows, out, out_layout=layout)
+
+
+_IMPLS = {"cuda": _contract_cuda, "triton": _contract_triton, "cpu": _contract_cpu, "torch": _contract_torch}
