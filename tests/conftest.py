@@ -55,3 +55,36 @@ def device() -> torch.device:
 def _clear_forced_backend(monkeypatch):
     # A developer's FASTATTR_BACKEND must not leak into tests that check automatic choices.
     monkeypatch.delenv("FASTATTR_BACKEND", raising=False)
+
+
+# ------------------------------------------------------------------ circuit-tracer model fixtures
+
+_MODELS: dict = {}
+
+
+def tracer_model(backend: str = "transformerlens", transcoder: str = "plt", **kwargs):
+    """A cached random-weight circuit-tracer ReplacementModel (see fastattr.synthetic)."""
+    pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
+    if backend == "nnsight":
+        pytest.importorskip("nnsight", reason="nnsight is not installed (pip install nnsight==0.6.1)")
+    from fastattr import synthetic
+
+    key = (backend, transcoder, tuple(sorted(kwargs.items())))
+    if key not in _MODELS:
+        params = {"n_layers": 2, "d_model": 64, "d_transcoder": 128, "seed": 0} | kwargs
+        _MODELS[key] = synthetic.make_replacement_model(backend=backend, transcoder=transcoder, **params)
+    return _MODELS[key]
+
+
+def tracer_prompt(n_tokens: int = 10, seed: int = 1) -> str:
+    from fastattr import synthetic
+
+    return synthetic.random_prompt(n_tokens, seed=seed)
+
+
+MODEL_KINDS = [
+    pytest.param("transformerlens", "plt", id="tl-plt"),
+    pytest.param("transformerlens", "clt", id="tl-clt"),
+    pytest.param("nnsight", "plt", id="nnsight-plt"),
+    pytest.param("nnsight", "clt", id="nnsight-clt"),
+]
