@@ -26,6 +26,7 @@ try:  # DEV-TEMP
 except ImportError:  # DEV-TEMP
     pass
 try:  # DEV-TEMP
+    from fastattr.attribute import attribute
     from fastattr.patch import patch_circuit_tracer
 except ImportError:  # DEV-TEMP
     pass
@@ -36,6 +37,7 @@ __all__ = [
     "PruneResult",
     "SparseEdges",
     "__version__",
+    "attribute",
     "available_backends",
     "compute_edge_influence",
     "compute_graph_scores",

@@ -15,7 +15,9 @@ forward pass (the hooks are captured into the autograd graph there). It returns 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import inspect
 import logging
 import sys
@@ -156,11 +158,14 @@ def _plan_from_parts(parts) -> ContractionPlan | None:
     return ContractionPlan(vectors, positions, rows)
 
 
-def _run_plan(plan: ContractionPlan | None, grads: torch.Tensor, buffer: torch.Tensor) -> None:
+def _run_plan(plan: ContractionPlan | None, grads: torch.Tensor, ctx: Any) -> None:
     if plan is None:
         return
+    # fastattr.attribute points the contexts at rows of its device edge buffer (a (rows, batch)
+    # strided view), so scores land there directly; otherwise they go to circuit-tracer's buffer.
+    out = getattr(ctx, "_fastattr_out", None)
     # circuit-tracer contracts in the vectors' dtype; so do we (accumulating in fp32).
-    plan(grads.to(plan.dtype), buffer)
+    plan(grads.to(plan.dtype), ctx._batch_buffer if out is None else out)
 
 
 def _patched_make_attribution_hooks(self, feature_output_hook: str) -> list[tuple[str, Callable]]:
@@ -172,7 +177,7 @@ def _patched_make_attribution_hooks(self, feature_output_hook: str) -> list[tupl
 
     def make_hook(plan):
         def hook(grads: torch.Tensor, hook) -> None:  # noqa: ARG001 - TransformerLens passes the HookPoint
-            _run_plan(plan, grads, proxy._batch_buffer)
+            _run_plan(plan, grads, proxy)
 
         return hook
 
@@ -193,16 +198,16 @@ def _cached_plan(ctx: Any, key: tuple, build: Callable[[], ContractionPlan | Non
 
 def _patched_feature_attributions(self, layer, grads) -> None:
     plan = _cached_plan(self, ("features", int(layer)), lambda: _layer_plan(self, int(layer), features=True, errors=False))
-    _run_plan(plan, grads, self._batch_buffer)
+    _run_plan(plan, grads, self)
 
 
 def _patched_error_attributions(self, layer, grads) -> None:
     plan = _cached_plan(self, ("errors", int(layer)), lambda: _layer_plan(self, int(layer), features=False, errors=True))
-    _run_plan(plan, grads, self._batch_buffer)
+    _run_plan(plan, grads, self)
 
 
 def _patched_token_attributions(self, grads) -> None:
-    _run_plan(_cached_plan(self, ("tokens",), lambda: _token_plan(self)), grads, self._batch_buffer)
+    _run_plan(_cached_plan(self, ("tokens",), lambda: _token_plan(self)), grads, self)
 
 
 _NNSIGHT_REPLACEMENTS = {
@@ -281,13 +286,63 @@ def _patch_graph(handle: PatchHandle, version: str) -> None:
                 handle._set(module, name, replacements[name], f"{modname}.{name}")
 
 
-def patch_circuit_tracer(*, contraction: bool = True, graph: bool = True) -> PatchHandle:
+# ------------------------------------------------------------------------------------- attribute
+
+
+def _patch_attribute(handle: PatchHandle, version: str) -> None:
+    """Route circuit-tracer's attribute() to fastattr.attribute (0.5.0's single-module layout)."""
+    from fastattr.attribute import attribute as fast_attribute
+
+    try:
+        module = importlib.import_module("circuit_tracer.attribution.attribute")
+    except ImportError as exc:
+        raise _unsupported(version, f"circuit_tracer.attribution.attribute does not import ({exc})") from exc
+    if not hasattr(module, "_run_attribution") or importlib.util.find_spec("circuit_tracer.attribution.attribute_transformerlens"):
+        # Upstream's split layout builds its forward pass inline, which fastattr.attribute does not
+        # reproduce; its contraction and graph functions are still patched.
+        logger.info("fastattr: circuit-tracer %s has the split attribute layout; attribute() is not rerouted", version)
+        return
+    handle._set(module, "attribute", fast_attribute, "circuit_tracer.attribution.attribute.attribute")
+    package = importlib.import_module("circuit_tracer")
+    handle._set(package, "attribute", fast_attribute, "circuit_tracer.attribute")
+
+
+def _contexts_patched() -> bool:
+    for modname in _CONTEXT_MODULES.values():
+        module = sys.modules.get(modname)
+        cls = getattr(module, "AttributionContext", None) if module else None
+        if cls is not None and (
+            vars(cls).get("_make_attribution_hooks") is _patched_make_attribution_hooks
+            or vars(cls).get("compute_feature_attributions") is _patched_feature_attributions
+        ):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def contraction_patch():
+    """The contraction patch for the duration of a block, unless it is already applied."""
+    if _contexts_patched():
+        yield
+        return
+    handle = patch_circuit_tracer(graph=False, attribute=False)
+    try:
+        yield
+    finally:
+        handle.undo()
+
+
+def patch_circuit_tracer(*, contraction: bool = True, graph: bool = True, attribute: bool = True) -> PatchHandle:
     """Make circuit-tracer use fastattr's kernels; returns a handle whose ``undo()`` restores it.
 
     Args:
         contraction: replace the attribution contexts' backward-hook contraction.
         graph: replace the graph functions (influence, thresholds, pruning, scores).
+        attribute: route ``circuit_tracer.attribute`` to :func:`fastattr.attribute` (device-resident
+            edge rows); needs ``contraction``.
     """
+    if attribute and not contraction:
+        raise ValueError("attribute: expected contraction=True as well (fastattr.attribute writes through the patched hooks)")
     version = circuit_tracer_version()
     handle = PatchHandle(version)
     try:
@@ -295,6 +350,8 @@ def patch_circuit_tracer(*, contraction: bool = True, graph: bool = True) -> Pat
             _patch_contexts(handle, version)
         if graph:
             _patch_graph(handle, version)
+        if attribute:
+            _patch_attribute(handle, version)
     except BaseException:
         handle.undo()
         raise

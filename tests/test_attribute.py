@@ -1,0 +1,96 @@
+"""fastattr.attribute: circuit-tracer's graphs with the edge rows kept on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattr
+from fastattr import reference
+
+from conftest import MODEL_KINDS, tracer_model, tracer_prompt
+
+ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed")
+
+
+def _compare(g0, g1):
+    A0, A1 = g0.adjacency_matrix, g1.adjacency_matrix
+    assert A0.shape == A1.shape and A0.device == A1.device
+    err = ((A0 - A1).abs().max() / A0.abs().max()).item()
+    assert err <= 1e-5, f"adjacency differs by {err:.3g} relative"
+    assert torch.equal(g0.selected_features, g1.selected_features)
+    assert torch.equal(g0.active_features, g1.active_features)
+    assert [t.vocab_idx for t in g0.logit_targets] == [t.vocab_idx for t in g1.logit_targets]
+    p0, p1 = reference.prune_graph(g0), reference.prune_graph(g1)
+    assert torch.equal(p0.node_mask, p1.node_mask) and torch.equal(p0.edge_mask, p1.edge_mask)
+
+
+@pytest.mark.parametrize("backend,transcoder", MODEL_KINDS)
+@pytest.mark.parametrize("max_nodes", [45, None], ids=["below", "all"])
+def test_same_graph_as_circuit_tracer(backend, transcoder, max_nodes):
+    model = tracer_model(backend, transcoder)
+    prompt = tracer_prompt(11, seed=8)
+    g0 = ct.attribute(prompt, model, batch_size=16, max_feature_nodes=max_nodes, update_interval=2)
+    g1 = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=max_nodes, update_interval=2)
+    _compare(g0, g1)
+
+
+def test_patch_routes_circuit_tracer_attribute():
+    model = tracer_model("transformerlens", "plt")
+    prompt = tracer_prompt(9, seed=2)
+    g0 = ct.attribute(prompt, model, batch_size=32, max_feature_nodes=40)
+    with fastattr.patch_circuit_tracer() as handle:
+        assert "circuit_tracer.attribute" in handle.replaced
+        assert ct.attribute is fastattr.attribute
+        g1 = ct.attribute(prompt, model, batch_size=32, max_feature_nodes=40)
+    assert ct.attribute is not fastattr.attribute
+    _compare(g0, g1)
+
+
+def test_explicit_targets_and_verbose(caplog):
+    model = tracer_model("transformerlens", "plt")
+    prompt = tracer_prompt(9, seed=3)
+    targets = torch.tensor([5, 17, 40])
+    g0 = ct.attribute(prompt, model, attribution_targets=targets, batch_size=32, max_feature_nodes=30)
+    with caplog.at_level("INFO", logger="fastattr"):
+        g1 = fastattr.attribute(prompt, model, attribution_targets=targets, batch_size=32, max_feature_nodes=30, verbose=True)
+    _compare(g0, g1)
+    assert "fastattr.attribute:" in caplog.text and "features" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"batch_size": 0}, "batch_size: expected a positive integer, got 0"),
+        ({"max_feature_nodes": 0}, "max_feature_nodes: expected a positive integer or None, got 0"),
+        ({"max_feature_nodes": -3}, "max_feature_nodes: expected a positive integer or None, got -3"),
+        ({"update_interval": 0}, "update_interval: expected a positive integer, got 0"),
+        ({"edge_storage": "sparse"}, "edge_storage: expected 'dense', got 'sparse'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = tracer_model("transformerlens", "plt")
+    with pytest.raises(ValueError, match=match):
+        fastattr.attribute(tracer_prompt(5), model, **kwargs)
+
+
+def test_empty_prompt():
+    model = tracer_model("transformerlens", "plt")
+    for empty in ("", "   ", [], torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="prompt: expected at least one token, got an empty prompt"):
+            fastattr.attribute(empty, model)
+
+
+def test_unknown_target_token_keeps_circuit_tracers_error():
+    model = tracer_model("transformerlens", "plt")
+    prompt = tracer_prompt(6)
+    with pytest.raises(Exception) as theirs:
+        ct.attribute(prompt, model, attribution_targets=["zzzz-not-a-token-zzzz"])
+    with pytest.raises(type(theirs.value)) as ours:
+        fastattr.attribute(prompt, model, attribution_targets=["zzzz-not-a-token-zzzz"])
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_not_a_replacement_model():
+    with pytest.raises(TypeError, match="model: expected a circuit-tracer 0.5.0 ReplacementModel"):
+        fastattr.attribute("hello", object())
