@@ -14,6 +14,7 @@ circuit-tracer's target selection, so node order and meaning are circuit-tracer'
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -26,17 +27,21 @@ logger = logging.getLogger("fastattr")
 
 # Rows of the final adjacency moved to the CPU per copy: bounds the transient to a few MB per row block.
 _ROW_BLOCK = 1024
+# Incoming edges kept per row by edge_storage="topk" unless topk= says otherwise (see docs/attribute.md).
+DEFAULT_TOPK = 256
 
 
-def _validate(prompt: Any, batch_size: int, max_feature_nodes: int | None, update_interval: int, edge_storage: str) -> None:
+def _validate(prompt: Any, batch_size: int, max_feature_nodes: int | None, update_interval: int, edge_storage: str, topk: int | None) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes <= 0):
         raise ValueError(f"max_feature_nodes: expected a positive integer or None, got {max_feature_nodes!r}")
     if not isinstance(update_interval, int) or update_interval <= 0:
         raise ValueError(f"update_interval: expected a positive integer, got {update_interval!r}")
-    if edge_storage != "dense":
-        raise ValueError(f"edge_storage: expected 'dense', got {edge_storage!r}")
+    if edge_storage not in ("dense", "topk"):
+        raise ValueError(f"edge_storage: expected 'dense' or 'topk', got {edge_storage!r}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0):
+        raise ValueError(f"topk: expected a positive integer or None, got {topk!r}")
     empty = (isinstance(prompt, str) and not prompt.strip()) or (
         not isinstance(prompt, str) and len(prompt) == 0 if not isinstance(prompt, torch.Tensor) else prompt.numel() == 0
     )
@@ -46,13 +51,102 @@ def _validate(prompt: Any, batch_size: int, max_feature_nodes: int | None, updat
 
 def _check_fits(n_rows: int, n_cols: int, device: torch.device) -> None:
     need = n_rows * n_cols * 4
+    free = None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if need > free:
-            raise MemoryError(
-                f"edge_storage='dense' needs {need / 2**30:.2f} GiB on {device} for a {n_rows} x {n_cols} fp32 edge "
-                f"buffer, but only {free / 2**30:.2f} GiB is free; lower max_feature_nodes"
-            )
+    elif hasattr(os, "sysconf"):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free = None
+    if free is not None and need > free:
+        raise MemoryError(
+            f"edge_storage='dense' needs {need / 2**30:.2f} GiB on {device} for a {n_rows} x {n_cols} fp32 edge "
+            f"buffer, but only {free / 2**30:.2f} GiB is free; use edge_storage='topk' (about "
+            f"{n_rows * DEFAULT_TOPK * 12 / 2**30:.2f} GiB at k={DEFAULT_TOPK}) or lower max_feature_nodes"
+        )
+
+
+class _DenseRows:
+    """Every edge row, dense, on the device: exactly circuit-tracer's edge matrix."""
+
+    def __init__(self, n_rows: int, n_cols: int, batch: int, device: torch.device):
+        _check_fits(n_rows + batch, n_cols, device)
+        # Spare rows at the end absorb the last, partial batch (every backward pass fills `batch` rows).
+        self.edges = torch.zeros(n_rows + batch, n_cols, device=device)
+        self.batch = batch
+
+    def target(self, st: int, n_written: int) -> torch.Tensor:
+        block = self.edges[st : st + self.batch]
+        block.zero_()
+        return block
+
+    def commit(self, st: int, n: int) -> None:
+        pass
+
+    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor) -> torch.Tensor:
+        return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.edges[index]
+
+    def row_abs_sum(self, index: torch.Tensor) -> torch.Tensor:
+        return self.edges[index].abs().sum(1)
+
+
+class _TopKRows:
+    """The k strongest incoming edges of each row by |weight|, plus each row's exact |weight| sum.
+
+    A batch is contracted into one dense scratch block (batch x nodes), then reduced; memory is
+    O(rows * k + batch * nodes) instead of O(rows * nodes). Normalisation divides by the exact row
+    sums, so the dropped edges only lower influence that flows *through* them.
+    """
+
+    def __init__(self, n_rows: int, n_cols: int, batch: int, k: int, device: torch.device):
+        self.k = min(k, n_cols)
+        self.n_cols = n_cols
+        self.values = torch.zeros(n_rows, self.k, device=device)
+        self.cols = torch.zeros(n_rows, self.k, dtype=torch.int64, device=device)
+        self.abs_sum = torch.zeros(n_rows, device=device)
+        self.scratch = torch.zeros(batch, n_cols, device=device)
+
+    def target(self, st: int, n_written: int) -> torch.Tensor:
+        self.scratch.zero_()
+        return self.scratch
+
+    def commit(self, st: int, n: int) -> None:
+        dense = self.scratch[:n]
+        magnitude = dense.abs()
+        self.abs_sum[st : st + n] = magnitude.sum(1)
+        top = torch.topk(magnitude, self.k, dim=1, sorted=False)
+        self.cols[st : st + n] = top.indices
+        self.values[st : st + n] = dense.gather(1, top.indices)
+
+    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, max_iter: int = 128) -> torch.Tensor:
+        # circuit-tracer's compute_partial_influences (clamp 1e-8, logits seeded in the last columns),
+        # on the stored top-k entries.
+        weights = self.values[:st].abs()
+        inv = 1.0 / self.abs_sum[:st].clamp(min=1e-8)
+        cols = self.cols[:st].reshape(-1)
+        prod = torch.zeros(self.n_cols, device=weights.device)
+        prod[-len(logit_p) :] = logit_p
+        total = torch.zeros_like(prod)
+        for _ in range(max_iter):
+            coef = prod[row_to_node] * inv
+            prod = torch.zeros_like(prod).index_add_(0, cols, (coef[:, None] * weights).reshape(-1))
+            if not prod.any():
+                break
+            total += prod
+        else:
+            raise RuntimeError("Failed to converge")
+        return total
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        block = torch.zeros(len(index), self.n_cols, device=self.values.device)
+        return block.scatter_(1, self.cols[index], self.values[index])
+
+    def row_abs_sum(self, index: torch.Tensor) -> torch.Tensor:
+        return self.abs_sum[index]
 
 
 def _model_device(ctx: Any) -> torch.device:
@@ -81,13 +175,18 @@ def attribute(
     offload: Literal["cpu", "disk", None] = None,
     verbose: bool = False,
     update_interval: int = 4,
-    edge_storage: Literal["dense"] = "dense",
+    edge_storage: Literal["dense", "topk"] = "dense",
+    topk: int | None = None,
     keep_on_device: bool = False,
 ):
     """Compute an attribution graph for ``prompt``: circuit-tracer's ``attribute`` with device-resident rows.
 
     Takes circuit-tracer's arguments and returns its ``Graph``. Extra keyword arguments:
-        edge_storage: "dense" keeps every edge row on the device.
+        edge_storage: "dense" keeps every edge row on the device (circuit-tracer's graph);
+            "topk" keeps only the ``topk`` strongest incoming edges of each row by |weight| plus
+            each row's exact |weight| sum, for bounded memory on long prompts. The returned
+            adjacency then holds only those edges, and ``graph.row_abs_sum`` the exact sums.
+        topk: edges kept per row with edge_storage="topk" (default ``DEFAULT_TOPK``).
         keep_on_device: leave the adjacency on the model's device instead of moving it to the CPU.
     """
     from circuit_tracer.attribution.targets import AttributionTargets, log_attribution_target_info
@@ -97,7 +196,7 @@ def attribute(
 
     from fastattr.patch import contraction_patch
 
-    _validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage)
+    _validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk)
     _require_api(model)
     timings: dict[str, float] = {}
     offload_handles: list = []
@@ -141,27 +240,29 @@ def attribute(
             n_rows = n_features + n_logits
             logger.info("fastattr.attribute: %d active features, %d of them as nodes, %d logits", total_active, n_features, n_logits)
 
-            # The forward pass ran with `batch_size` copies, so every backward pass fills
-            # `batch_size` rows; the spare rows at the end absorb the last, partial batch.
             forward_batch = ctx._resid_activations[0].shape[0]
-            _check_fits(n_rows + forward_batch, total_nodes, device)
-            edges = torch.zeros(n_rows + forward_batch, total_nodes, device=device)
+            if edge_storage == "dense":
+                store = _DenseRows(n_rows, total_nodes, forward_batch, device)
+            else:
+                store = _TopKRows(n_rows, total_nodes, forward_batch, topk or DEFAULT_TOPK, device)
             row_to_node_index = torch.zeros(n_rows, dtype=torch.int64, device=device)
             logit_p = targets.logit_probabilities.to(device=device, dtype=torch.float32)
 
-            def run_rows(st: int, **batch) -> None:
-                edges[st : st + forward_batch].zero_()
-                ctx._fastattr_out = edges[st : st + forward_batch, :logit_offset].T
+            def run_rows(st: int, n: int, **batch) -> None:
+                # The hooks accumulate into a (rows x batch) strided view of this batch's edge rows.
+                ctx._fastattr_out = store.target(st, n)[:, :logit_offset].T
                 try:
                     ctx.compute_batch(**batch)
                 finally:
                     ctx._fastattr_out = None
+                store.commit(st, n)
 
             t = time.perf_counter()
             for i in range(0, n_logits, batch_size):
                 vecs = targets.logit_vectors[i : i + batch_size]
                 run_rows(
                     i,
+                    vecs.shape[0],
                     layers=torch.full((vecs.shape[0],), n_layers),
                     positions=torch.full((vecs.shape[0],), n_pos - 1),
                     inject_values=vecs,
@@ -179,7 +280,7 @@ def attribute(
                 if n_features == total_active:
                     pending = torch.arange(total_active)
                 else:
-                    influences = _influence.compute_partial_influences(edges[:st], logit_p, row_to_node_index[:st])
+                    influences = store.partial_influences(st, logit_p, row_to_node_index[:st])
                     n_updates += 1
                     feature_rank = torch.argsort(influences[:total_active], descending=True).cpu()
                     queue_size = min(update_interval * batch_size, n_features - n_visited)
@@ -188,6 +289,7 @@ def attribute(
                     n_visited += len(idx_batch)
                     run_rows(
                         st,
+                        len(idx_batch),
                         layers=feat_layers[idx_batch],
                         positions=feat_pos[idx_batch],
                         inject_values=ctx.encoder_vecs[idx_batch],
@@ -212,12 +314,17 @@ def attribute(
             adjacency = torch.zeros(n_final, n_final, device=out_device)
             # Sorted rows are [features ascending, logits]; in the square matrix the logits go last.
             dest = torch.cat([torch.arange(n_features), torch.arange(n_final - n_logits, n_final)])
+            row_abs_sum = torch.zeros(n_final, device=out_device)
             for r0 in range(0, n_rows, _ROW_BLOCK):
-                block = edges[order[r0 : r0 + _ROW_BLOCK]]
+                index = order[r0 : r0 + _ROW_BLOCK]
+                block = store.rows(index)
                 if columns is not None:
                     block = block[:, columns]
-                adjacency[dest[r0 : r0 + _ROW_BLOCK].to(out_device)] = block.to(out_device)
-            del edges
+                where = dest[r0 : r0 + _ROW_BLOCK].to(out_device)
+                adjacency[where] = block.to(out_device)
+                if edge_storage == "topk":
+                    row_abs_sum[where] = store.row_abs_sum(index).to(out_device)
+            del store
             timings["assemble"] = time.perf_counter() - t
 
         graph = Graph(
@@ -233,6 +340,8 @@ def attribute(
             cfg=model.model_config,
             scan=model.scan,
         )
+        if edge_storage == "topk":
+            graph.row_abs_sum = row_abs_sum
     finally:
         for reload in offload_handles:
             reload()
