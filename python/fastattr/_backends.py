@@ -72,13 +72,33 @@ def _cuda_status() -> tuple[bool, str]:
     if code != 0:
         hint = ""
         if code == 35:  # cudaErrorInsufficientDriver: no driver, or one older than the build's CUDA
-            hint = f" (this build needs a driver for CUDA {info['cuda_version']} or newer)"
+            hint = _insufficient_driver(info["cuda_version"], driver)
         return False, f"CUDA runtime error {code}: {msg}{hint}"
     if count == 0:
         return False, "no CUDA device is visible"
     if not torch.cuda.is_available():
         return False, f"torch {torch.__version__} has no CUDA support (a CPU build of torch)"
     return True, f"{count} device(s), driver {driver // 1000}.{driver % 1000 // 10}"
+
+
+def _insufficient_driver(build_cuda: str, driver: int) -> str:
+    """The reason suffix for cudaErrorInsufficientDriver, logged once (``_cuda_status`` is cached).
+
+    CUDA's minor-version compatibility lets a build of CUDA X.y run on any driver for X.0 or newer,
+    so this error means the driver predates CUDA X (or there is none). A driver that is merely old
+    is worth a warning; no driver at all is the normal state of a CPU machine, so only info.
+    """
+    major = build_cuda.split(".")[0]
+    if driver == 0:
+        logger.info("no NVIDIA driver found: the CUDA kernels of this build (CUDA %s) are off; "
+                    "using the triton, cpu and torch backends", build_cuda)
+        return f" (no NVIDIA driver found; this build needs a driver for CUDA {major}.0 or newer)"
+    found = f"{driver // 1000}.{driver % 1000 // 10}"
+    logger.warning("the NVIDIA driver supports CUDA %s, but this build of fastattr (CUDA %s) needs a driver "
+                   "for CUDA %s.0 or newer: its CUDA kernels are off and the triton, cpu and torch backends "
+                   "run instead. Update the driver, or install the build for your driver's CUDA "
+                   "(pip install fastattr-cu%s; see docs/wheels.md).", found, build_cuda, major, found.split(".")[0])
+    return f" (the driver supports CUDA {found}; this build needs a driver for CUDA {major}.0 or newer)"
 
 
 @functools.lru_cache(maxsize=None)
