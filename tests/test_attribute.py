@@ -65,7 +65,8 @@ def test_explicit_targets_and_verbose(caplog):
         ({"max_feature_nodes": 0}, "max_feature_nodes: expected a positive integer or None, got 0"),
         ({"max_feature_nodes": -3}, "max_feature_nodes: expected a positive integer or None, got -3"),
         ({"update_interval": 0}, "update_interval: expected a positive integer, got 0"),
-        ({"edge_storage": "sparse"}, "edge_storage: expected 'dense', got 'sparse'"),
+        ({"edge_storage": "sparse"}, "edge_storage: expected 'dense' or 'topk', got 'sparse'"),
+        ({"edge_storage": "topk", "topk": 0}, "topk: expected a positive integer or None, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, match):

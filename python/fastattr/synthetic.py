@@ -14,9 +14,10 @@ the Hugging Face hub. This module therefore builds everything locally:
   whose decoders write at the scale of the real MLP outputs (so feature->feature and
   feature->logit influences are comparable to the error nodes, not negligible).
 
-Everything is deterministic given ``seed`` (weights are drawn on the CPU in float32 and only
+Everything is deterministic given ``seed``. Weights are drawn on the CPU in float32 and only
 then cast / moved, so the same seed gives the same model on every device and dtype, up to
-rounding).
+rounding. The network is one HF Llama for both backends (TransformerLens gets a copy of its
+weights), so the same arguments give the same model, transcoders and graphs on either backend.
 
 Requirements of circuit-tracer 0.5.0 that shape the code below (see the comments at each use):
 
@@ -33,6 +34,10 @@ Requirements of circuit-tracer 0.5.0 that shape the code below (see the comments
   ``LlamaForCausalLM`` the transcoder hooks ``mlp.hook_in`` / ``mlp.hook_out`` map to
   ``post_attention_layernorm`` output / ``mlp`` output. The TransformerLens backend wraps every
   ``block.mlp`` in a ``ReplacementMLP`` with the same two hook names, so we use them for both.
+* nnsight 0.6.1: ``model.transcoders`` on the nnsight model is an ``Envoy`` (the module is its
+  ``._module``), and assigning it registered the transcoders as a submodule of the wrapped HF
+  model (``model._model.transcoders``). ``from_config`` takes no device / dtype: it builds the
+  HF model on the CPU at ``config.dtype``.
 """
 
 from __future__ import annotations
@@ -673,8 +678,9 @@ def make_replacement_model(
         d_vocab: vocabulary size of the model, and of the tokenizer built for it (a tokenizer
             already in ``tokenizer_dir`` may be smaller).
         seed: model, transcoders and calibration data are all functions of the seed.
-        dtype, device: where the finished model lives. Weights are drawn and calibrated on the
-            CPU in float32 first, so they do not depend on either (beyond rounding).
+        dtype, device: where the finished model lives. Weights are drawn on the CPU in float32
+            and calibrated in float32 (on ``device``), so they do not depend on either beyond
+            rounding.
         tokenizer_dir: folder for the tokenizer (default :func:`default_tokenizer_dir`); it is
             built there if the folder holds none.
         activation: "relu" or "jumprelu" transcoder nonlinearity.
