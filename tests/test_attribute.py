@@ -95,3 +95,45 @@ def test_unknown_target_token_keeps_circuit_tracers_error():
 def test_not_a_replacement_model():
     with pytest.raises(TypeError, match="model: expected a circuit-tracer 0.5.0 ReplacementModel"):
         fastattr.attribute("hello", object())
+
+
+def test_topk_storage_with_every_edge_equals_dense():
+    model = tracer_model("transformerlens", "clt")
+    prompt = tracer_prompt(10, seed=6)
+    dense = fastattr.attribute(prompt, model, batch_size=32)
+    full = fastattr.attribute(prompt, model, batch_size=32, edge_storage="topk", topk=10**6)
+    assert torch.equal(dense.selected_features, full.selected_features)
+    torch.testing.assert_close(full.adjacency_matrix, dense.adjacency_matrix, rtol=1e-6, atol=1e-7)
+    # With every feature selected the recorded sums are the dense rows' exact |weight| sums.
+    torch.testing.assert_close(full.row_abs_sum, dense.adjacency_matrix.abs().sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_storage_keeps_k_strongest_per_row():
+    model = tracer_model("transformerlens", "plt")
+    prompt = tracer_prompt(10, seed=7)
+    dense = fastattr.attribute(prompt, model, batch_size=32)
+    k = 16
+    top = fastattr.attribute(prompt, model, batch_size=32, edge_storage="topk", topk=k)
+    assert torch.equal(dense.selected_features, top.selected_features)
+    A, T = dense.adjacency_matrix, top.adjacency_matrix
+    assert int((T != 0).sum(1).max()) <= k
+    kept = T != 0
+    torch.testing.assert_close(T[kept], A[kept], rtol=1e-5, atol=1e-6)
+    # Every dropped entry is no stronger than the weakest kept one of its row.
+    for r in torch.nonzero(kept.any(1)).flatten().tolist():
+        assert A[r][~kept[r]].abs().max() <= T[r][kept[r]].abs().min() + 1e-6
+    torch.testing.assert_close(top.row_abs_sum, A.abs().sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_long_prompt_with_topk_storage():
+    """About 1,000 positions on the CPU: the edge store is O(rows * k), not O(rows * nodes)."""
+    model = tracer_model("transformerlens", "plt")
+    prompt = tracer_prompt(999, seed=3)
+    graph = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=128, edge_storage="topk", topk=64)
+    n_pos = len(graph.input_tokens)
+    assert n_pos == 1000
+    n_nodes = 128 + (model.cfg.n_layers + 1) * n_pos + len(graph.logit_targets)
+    assert graph.adjacency_matrix.shape == (n_nodes, n_nodes)
+    assert torch.isfinite(graph.adjacency_matrix).all()
+    assert int((graph.adjacency_matrix != 0).sum(1).max()) <= 64
+    assert graph.adjacency_matrix[:128].abs().sum() > 0
