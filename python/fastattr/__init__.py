@@ -12,24 +12,18 @@ from fastattr._backends import (
 )
 from fastattr._info import __version__, info
 from fastattr.contraction import ContractionPlan, contract
-try:  # DEV-TEMP
-    from fastattr.influence import (
-        compute_edge_influence,
-        compute_influence,
-        compute_node_influence,
-        compute_partial_influences,
-        normalize_matrix,
-    )
-    from fastattr.pruning import PruneResult, compute_graph_scores, prune_graph, prune_graph_sparse
-    from fastattr.threshold import find_threshold
-    from fastattr.topk_edges import SparseEdges, topk_edges
-except ImportError:  # DEV-TEMP
-    pass
-try:  # DEV-TEMP
-    from fastattr.attribute import attribute
-    from fastattr.patch import patch_circuit_tracer
-except ImportError:  # DEV-TEMP
-    pass
+from fastattr.influence import (
+    compute_edge_influence,
+    compute_influence,
+    compute_node_influence,
+    compute_partial_influences,
+    normalize_matrix,
+)
+from fastattr.pruning import PruneResult, compute_graph_scores, prune_graph, prune_graph_sparse
+from fastattr.threshold import find_threshold
+from fastattr.topk_edges import SparseEdges, topk_edges
+from fastattr.attribute import attribute  # noqa: I001 - after the graph ops it uses
+from fastattr.patch import patch_circuit_tracer
 
 __all__ = [
     "BackendUnavailableError",

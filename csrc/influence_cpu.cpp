@@ -1,0 +1,645 @@
+// Influence on the CPU: sum_{k>=1} w A^k over a DAG in ONE pass over A, plus the power iteration
+// for matrices that are not DAGs and for compute_partial_influences.
+//
+// circuit-tracer iterates x <- x @ A until x is exactly zero, which reads the whole N x N matrix once
+// per level of the graph (~n_layers + 2 times). On a DAG the same sum satisfies
+//   infl_j = sum_i (w_i + infl_i) A_ij,
+// so if every target row i is processed after all rows that read from it (a topological order of
+// the reversed graph), each row is read once and scattered with its final coefficient. The
+// normalised matrix is never built: the coefficient of row i is divided by its |A| row sum.
+//
+// Two orders are used:
+// * decreasing row index, single-threaded, verified on the fly (run_reverse): circuit-tracer's node
+//   order makes this a topological order, and then the row sums, the block bitmaps and the sweep
+//   all come from one read of each row;
+// * otherwise Kahn's algorithm: a first pass computes row sums, bitmaps and the number of rows
+//   reading each node, then "waves" of rows with no dependencies among themselves are swept, split
+//   among threads (each with its own accumulator, reduced at the wave end) when they are large.
+// The raise-on-non-convergence semantics are kept by tracking the longest path from a weighted
+// node: circuit-tracer's loop runs exactly that many steps before the vector becomes zero, so it
+// raises iff that length exceeds max_iter. A matrix with a cycle falls back to the power iteration,
+// which reproduces circuit-tracer's loop (including convergence by float32 underflow).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "graph.h"
+#include "graph_cpu_kernels.h"
+
+#ifdef FASTATTR_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace fastattr {
+
+void SelectHist::clear() {
+  std::memset(count, 0, sizeof count);
+  std::memset(sum, 0, sizeof sum);
+}
+
+void SelectHist::add(const SelectHist& o) {
+  for (int b = 0; b < kSelectMaxBuckets; ++b) {
+    count[b] += o.count[b];
+    sum[b] += o.sum[b];
+  }
+}
+
+namespace {
+
+using graphk::Kernels;
+
+int thread_id() {
+#ifdef FASTATTR_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Scratch of one thread for one sweep.
+struct Scratch {
+  std::vector<double> acc;
+  std::vector<std::int32_t> dec;
+  std::vector<std::int32_t> len;
+  std::vector<float> buf;
+  SelectHist hist;
+  double edge_sum = 0.0;
+  std::int64_t edge_nnz = 0;
+  float edge_min = std::numeric_limits<float>::infinity();
+  Scratch() { hist.clear(); }
+};
+
+struct Sweep {
+  const InfluenceArgs& args;
+  const Kernels& k;
+  std::int64_t n, words;
+  bool masked, counting;
+  std::vector<float> colmask;          // 1/0 per column when masked
+  std::vector<double> infl;            // final once the row's wave starts
+  std::vector<double> rowsum;          // |A| row sums from the first pass (counting mode)
+  std::vector<std::int32_t> count;     // Kahn: targets not yet processed that read each node
+  std::vector<std::int32_t> len;       // longest path from a weighted node, -1 = unreached
+  std::vector<std::uint64_t> own_blocks;
+  std::uint64_t* blocks = nullptr;     // n x words
+  std::vector<std::uint64_t> colmask_blocks;
+
+  explicit Sweep(const InfluenceArgs& a)
+      : args(a), k(Kernels::get()), n(a.n), words(graphk::block_words(a.n)), masked(a.node_mask != nullptr),
+        counting(!a.reuse_order) {}
+
+  bool row_kept(std::int64_t i) const { return !masked || args.node_mask[i] != 0; }
+  const float* cm() const { return masked ? colmask.data() : nullptr; }
+  std::uint64_t* row_bits(std::int64_t i) { return blocks + i * words; }
+
+  void setup_blocks() {
+    if (args.row_blocks != nullptr) {
+      blocks = args.row_blocks;
+    } else {
+      own_blocks.assign((size_t)(n * words), 0);
+      blocks = own_blocks.data();
+    }
+    if (args.reuse_order && args.row_blocks == nullptr) {
+      for (std::int64_t i = 0; i < n; ++i) graphk::fill_all_blocks(row_bits(i), n);
+    }
+    if (masked) {
+      // Blocks without a kept column contribute nothing on the pruned graph.
+      colmask_blocks.assign((size_t)words, 0);
+      for (std::int64_t j = 0; j < n; ++j)
+        if (colmask[j] != 0.0f) {
+          const std::int64_t b = j / graphk::kBlockCols;
+          colmask_blocks[b / 64] |= std::uint64_t(1) << (b % 64);
+        }
+    }
+  }
+
+  // Row bitmap restricted to kept columns (copied into `tmp` when masked).
+  const std::uint64_t* bits_for(std::int64_t i, std::uint64_t* tmp) {
+    const std::uint64_t* b = row_bits(i);
+    if (!masked) return b;
+    for (std::int64_t w = 0; w < words; ++w) tmp[w] = b[w] & colmask_blocks[w];
+    return tmp;
+  }
+
+  bool prepare();
+  bool row(std::int64_t i, double* acc, std::int32_t* dec, std::int32_t* len_out, Scratch& s);
+  bool run_waves(InfluenceResult& res);
+  int run_reverse(InfluenceResult& res);
+  void edge_stats_from(const std::vector<Scratch>& scratch, InfluenceResult& res) const;
+};
+
+// Row sums, the finiteness check, Kahn's counts and the block bitmaps in one row-parallel pass.
+bool Sweep::prepare() {
+  const int T = graphk::threads_for(n * n);
+  std::vector<std::vector<std::int32_t>> cnt(T);
+  bool bad = false;
+  rowsum.assign(n, 0.0);
+  count.assign(n, 0);
+#pragma omp parallel num_threads(T) reduction(|| : bad)
+  {
+    const int t = thread_id();
+    std::vector<std::int32_t>& c = cnt[t];
+    c.assign(n, 0);
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      std::uint64_t* bits = row_bits(i);
+      if (!row_kept(i)) {
+        std::fill(bits, bits + words, std::uint64_t(0));
+        continue;
+      }
+      graphk::PrepareArgs p{args.a + i * args.lda, cm(), n, c.data(), bits};
+      const double rs = k.prepare[masked ? 1 : 0](p);
+      rowsum[i] = rs;
+      if (!std::isfinite(rs)) bad = true;
+    }
+#pragma omp for schedule(static)
+    for (std::int64_t j = 0; j < n; ++j) {
+      std::int32_t total = 0;
+      for (int u = 0; u < T; ++u) total += cnt[u][j];
+      count[j] = total;
+    }
+  }
+  return !bad;
+}
+
+// Process row i with its final coefficient. Returns false on a non-finite row.
+bool Sweep::row(std::int64_t i, double* acc, std::int32_t* dec, std::int32_t* len_out, Scratch& s) {
+  const bool kept = row_kept(i);
+  const bool abs = args.normalize;
+  const float* r = args.a + i * args.lda;
+  std::uint64_t tmp_bits[64];  // words <= 64 for n < 2^18; larger n uses the heap copy below
+  std::vector<std::uint64_t> heap_bits;
+  std::uint64_t* tmp = tmp_bits;
+  if (words > 64) {
+    heap_bits.resize((size_t)words);
+    tmp = heap_bits.data();
+  }
+  const std::uint64_t* bits = kept ? bits_for(i, tmp) : nullptr;
+  float scale = abs ? args.eps : 1.0f;
+  if (kept) {
+    const double rs = counting ? rowsum[i] : k.abs_sum[masked ? 1 : 0](r, cm(), bits, n);
+    if (!std::isfinite(rs)) return false;
+    if (abs) scale = std::max((float)rs, args.eps);
+  }
+  const float factor = (float)((float)infl[i] + args.w[i]);
+  if (args.row_scale != nullptr) args.row_scale[i] = scale;
+  if (args.row_factor != nullptr) args.row_factor[i] = factor;
+  if (!kept) return true;  // a pruned row is all zero: nothing to scatter, no edge scores
+
+  const double coef = abs ? ((double)args.w[i] + infl[i]) / (double)scale : (double)args.w[i] + infl[i];
+  const std::int32_t li = len[i];
+  const bool do_acc = coef != 0.0, do_dec = dec != nullptr, do_len = li >= 0;
+  if (do_acc || do_dec || do_len) {
+    graphk::ScatterArgs sa{r, cm(), bits, n, coef, acc, dec, len_out, li + 1};
+    k.scatter_for(abs, masked, do_acc, do_dec, do_len)(sa);
+  }
+  if (args.edge_hist != nullptr && factor != 0.0f) {
+    // The score circuit-tracer builds: fl32(fl32(|a| / rowsum) * fl32(infl + w)).
+    if (s.buf.size() < (size_t)graphk::kBlockCols) s.buf.resize(graphk::kBlockCols);
+    float* buf = s.buf.data();
+    graphk::for_blocks(bits, n, [&](std::int64_t j0, std::int64_t j1) {
+      k.scores(r, colmask.data(), j0, j1, scale, factor, buf);
+      for (std::int64_t q = 0; q < j1 - j0; ++q) {
+        const float sc = buf[q];
+        if (sc == 0.0f) continue;
+        const std::uint32_t b = graphk::float_bits(sc) >> kSelectShift[0];
+        s.hist.count[b] += 1;
+        s.hist.sum[b] += sc;
+        s.edge_sum += sc;
+        s.edge_nnz += 1;
+        s.edge_min = std::min(s.edge_min, sc);
+      }
+    });
+  }
+  return true;
+}
+
+// The common case in one pass, single-threaded: rows in decreasing index order. circuit-tracer's
+// node order (features by layer and position, then errors, tokens, logits) read backwards is a
+// topological order: a row only reads rows of lower index, or rows without inputs (errors,
+// tokens), whose influence is not needed before the end. That is verified on the fly: row i must
+// not read a row j >= i that has already been processed with inputs of its own. The first pass's
+// row sums and block bitmaps are computed here too, from the row while it is in cache.
+// Returns 1 on success, 0 when the order does not hold (nothing is kept), -1 on a non-finite row.
+int Sweep::run_reverse(InfluenceResult& res) {
+  std::vector<float> has_inputs(n, 0.0f);  // processed rows with a non-zero entry
+  Scratch s;
+  const std::int64_t nb = (n + graphk::kBlockCols - 1) / graphk::kBlockCols;
+  rowsum.assign(n, 0.0);
+  for (std::int64_t i = n - 1; i >= 0; --i) {
+    const float* r = args.a + i * args.lda;
+    std::uint64_t* bits = row_bits(i);
+    if (!row_kept(i)) {
+      std::fill(bits, bits + words, std::uint64_t(0));
+    } else {
+      graphk::PrepareArgs p{r, cm(), n, nullptr, bits};
+      const double rs = k.prepare[masked ? 1 : 0](p);
+      if (!std::isfinite(rs)) return -1;
+      rowsum[i] = rs;
+      // Reads of rows j >= i that already have inputs would come too late.
+      const float* hi = has_inputs.data();
+      const std::int64_t b0 = i / graphk::kBlockCols;
+      bool bad = false;
+      for (std::int64_t b = b0; b < nb && !bad; ++b) {
+        const std::uint64_t word = bits[b / 64];
+        if ((word >> (b % 64) & 1u) == 0) continue;
+        const std::int64_t j0 = std::max(b * graphk::kBlockCols, i), j1 = std::min(n, (b + 1) * graphk::kBlockCols);
+        int hit = 0;
+        if (masked) {
+          const float* c = colmask.data();
+#pragma omp simd reduction(| : hit)
+          for (std::int64_t j = j0; j < j1; ++j)
+            hit |= (r[j] != 0.0f && c[j] != 0.0f && (hi[j] != 0.0f || j == i)) ? 1 : 0;
+        } else {
+#pragma omp simd reduction(| : hit)
+          for (std::int64_t j = j0; j < j1; ++j) hit |= (r[j] != 0.0f && (hi[j] != 0.0f || j == i)) ? 1 : 0;
+        }
+        bad = hit != 0;
+      }
+      if (bad) return 0;
+    }
+    if (!row(i, infl.data(), nullptr, len.data(), s)) return -1;
+    if (rowsum[i] != 0.0) has_inputs[i] = 1.0f;
+  }
+  if (args.order != nullptr) {
+    // Record the order as one wave per row, so that passes over pruned subgraphs reuse it.
+    for (std::int64_t q = 0; q < n; ++q) {
+      args.order[q] = (std::int32_t)(n - 1 - q);
+      args.wave_ptr[q] = (std::int32_t)q;
+    }
+    args.wave_ptr[n] = (std::int32_t)n;
+  }
+  res.n_waves = n;
+  std::vector<Scratch> one(1);
+  one[0].hist = s.hist;
+  one[0].edge_sum = s.edge_sum;
+  one[0].edge_nnz = s.edge_nnz;
+  one[0].edge_min = s.edge_min;
+  edge_stats_from(one, res);
+  return 1;
+}
+
+void Sweep::edge_stats_from(const std::vector<Scratch>& scratch, InfluenceResult& res) const {
+  if (args.edge_hist == nullptr) return;
+  args.edge_hist->clear();
+  res.edge_sum = 0.0;
+  res.edge_nnz = 0;
+  float mn = std::numeric_limits<float>::infinity();
+  for (const Scratch& t : scratch) {
+    args.edge_hist->add(t.hist);
+    res.edge_sum += t.edge_sum;
+    res.edge_nnz += t.edge_nnz;
+    mn = std::min(mn, t.edge_min);
+  }
+  res.edge_min = res.edge_nnz > 0 ? mn : 0.0f;
+}
+
+bool Sweep::run_waves(InfluenceResult& res) {
+  const int T = graphk::threads_for(n * n);
+  std::vector<Scratch> scratch(T);
+  std::vector<std::int32_t> wave, next;
+  std::int64_t processed = 0, n_waves = 0;
+
+  if (counting) {
+    for (std::int64_t i = 0; i < n; ++i)
+      if (count[i] == 0) wave.push_back((std::int32_t)i);
+  } else if (args.n_waves > 0) {
+    wave.assign(args.order + args.wave_ptr[0], args.order + args.wave_ptr[1]);
+  }
+
+  while (!wave.empty()) {
+    if (counting && args.order != nullptr) {
+      args.wave_ptr[n_waves] = (std::int32_t)processed;
+      std::copy(wave.begin(), wave.end(), args.order + processed);
+    }
+    processed += (std::int64_t)wave.size();
+    ++n_waves;
+    next.clear();
+
+    const std::int64_t R = (std::int64_t)wave.size();
+    // Threads only pay off on large waves: every parallel region ends in a barrier, and waiting
+    // threads spin, which costs the working ones on a loaded machine.
+    const bool parallel = T > 1 && R >= 4 * T && R * n >= ((std::int64_t)1 << 22);  // T > 1 only for big graphs
+    if (!parallel) {
+      // Small wave: straight into the shared arrays (rows of one wave never read each other).
+      std::vector<std::int32_t>& dec_tmp = scratch[0].dec;
+      for (std::int64_t q = 0; q < R; ++q) {
+        const std::int64_t i = wave[q];
+        if (counting && dec_tmp.size() != (size_t)n) dec_tmp.assign(n, 0);
+        if (!row(i, infl.data(), counting ? dec_tmp.data() : nullptr, len.data(), scratch[0])) return false;
+        if (counting && row_kept(i)) {
+          graphk::for_blocks(row_bits(i), n, [&](std::int64_t j0, std::int64_t j1) {
+            for (std::int64_t j = j0; j < j1; ++j) {
+              if (dec_tmp[j] == 0) continue;
+              count[j] -= dec_tmp[j];
+              dec_tmp[j] = 0;
+              if (count[j] == 0) next.push_back((std::int32_t)j);
+            }
+          });
+        }
+      }
+      std::sort(next.begin(), next.end());
+    } else {
+      std::vector<std::vector<std::int32_t>> found(T);
+      bool bad = false;
+#pragma omp parallel num_threads(T) reduction(|| : bad)
+      {
+        const int t = thread_id();
+        Scratch& s = scratch[t];
+        if (s.acc.size() != (size_t)n) s.acc.assign(n, 0.0);
+        if (s.len.size() != (size_t)n) s.len.assign(n, -1);
+        if (counting && s.dec.size() != (size_t)n) s.dec.assign(n, 0);
+        const std::int64_t lo = R * t / T, hi = R * (t + 1) / T;
+        for (std::int64_t q = lo; q < hi && !bad; ++q) {
+          if (!row(wave[q], s.acc.data(), counting ? s.dec.data() : nullptr, s.len.data(), s)) bad = true;
+        }
+#pragma omp barrier
+        // Reduce the private accumulators column-wise, in thread order (deterministic sums).
+        const std::int64_t c0 = n * t / T, c1 = n * (t + 1) / T;
+        std::vector<std::int32_t>& mine = found[t];
+        for (std::int64_t j = c0; j < c1; ++j) {
+          double a = 0.0;
+          std::int32_t d = 0, l = len[j];
+          for (int u = 0; u < T; ++u) {
+            Scratch& o = scratch[u];
+            a += o.acc[j];
+            o.acc[j] = 0.0;
+            l = std::max(l, o.len[j]);
+            o.len[j] = -1;
+            if (counting) {
+              d += o.dec[j];
+              o.dec[j] = 0;
+            }
+          }
+          infl[j] += a;
+          len[j] = l;
+          if (d != 0) {
+            count[j] -= d;
+            if (count[j] == 0) mine.push_back((std::int32_t)j);
+          }
+        }
+      }
+      if (bad) return false;
+      for (int t = 0; t < T; ++t) next.insert(next.end(), found[t].begin(), found[t].end());
+    }
+
+    if (counting) {
+      wave.swap(next);
+    } else if (n_waves < args.n_waves) {
+      wave.assign(args.order + args.wave_ptr[n_waves], args.order + args.wave_ptr[n_waves + 1]);
+    } else {
+      wave.clear();
+    }
+  }
+  if (counting && args.order != nullptr) {
+    for (std::int64_t q = n_waves; q <= n; ++q) args.wave_ptr[q] = (std::int32_t)processed;
+  }
+  res.n_waves = (counting && processed < n) ? -1 : n_waves;
+
+  edge_stats_from(scratch, res);  // merged in thread order
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The power iteration: circuit-tracer's loop, with |A| / rowsum applied on the fly.
+// ------------------------------------------------------------------------------------------------
+template <bool Abs, bool Masked>
+int power_iteration(const InfluenceArgs& args, const std::vector<float>& colmask, const std::vector<double>& rowsum,
+                    std::vector<double>& total, std::int64_t& steps) {
+  const std::int64_t n = args.n;
+  const float* cm = Masked ? colmask.data() : nullptr;
+  std::vector<float> scale(n, 1.0f);
+  if (Abs) {
+    for (std::int64_t i = 0; i < n; ++i) scale[i] = std::max((float)rowsum[i], args.eps);
+  }
+  auto kept = [&](std::int64_t i) { return args.node_mask == nullptr || args.node_mask[i] != 0; };
+  std::vector<float> term(args.w, args.w + n), next(n);
+  std::vector<double> coef(n);
+  std::vector<std::int64_t> active;
+  auto matvec = [&]() {
+    active.clear();
+    for (std::int64_t i = 0; i < n; ++i) {
+      coef[i] = kept(i) ? (double)term[i] / (double)scale[i] : 0.0;
+      if (coef[i] != 0.0) active.push_back(i);
+    }
+    constexpr std::int64_t kBlock = 1024;
+    const std::int64_t nblocks = (n + kBlock - 1) / kBlock;
+    const int T = graphk::threads_for((std::int64_t)active.size() * n);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
+      const std::int64_t c0 = blk * kBlock, c1 = std::min(n, c0 + kBlock);
+      double acc[kBlock];
+      std::fill(acc, acc + (c1 - c0), 0.0);
+      for (std::int64_t i : active) {
+        const float* r = args.a + i * args.lda;
+        const double c = coef[i];
+#pragma omp simd
+        for (std::int64_t j = c0; j < c1; ++j) acc[j - c0] += c * (double)graphk::entry<Abs, Masked>(r, cm, j);
+      }
+      for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
+    }
+    term.swap(next);
+  };
+  auto any = [&]() {
+    for (float v : term)
+      if (v != 0.0f) return true;
+    return false;
+  };
+  matvec();
+  for (std::int64_t j = 0; j < n; ++j) total[j] = term[j];
+  steps = 0;
+  while (any()) {
+    if (steps >= args.max_iter) return kInfluenceNoConvergence;
+    matvec();
+    for (std::int64_t j = 0; j < n; ++j) total[j] += term[j];
+    ++steps;
+  }
+  return kInfluenceOk;
+}
+
+// Edge scores of the pruned matrix when the power iteration was used (no fused sweep).
+void edge_stats_pass(const InfluenceArgs& args, const std::vector<float>& colmask, InfluenceResult& res) {
+  const std::int64_t n = args.n;
+  const int T = graphk::threads_for(n * n);
+  const Kernels& k = Kernels::get();
+  std::vector<SelectHist> hists(T);
+  std::vector<double> sums(T, 0.0);
+  std::vector<std::int64_t> nnz(T, 0);
+  std::vector<float> mins(T, std::numeric_limits<float>::infinity());
+#pragma omp parallel num_threads(T)
+  {
+    const int t = thread_id();
+    hists[t].clear();
+    float buf[graphk::kBlockCols];
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (args.node_mask[i] == 0) continue;
+      const float f = args.row_factor[i], sc = args.row_scale[i];
+      if (f == 0.0f) continue;
+      const float* r = args.a + i * args.lda;
+      for (std::int64_t j0 = 0; j0 < n; j0 += graphk::kBlockCols) {
+        const std::int64_t j1 = std::min(n, j0 + graphk::kBlockCols);
+        k.scores(r, colmask.data(), j0, j1, sc, f, buf);
+        for (std::int64_t q = 0; q < j1 - j0; ++q) {
+          const float s = buf[q];
+          if (s == 0.0f) continue;
+          const std::uint32_t b = graphk::float_bits(s) >> kSelectShift[0];
+          hists[t].count[b] += 1;
+          hists[t].sum[b] += s;
+          sums[t] += s;
+          nnz[t] += 1;
+          mins[t] = std::min(mins[t], s);
+        }
+      }
+    }
+  }
+  args.edge_hist->clear();
+  res.edge_sum = 0.0;
+  res.edge_nnz = 0;
+  float mn = std::numeric_limits<float>::infinity();
+  for (int t = 0; t < T; ++t) {
+    args.edge_hist->add(hists[t]);
+    res.edge_sum += sums[t];
+    res.edge_nnz += nnz[t];
+    mn = std::min(mn, mins[t]);
+  }
+  res.edge_min = res.edge_nnz > 0 ? mn : 0.0f;
+}
+
+}  // namespace
+
+InfluenceResult influence_dense_cpu(const InfluenceArgs& args) {
+  InfluenceResult res;
+  Sweep sw(args);
+  const std::int64_t n = args.n;
+  if (sw.masked) {
+    sw.colmask.resize(n);
+    for (std::int64_t j = 0; j < n; ++j) sw.colmask[j] = args.node_mask[j] ? 1.0f : 0.0f;
+  }
+  sw.setup_blocks();
+  sw.infl.assign(n, 0.0);
+  sw.len.resize(n);
+  for (std::int64_t i = 0; i < n; ++i) sw.len[i] = args.w[i] != 0.0f ? 0 : -1;
+
+  int reversed = 0;
+  if (sw.counting) {
+    reversed = sw.run_reverse(res);
+    if (reversed < 0) {
+      res.status = kInfluenceNonFinite;
+      return res;
+    }
+    if (reversed == 0) {  // not in topological order: start over with Kahn's waves
+      std::fill(sw.infl.begin(), sw.infl.end(), 0.0);
+      for (std::int64_t i = 0; i < n; ++i) sw.len[i] = args.w[i] != 0.0f ? 0 : -1;
+      if (!sw.prepare()) {
+        res.status = kInfluenceNonFinite;
+        return res;
+      }
+    }
+  }
+  if (reversed == 0 && !sw.run_waves(res)) {
+    res.status = kInfluenceNonFinite;
+    return res;
+  }
+
+  if (res.n_waves >= 0) {
+    std::int32_t depth = 0;
+    for (std::int64_t i = 0; i < n; ++i) depth = std::max(depth, sw.len[i]);
+    res.depth = depth;
+    for (std::int64_t j = 0; j < n; ++j) args.out[j] = (float)sw.infl[j];
+    if (depth > args.max_iter) res.status = kInfluenceNoConvergence;
+    return res;
+  }
+
+  // A cycle: the power iteration decides, as in circuit-tracer (raise, or underflow to zero).
+  std::vector<double> total(n, 0.0);
+  std::int64_t steps = 0;
+  const bool abs = args.normalize, masked = sw.masked;
+  res.status = abs ? (masked ? power_iteration<true, true>(args, sw.colmask, sw.rowsum, total, steps)
+                             : power_iteration<true, false>(args, sw.colmask, sw.rowsum, total, steps))
+                   : (masked ? power_iteration<false, true>(args, sw.colmask, sw.rowsum, total, steps)
+                             : power_iteration<false, false>(args, sw.colmask, sw.rowsum, total, steps));
+  res.depth = steps;
+  for (std::int64_t j = 0; j < n; ++j) args.out[j] = (float)total[j];
+  if (res.status != kInfluenceOk) return res;
+  std::vector<float> scale(n), factor(n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    scale[i] = abs ? std::max((float)sw.rowsum[i], args.eps) : 1.0f;
+    factor[i] = (float)(args.out[i] + args.w[i]);
+    if (args.row_scale != nullptr) args.row_scale[i] = scale[i];
+    if (args.row_factor != nullptr) args.row_factor[i] = factor[i];
+  }
+  if (args.edge_hist != nullptr) {
+    InfluenceArgs a2 = args;
+    a2.row_scale = scale.data();
+    a2.row_factor = factor.data();
+    edge_stats_pass(a2, sw.colmask, res);
+  }
+  return res;
+}
+
+// ------------------------------------------------------------------------------------------------
+// compute_partial_influences: the power iteration over a rectangular block of rows, each row the
+// input of node row_to_node[r]. The matrix stays where it is; no normalised copy is made.
+// ------------------------------------------------------------------------------------------------
+int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
+                          const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
+                          float* out, std::int64_t max_iter, float eps) {
+  std::vector<float> scale(rows);
+  bool bad = false;
+#pragma omp parallel for schedule(static) reduction(|| : bad) num_threads(graphk::threads_for(rows * cols))
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* row = e + r * lde;
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (std::int64_t j = 0; j < cols; ++j) s += (double)std::fabs(row[j]);
+    if (!std::isfinite(s)) bad = true;
+    scale[r] = std::max((float)s, eps);
+  }
+  if (bad) return kInfluenceNonFinite;
+  std::vector<float> prod(cols, 0.0f), next(cols);
+  for (std::int64_t q = 0; q < n_logits; ++q) prod[cols - n_logits + q] = logit_p[q];
+  std::vector<double> infl(cols, 0.0), coef(rows);
+  std::vector<std::int64_t> active;
+  for (std::int64_t it = 0; it < max_iter; ++it) {
+    active.clear();
+    for (std::int64_t r = 0; r < rows; ++r) {
+      coef[r] = (double)prod[row_to_node[r]] / (double)scale[r];
+      if (coef[r] != 0.0) active.push_back(r);
+    }
+    constexpr std::int64_t kBlock = 1024;
+    const std::int64_t nblocks = (cols + kBlock - 1) / kBlock;
+    const int T = graphk::threads_for((std::int64_t)active.size() * cols);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
+      const std::int64_t c0 = blk * kBlock, c1 = std::min(cols, c0 + kBlock);
+      double acc[kBlock];
+      std::fill(acc, acc + (c1 - c0), 0.0);
+      for (std::int64_t r : active) {
+        const float* row = e + r * lde;
+        const double c = coef[r];
+#pragma omp simd
+        for (std::int64_t j = c0; j < c1; ++j) acc[j - c0] += c * (double)std::fabs(row[j]);
+      }
+      for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
+    }
+    prod.swap(next);
+    bool any = false;
+    for (float v : prod)
+      if (v != 0.0f) {
+        any = true;
+        break;
+      }
+    if (!any) {
+      for (std::int64_t j = 0; j < cols; ++j) out[j] = (float)infl[j];
+      return kInfluenceOk;
+    }
+    for (std::int64_t j = 0; j < cols; ++j) infl[j] += prod[j];
+  }
+  return kInfluenceNoConvergence;
+}
+
+}  // namespace fastattr

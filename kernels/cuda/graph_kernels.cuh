@@ -1,0 +1,45 @@
+// Host launchers of the CUDA graph kernels (influence, threshold select, top-k edges).
+//
+// Called from csrc/graph_ops.cpp under FASTATTR_WITH_CUDA. All pointers are device pointers,
+// matrices are float32 row-major with row stride `lda` (elements) and unit column stride, and every
+// launcher enqueues on `stream` (torch's current stream, passed as an integer) without
+// synchronising. Launch failures throw std::runtime_error.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattr {
+
+// out[i] = sum_j |a_ij| in double (with mask: only rows and columns where mask != 0; other rows 0).
+void row_abs_sum_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64_t lda, const std::uint8_t* mask,
+                      double* out, std::uintptr_t stream);
+
+// out[j] = sum_i y_i * a'_ij with a' = |a| (absolute) or a, zero in masked columns; rows with
+// y_i == 0 are skipped. `out` (m doubles) is overwritten.
+void matvec_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64_t lda, const double* y,
+                 const std::uint8_t* mask, bool absolute, double* out, std::uintptr_t stream);
+
+// Radix-select histograms. `count` / `sums` hold 1 << bits buckets and are overwritten. `stats` is
+// 4 int64: [non-zero count, bit pattern of the smallest non-zero value, any negative, any non-finite]
+// (level 0 only; later levels leave it untouched).
+void hist_1d_cuda(const float* scores, std::int64_t n, int shift, int bits, std::uint32_t prefix, int level,
+                  std::int64_t* count, double* sums, std::int64_t* stats, std::uintptr_t stream);
+
+// The same over the edge scores fl32(fl32(|a_ij| / scale_i) * factor_i) of the pruned graph (rows
+// and columns with mask == 0 score 0), computed on the fly.
+void edge_hist_cuda(const float* a, std::int64_t n, std::int64_t lda, const std::uint8_t* mask, const float* scale,
+                    const float* factor, int shift, int bits, std::uint32_t prefix, int level, std::int64_t* count,
+                    double* sums, std::int64_t* stats, std::uintptr_t stream);
+
+// out[i, j] = score_ij >= thr (out is n x n, contiguous).
+void edge_mask_cuda(const float* a, std::int64_t n, std::int64_t lda, const std::uint8_t* mask, const float* scale,
+                    const float* factor, float thr, std::uint8_t* out, std::uintptr_t stream);
+
+// Top-k incoming edges: per-row kept counts min(k, nnz) (k < 0: all), |A| row sums, and flags[0]
+// set when a row is non-finite; then the CSR fill (columns ascending, ties to the lower column).
+void topk_count_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
+                     std::int64_t* row_len, float* row_abs_sum, int* flags, std::uintptr_t stream);
+void topk_fill_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
+                    const std::int64_t* crow, std::int64_t* col_out, float* val_out, std::uintptr_t stream);
+
+}  // namespace fastattr

@@ -1,0 +1,171 @@
+// CUDA top-k incoming edges per row, as CSR (see fastattr/topk_edges.py).
+//
+// One block per row. The k-th largest |a| is found by a 4-pass radix select over the bit patterns
+// of |a| (8 bits per pass, shared 256-bucket counts), which also gives how many entries equal to it
+// are needed. A compaction pass then keeps the entries above it and, in column order, the first
+// `need` entries equal to it (ties go to the lower column, as on the CPU), using cub::BlockScan for
+// the output offsets, so columns come out in increasing order.
+#include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <stdexcept>
+#include <string>
+
+#include "graph_kernels.cuh"
+
+namespace fastattr {
+
+namespace {
+
+inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+constexpr int kThreads = 256;
+
+__global__ void topk_count_kernel(const float* __restrict__ a, std::int64_t rows, std::int64_t cols, std::int64_t lda,
+                                  std::int64_t k, std::int64_t* __restrict__ row_len, float* __restrict__ row_abs_sum,
+                                  int* __restrict__ flags) {
+  using ReduceD = cub::BlockReduce<double, kThreads>;
+  using ReduceL = cub::BlockReduce<long long, kThreads>;
+  __shared__ typename ReduceD::TempStorage tmp_d;
+  __shared__ typename ReduceL::TempStorage tmp_l;
+  for (std::int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+    const float* row = a + i * lda;
+    double s = 0.0;
+    long long nz = 0;
+    for (std::int64_t j = threadIdx.x; j < cols; j += kThreads) {
+      const float v = row[j];
+      s += (double)fabsf(v);
+      nz += v != 0.0f ? 1 : 0;
+    }
+    const double total = ReduceD(tmp_d).Sum(s);
+    const long long nnz = ReduceL(tmp_l).Sum(nz);
+    if (threadIdx.x == 0) {
+      if (!isfinite(total)) atomicOr(flags, 1);
+      row_len[i] = k < 0 ? nnz : (nnz < k ? nnz : k);
+      row_abs_sum[i] = (float)total;
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void topk_fill_kernel(const float* __restrict__ a, std::int64_t rows, std::int64_t cols, std::int64_t lda,
+                                 const std::int64_t* __restrict__ crow, std::int64_t* __restrict__ col_out,
+                                 float* __restrict__ val_out) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  using ReduceL = cub::BlockReduce<long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ typename ReduceL::TempStorage red_tmp;
+  __shared__ unsigned hist[256];
+  __shared__ unsigned sh_prefix;
+  __shared__ long long sh_need, sh_nnz;
+  __shared__ int sh_carry_keep, sh_carry_eq;
+
+  for (std::int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+    const std::int64_t start = crow[i];
+    const long long want = (long long)(crow[i + 1] - start);
+    if (want <= 0) continue;  // uniform across the block
+    const float* row = a + i * lda;
+
+    long long nz = 0;
+    for (std::int64_t j = threadIdx.x; j < cols; j += kThreads) nz += row[j] != 0.0f ? 1 : 0;
+    const long long nnz = ReduceL(red_tmp).Sum(nz);
+    if (threadIdx.x == 0) sh_nnz = nnz;
+    __syncthreads();
+
+    // The threshold pattern T of the want-th largest |a| and how many entries equal to T are kept
+    // (unless the row keeps every non-zero).
+    unsigned thr = 1u;
+    long long need_eq = 0;
+    const bool all = want >= sh_nnz;
+    if (!all) {
+      unsigned prefix = 0;
+      long long remaining = want;  // how many of the largest still to place at this digit
+      for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+        __syncthreads();
+        const unsigned up_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
+        for (std::int64_t j = threadIdx.x; j < cols; j += kThreads) {
+          const unsigned u = __float_as_uint(fabsf(row[j]));
+          if (u != 0u && (u & up_mask) == (prefix & up_mask)) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          long long acc = 0;
+          int b = 255;
+          for (; b > 0; --b) {
+            if (acc + hist[b] >= remaining) break;
+            acc += hist[b];
+          }
+          sh_prefix = prefix | ((unsigned)b << shift);
+          sh_need = remaining - acc;
+        }
+        __syncthreads();
+        prefix = sh_prefix;
+        remaining = sh_need;
+        __syncthreads();
+      }
+      thr = prefix;
+      need_eq = remaining;
+    }
+
+    if (threadIdx.x == 0) {
+      sh_carry_keep = 0;
+      sh_carry_eq = 0;
+    }
+    __syncthreads();
+    for (std::int64_t base = 0; base < cols; base += kThreads) {
+      const std::int64_t j = base + threadIdx.x;
+      const float v = j < cols ? row[j] : 0.0f;
+      const unsigned u = __float_as_uint(fabsf(v));
+      int eq = (!all && j < cols && u == thr) ? 1 : 0;
+      int eq_rank = 0, eq_total = 0;
+      Scan(scan_tmp).ExclusiveSum(eq, eq_rank, eq_total);
+      __syncthreads();
+      const int carry_eq = sh_carry_eq;
+      int keep;
+      if (all) keep = (j < cols && v != 0.0f) ? 1 : 0;
+      else keep = (j < cols && u != 0u && (u > thr || (eq && (long long)(carry_eq + eq_rank) < need_eq))) ? 1 : 0;
+      int pos = 0, kept = 0;
+      Scan(scan_tmp).ExclusiveSum(keep, pos, kept);
+      const int carry_keep = sh_carry_keep;
+      if (keep) {
+        col_out[start + carry_keep + pos] = j;
+        val_out[start + carry_keep + pos] = v;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        sh_carry_keep = carry_keep + kept;
+        sh_carry_eq = carry_eq + eq_total;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+int row_grid(std::int64_t rows) { return (int)(rows < 65536 ? (rows > 0 ? rows : 1) : 65536); }
+
+}  // namespace
+
+void topk_count_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
+                     std::int64_t* row_len, float* row_abs_sum, int* flags, std::uintptr_t stream) {
+  if (rows <= 0) return;
+  topk_count_kernel<<<row_grid(rows), kThreads, 0, as_stream(stream)>>>(a, rows, cols, lda, k, row_len, row_abs_sum,
+                                                                       flags);
+  check_launch("topk_count_cuda");
+}
+
+void topk_fill_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
+                    const std::int64_t* crow, std::int64_t* col_out, float* val_out, std::uintptr_t stream) {
+  (void)k;  // the row lengths in crow already encode k
+  if (rows <= 0) return;
+  topk_fill_kernel<<<row_grid(rows), kThreads, 0, as_stream(stream)>>>(a, rows, cols, lda, crow, col_out, val_out);
+  check_launch("topk_fill_cuda");
+}
+
+}  // namespace fastattr

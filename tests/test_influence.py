@@ -1,0 +1,407 @@
+"""Influence kernels against circuit-tracer's graph.py (and the reference) on every backend.
+
+Also home of the random attribution-graph generator the other graph tests import.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fastattr
+from fastattr import _backends, _ext, influence, reference
+from fastattr.topk_edges import SparseEdges
+
+ctg = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_params(small_triton: bool = True) -> list:
+    """Every backend, each skipped with its reason when it cannot run here; cuda is marked."""
+    status = _backends.backend_status()
+    params = []
+    for name in _backends.BACKENDS:
+        ok, why = status[name]
+        marks = [pytest.mark.cuda] if name == "cuda" else []
+        dev = backend_device(name)
+        if not ok:
+            marks.append(pytest.mark.skip(reason=f"{name} backend unavailable: {why}"))
+        elif _backends._device_ok(name, dev) is not None:
+            marks.append(pytest.mark.skip(reason=_backends._device_ok(name, dev)))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def backend_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "triton" and HAS_CUDA):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def interpreted(name: str) -> bool:
+    """Triton on the numpy interpreter: keep shapes small."""
+    return name == "triton" and not HAS_CUDA
+
+
+# ------------------------------------------------------------------------------------------------
+# Random graphs in circuit-tracer's layout
+# ------------------------------------------------------------------------------------------------
+
+
+def random_graph(n_layers=3, n_pos=5, feats_per=4, n_logits=3, density=0.5, seed=0, device="cpu", zero_rows=0):
+    """A Graph-like object with a random DAG adjacency in circuit-tracer's node order.
+
+    Nodes: features sorted by (layer, position), then errors (layer-major), tokens, logits. Rows
+    are targets: a feature at (l, p) reads features and errors of layers < l at positions <= p and
+    tokens at positions <= p; logits read every feature, error and token at the last position.
+    Weights are heavy-tailed and signed. ``zero_rows`` feature rows are zeroed (no inputs).
+    """
+    g = torch.Generator().manual_seed(seed)
+    feat_layer, feat_pos = [], []
+    for layer in range(n_layers):
+        for p in range(n_pos):
+            k = int(torch.randint(0, feats_per + 1, (1,), generator=g))
+            feat_layer += [layer] * k
+            feat_pos += [p] * k
+    nf, ne, nt = len(feat_layer), n_layers * n_pos, n_pos
+    n = nf + ne + nt + n_logits
+    layer = torch.full((n,), 10**6)
+    pos = torch.full((n,), -1)
+    layer[:nf] = torch.tensor(feat_layer, dtype=torch.long)
+    pos[:nf] = torch.tensor(feat_pos, dtype=torch.long)
+    layer[nf : nf + ne] = torch.arange(n_layers).repeat_interleave(n_pos)
+    pos[nf : nf + ne] = torch.arange(n_pos).repeat(n_layers)
+    layer[nf + ne : nf + ne + nt] = -1
+    pos[nf + ne : nf + ne + nt] = torch.arange(n_pos)
+    kind = torch.zeros(n, dtype=torch.long)  # 0 feature, 1 error, 2 token, 3 logit
+    kind[nf : nf + ne] = 1
+    kind[nf + ne : nf + ne + nt] = 2
+    kind[nf + ne + nt :] = 3
+    src_feat_err = (kind == 0) | (kind == 1)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    tgt_feat = kind == 0
+    allowed |= tgt_feat[:, None] & src_feat_err[None, :] & (layer[None, :] < layer[:, None]) & (pos[None, :] <= pos[:, None])
+    allowed |= tgt_feat[:, None] & (kind == 2)[None, :] & (pos[None, :] <= pos[:, None])
+    allowed |= (kind == 3)[:, None] & (kind != 3)[None, :] & (pos[None, :] == n_pos - 1)
+    vals = torch.randn(n, n, generator=g) * torch.exp(torch.randn(n, n, generator=g))
+    keep = torch.rand(n, n, generator=g) < density
+    A = torch.where(allowed & keep, vals, torch.zeros(()))
+    if zero_rows:
+        A[torch.randperm(max(nf, 1), generator=g)[: min(zero_rows, nf)]] = 0.0
+    probs = torch.softmax(torch.randn(n_logits, generator=g), 0)
+    return SimpleNamespace(
+        adjacency_matrix=A.to(device),
+        input_tokens=torch.zeros(n_pos, dtype=torch.long),
+        logit_targets=list(range(n_logits)),
+        logit_probabilities=probs.to(device),
+        selected_features=torch.arange(nf),
+        active_features=torch.zeros(nf, 3, dtype=torch.long),
+        cfg=SimpleNamespace(n_layers=n_layers),
+    )
+
+
+def shuffle_features(graph, seed: int = 0):
+    """The same graph with its feature nodes in random order (still circuit-tracer's layout, but
+    no longer a topological order read backwards: the CPU kernels must fall back to Kahn's waves)."""
+    nf = len(graph.selected_features)
+    n = graph.adjacency_matrix.shape[0]
+    perm = torch.cat([torch.randperm(nf, generator=torch.Generator().manual_seed(seed)), torch.arange(nf, n)])
+    perm = perm.to(graph.adjacency_matrix.device)
+    out = SimpleNamespace(**vars(graph))
+    out.adjacency_matrix = graph.adjacency_matrix[perm][:, perm].contiguous()
+    return out
+
+
+def logit_weights(graph) -> torch.Tensor:
+    A = graph.adjacency_matrix
+    w = torch.zeros(A.shape[0], device=A.device)
+    w[-len(graph.logit_targets) :] = graph.logit_probabilities
+    return w
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
+
+
+def float64_node_influence(A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    n64 = reference.normalize_matrix(A.double().cpu())
+    return reference.compute_influence(n64, w.double().cpu())
+
+
+GRAPH_SEEDS = [0, 1, 2]
+
+
+def graph_for(name: str, seed: int, **kw):
+    if interpreted(name):
+        kw = {"n_layers": 2, "n_pos": 3, "feats_per": 3} | kw
+    else:
+        kw = {"n_layers": 4, "n_pos": 6, "feats_per": 6} | kw
+    return random_graph(seed=seed, device=backend_device(name), **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense influence
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("seed", GRAPH_SEEDS)
+def test_node_influence_matches_circuit_tracer(backend, seed):
+    graph = graph_for(backend, seed)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    got = fastattr.compute_node_influence(A, w, backend=backend)
+    assert got.dtype == torch.float32 and got.device == A.device and got.shape == (A.shape[0],)
+    ref = ctg.compute_node_influence(A, w)
+    assert rel_err(got, ref) <= 1e-6
+    assert rel_err(got, reference.compute_node_influence(A, w)) <= 1e-6
+    # Against exact arithmetic the double accumulation is within float32 rounding.
+    assert rel_err(got, float64_node_influence(A, w)) <= 3e-7
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide-waves"])
+def test_kahn_waves_when_not_in_reverse_order(wide):
+    """Shuffled features force the Kahn path; wide waves (N ~ 2.4k) take its multi-thread branch."""
+    kw = {"n_layers": 2, "n_pos": 8, "feats_per": 300} if wide else {}
+    graph = shuffle_features(random_graph(seed=21, **kw), seed=1)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    got, info = influence.influence_cpu(A, w, normalize=True, record_waves=True)
+    n_waves = info["waves"][2]
+    assert 0 < n_waves < A.shape[0]  # Kahn's waves, not one row per wave
+    assert rel_err(got, ctg.compute_node_influence(A, w)) <= 1e-6
+    assert rel_err(fastattr.compute_influence(ctg.normalize_matrix(A), w), ctg.compute_node_influence(A, w)) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compute_influence_raw_matrix(backend):
+    graph = graph_for(backend, 5)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    N = ctg.normalize_matrix(A) * 0.9  # a signed matrix works too
+    N = N * torch.where(torch.rand(N.shape, generator=torch.Generator().manual_seed(0)) < 0.3, -1.0, 1.0).to(N.device)
+    got = fastattr.compute_influence(N, w, backend=backend)
+    ref = ctg.compute_influence(N, w.clone())
+    assert rel_err(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_edge_influence_matches_circuit_tracer(backend):
+    graph = graph_for(backend, 7)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    pruned = A.clone()
+    drop = torch.rand(A.shape[0], generator=torch.Generator().manual_seed(1)) < 0.3
+    drop[-8:] = False
+    pruned[drop.to(A.device)] = 0
+    pruned[:, drop.to(A.device)] = 0
+    got = fastattr.compute_edge_influence(pruned, w, backend=backend)
+    ref = ctg.compute_edge_influence(pruned, w)
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_early_stop_and_max_iter_like_circuit_tracer(backend):
+    graph = graph_for(backend, 3)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    N = ctg.normalize_matrix(A)
+    outcomes = []
+    for max_iter in range(0, 8):
+        try:
+            ref = ctg.compute_influence(N, w.clone(), max_iter=max_iter)
+        except RuntimeError as exc:
+            with pytest.raises(RuntimeError) as info:
+                fastattr.compute_influence(N, w, max_iter=max_iter, backend=backend)
+            assert str(info.value) == str(exc)
+            outcomes.append("raise")
+            continue
+        got = fastattr.compute_influence(N, w, max_iter=max_iter, backend=backend)
+        assert rel_err(got, ref) <= 1e-6
+        outcomes.append("ok")
+    assert "raise" in outcomes and "ok" in outcomes  # the depth lies inside the range tried
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cycle_raises_like_circuit_tracer(backend):
+    dev = backend_device(backend)
+    A = torch.zeros(6, 6, device=dev)
+    A[0, 1] = A[1, 2] = A[2, 0] = 1.0  # a cycle of weight-1 edges never decays
+    A[5, 0] = 0.5
+    w = torch.zeros(6, device=dev)
+    w[5] = 1.0
+    with pytest.raises(RuntimeError, match="failed to converge after 50 iterations"):
+        ctg.compute_influence(ctg.normalize_matrix(A), w.clone(), max_iter=50)
+    with pytest.raises(RuntimeError, match="failed to converge after 50 iterations"):
+        fastattr.compute_influence(ctg.normalize_matrix(A), w, max_iter=50, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_decaying_cycle_converges_by_underflow_like_circuit_tracer(backend):
+    dev = backend_device(backend)
+    A = torch.zeros(3, 3, device=dev)
+    A[0, 1] = A[1, 0] = 0.5  # halves every step: float32 underflows to exactly zero
+    A[2, 0] = 1.0
+    w = torch.tensor([0.0, 0.0, 1.0], device=dev)
+    ref = ctg.compute_influence(A, w.clone())
+    got = fastattr.compute_influence(A, w, backend=backend)
+    assert rel_err(got, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_matrix_raises_value_error(backend, bad):
+    graph = graph_for(backend, 0)
+    A, w = graph.adjacency_matrix.clone(), logit_weights(graph)
+    A[-1, 0] = bad
+    with pytest.raises(ValueError, match="adjacency_matrix: expected finite values"):
+        fastattr.compute_node_influence(A, w, backend=backend)
+    with pytest.raises(ValueError, match="A: expected finite values"):
+        fastattr.compute_influence(A, w, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_zero_rows_and_zero_matrix(backend):
+    graph = graph_for(backend, 4, zero_rows=5)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    assert rel_err(fastattr.compute_node_influence(A, w, backend=backend), ctg.compute_node_influence(A, w)) <= 1e-6
+    Z = torch.zeros_like(A)
+    out = fastattr.compute_node_influence(Z, w, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_non_contiguous_and_other_dtypes():
+    graph = random_graph(seed=9)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    At = A.t().contiguous().t()  # same values, column-major strides
+    assert rel_err(fastattr.compute_node_influence(At, w, backend="cpu"), ctg.compute_node_influence(A, w)) <= 1e-6
+    A64 = A.double()
+    got = fastattr.compute_node_influence(A64, w.double())  # automatic choice: the reference
+    assert got.dtype == torch.float64
+    with pytest.raises(TypeError, match="adjacency_matrix: the cpu backend expects dtype float32, got float64"):
+        fastattr.compute_node_influence(A64, w.double(), backend="cpu")
+
+
+def test_argument_errors_name_the_argument():
+    A = torch.rand(4, 4)
+    with pytest.raises(ValueError, match=r"adjacency_matrix: expected a square matrix, got shape \(4, 3\)"):
+        fastattr.compute_node_influence(torch.rand(4, 3), torch.rand(4))
+    with pytest.raises(ValueError, match=r"logit_weights: expected shape \(4\), got \(5,\)"):
+        fastattr.compute_node_influence(A, torch.rand(5))
+    with pytest.raises(TypeError, match="adjacency_matrix: expected a floating-point tensor, got int64"):
+        fastattr.compute_node_influence(torch.ones(4, 4, dtype=torch.long), torch.rand(4))
+    with pytest.raises(TypeError, match="A: expected a torch.Tensor, got list"):
+        fastattr.compute_influence([[0.0]], torch.rand(1))
+    with pytest.raises(ValueError, match="max_iter: expected a non-negative int, got -1"):
+        fastattr.compute_influence(A, torch.rand(4), max_iter=-1)
+    ext = _ext.ext
+    out = torch.empty(4)
+    w = torch.rand(4)
+    with pytest.raises(ValueError, match="eps: expected a positive finite value"):
+        ext.influence_dense_cpu(A.data_ptr(), 0, 4, 4, w.data_ptr(), out.data_ptr(), True, -1.0, 0, 10,
+                                0, 0, False, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="A: expected a row stride >= 4, got 3"):
+        ext.influence_dense_cpu(A.data_ptr(), 0, 4, 3, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 10,
+                                0, 0, False, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="A: expected dtype float32, got bfloat16"):
+        ext.influence_dense_cpu(A.data_ptr(), 2, 4, 4, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 10,
+                                0, 0, False, 0, 0, 0, 0, 0, 0)
+
+
+def test_compiled_kernel_overwrites_poisoned_outputs():
+    graph = random_graph(seed=11)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    n = A.shape[0]
+    out = torch.full((n,), float("nan"))
+    order = torch.full((n,), -7, dtype=torch.int32)
+    wave_ptr = torch.full((n + 1,), -7, dtype=torch.int32)
+    blocks = torch.full((n, -(-n // 4096)), -1, dtype=torch.int64)
+    status, n_waves, depth, *_ = _ext.ext.influence_dense_cpu(
+        A.data_ptr(), 0, n, n, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 1000,
+        order.data_ptr(), wave_ptr.data_ptr(), False, 0, 0, 0, 0, 0, blocks.data_ptr(),
+    )
+    assert status == 0 and n_waves > 0 and depth > 0
+    assert bool(torch.isfinite(out).all())
+    assert rel_err(out, ctg.compute_node_influence(A, w)) <= 1e-6
+    assert sorted(order.tolist()) == list(range(n))  # every node in exactly one wave
+    assert wave_ptr[0] == 0 and bool((wave_ptr[n_waves:] == n).all())
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sparse_inputs_match_dense():
+    graph = random_graph(seed=12)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+    dense = fastattr.compute_node_influence(A, w, backend="cpu")
+    sp = fastattr.topk_edges(A, None)
+    assert rel_err(fastattr.compute_node_influence(sp, w), dense) <= 1e-6
+    csr = A.to_sparse_csr()
+    assert rel_err(fastattr.compute_node_influence(csr, w), dense) <= 1e-6
+    N = ctg.normalize_matrix(A)
+    assert rel_err(fastattr.compute_influence(N.to_sparse_csr(), w), ctg.compute_influence(N, w.clone())) <= 1e-6
+    # Top-k keeps the full row sums, so the kept edges are normalised as in the dense graph.
+    k3 = fastattr.topk_edges(A, 3)
+    assert isinstance(k3, SparseEdges)
+    assert torch.allclose(k3.row_abs_sum, A.abs().sum(1), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# compute_partial_influences
+# ------------------------------------------------------------------------------------------------
+
+
+def _partial_problem(seed: int, device):
+    graph = random_graph(seed=seed, n_layers=3, n_pos=4, feats_per=5)
+    A = graph.adjacency_matrix
+    n = A.shape[0]
+    n_logits = len(graph.logit_targets)
+    nf = len(graph.selected_features)
+    g = torch.Generator().manual_seed(seed)
+    visited = torch.randperm(nf, generator=g)[: max(1, nf // 2)]
+    row_to_node = torch.cat([visited, torch.arange(n - n_logits, n)])
+    edge_matrix = A[row_to_node].clone()
+    return edge_matrix.to(device), graph.logit_probabilities.to(device), row_to_node.to(device)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_partial_influences_match_circuit_tracer(backend):
+    dev = backend_device(backend)
+    for seed in (0, 1):
+        e, p, idx = _partial_problem(seed, dev)
+        got = fastattr.compute_partial_influences(e, p, idx, backend=backend)
+        assert got.device == e.device
+        ref = ctg.compute_partial_influences(e, p, idx, device=dev)
+        assert rel_err(got, ref) <= 1e-6
+    with pytest.raises(RuntimeError, match="Failed to converge"):
+        fastattr.compute_partial_influences(e, p, idx, max_iter=1, backend=backend)
+    with pytest.raises(RuntimeError, match="Failed to converge"):
+        ctg.compute_partial_influences(e, p, idx, max_iter=1, device=dev)
+
+
+def test_partial_influences_errors():
+    e, p, idx = _partial_problem(0, "cpu")
+    bad = idx.clone()
+    bad[0] = e.shape[1]
+    with pytest.raises(ValueError, match=r"row_to_node_index: expected indices in \[0, \d+\)"):
+        fastattr.compute_partial_influences(e, p, bad)
+    with pytest.raises(ValueError, match=r"row_to_node_index: expected shape"):
+        fastattr.compute_partial_influences(e, p, idx[:-1])
+    e2 = e.clone()
+    e2[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="edge_matrix: expected finite values"):
+        fastattr.compute_partial_influences(e2, p, idx)
+    # device= only receives the result; the matrix is not copied to it.
+    out = fastattr.compute_partial_influences(e, p, idx, device="cpu")
+    assert out.device.type == "cpu"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not HAS_CUDA, reason="needs triton on a GPU or the interpreter")
+def test_triton_reads_interpreter_flag_at_call_time():
+    # conftest sets TRITON_INTERPRET=1 before triton is imported on CPU-only machines; the backend
+    # check reads the variable at call time.
+    assert _backends.triton_interpret() == (os.environ.get("TRITON_INTERPRET") == "1")

@@ -1,0 +1,182 @@
+"""find_threshold by radix select: exactly circuit-tracer's sort + cumsum + searchsorted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastattr
+from fastattr import _ext, reference, threshold
+
+from test_influence import backend_device, backend_params, interpreted
+
+ctg = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
+
+THRESHOLDS = [0.0, 0.5, 0.8, 0.98, 1.0]
+
+
+def _distributions(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sparse = torch.zeros(n)
+    k = max(1, n // 10)
+    sparse[torch.randperm(n, generator=g)[:k]] = torch.rand(k, generator=g)
+    return {
+        "uniform": torch.rand(n, generator=g),
+        "heavy": torch.rand(n, generator=g) ** 8,
+        "lognormal": torch.exp(torch.randn(n, generator=g) * 4),
+        "ties": torch.randint(0, 4, (n,), generator=g).float(),
+        "sparse": sparse,
+        "tiny": torch.rand(n, generator=g) * 1e-30,  # subnormal-adjacent magnitudes
+    }
+
+
+def _check_equal(scores: torch.Tensor, t: float, backend: str) -> None:
+    got = fastattr.find_threshold(scores, t, backend=backend)
+    want = ctg.find_threshold(scores, t)
+    assert got.shape == () and got.dtype == scores.dtype and got.device == scores.device
+    assert torch.equal(got, want), f"t={t}: got {got.item()!r}, circuit-tracer {want.item()!r}"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_circuit_tracer(backend, seed):
+    n = 150 if interpreted(backend) else 3000 + 617 * seed
+    dev = backend_device(backend)
+    for name, x in _distributions(n, seed).items():
+        for t in THRESHOLDS + [0.3333]:
+            _check_equal(x.to(dev), t, backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_edge_cases(backend):
+    dev = backend_device(backend)
+    cases = [
+        torch.tensor([0.7]),
+        torch.tensor([0.0]),
+        torch.zeros(9),  # all zero: circuit-tracer divides 0 by 0 and clamps: 0
+        torch.tensor([1.0, 1.0, 1.0, 1.0]),  # all tied
+        torch.tensor([3.0, 0.0, 0.0, 1.0, 1.0, 2.0]),
+        torch.tensor([1e30, 1.0, 1e-30]),
+        torch.tensor([5e-45, 1e-45, 0.0]),  # subnormals
+        torch.tensor([-0.0, 0.0, 1.0]),
+    ]
+    for x in cases:
+        for t in THRESHOLDS + [1e-9, 0.999999]:
+            _check_equal(x.to(dev), t, backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_raise(backend, bad):
+    x = torch.rand(20)
+    x[3] = bad
+    with pytest.raises(ValueError, match="scores: expected finite values"):
+        fastattr.find_threshold(x.to(backend_device(backend)), 0.8, backend=backend)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="scores: expected a non-empty tensor"):
+        fastattr.find_threshold(torch.zeros(0), 0.5)
+    with pytest.raises(ValueError, match=r"scores: expected a 1-D tensor, got shape \(2, 2\)"):
+        fastattr.find_threshold(torch.rand(2, 2), 0.5)
+    with pytest.raises(TypeError, match="scores: expected a floating-point tensor, got int64"):
+        fastattr.find_threshold(torch.arange(4), 0.5)
+    with pytest.raises(ValueError, match="threshold: expected a finite number, got nan"):
+        fastattr.find_threshold(torch.rand(4), float("nan"))
+    with pytest.raises(TypeError, match="threshold: expected a float, got str"):
+        fastattr.find_threshold(torch.rand(4), "0.5")
+    with pytest.raises(TypeError, match="scores: the cpu backend expects dtype float32, got float64"):
+        fastattr.find_threshold(torch.rand(4, dtype=torch.float64), 0.5, backend="cpu")
+    with pytest.raises(ValueError, match="threshold: expected a finite number"):
+        _ext.ext.select_threshold_cpu(torch.rand(4).data_ptr(), 0, 4, float("inf"), 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="scores: expected a non-empty tensor, got 0 elements"):
+        _ext.ext.select_threshold_cpu(0, 0, 0, 0.5, 0.0, 0.0, 0.0)
+
+
+def test_negative_and_other_dtypes_use_the_exact_reference(caplog):
+    x = torch.randn(500, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("INFO", logger="fastattr"):
+        got = fastattr.find_threshold(x, 0.8, backend="cpu")
+    assert torch.equal(got, ctg.find_threshold(x, 0.8))
+    assert "negative scores" in caplog.text
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        y = torch.rand(300, generator=torch.Generator().manual_seed(4)).to(dtype)
+        assert torch.equal(fastattr.find_threshold(y, 0.8), ctg.find_threshold(y, 0.8))
+
+
+def test_rounding_facts_the_emulation_relies_on():
+    """The facts about torch this module reproduces (checked, so a torch change shows up here)."""
+    x = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) ** 4
+    # float32 cumsum on the CPU: double accumulation, each prefix rounded to float32.
+    assert torch.equal(torch.cumsum(x, 0), torch.from_numpy(np.cumsum(x.double().numpy())).float())
+    # searchsorted compares a Python float in float32: fl32(0.79999996) == 0.79999995 counts as >=.
+    c = torch.tensor([0.79999995232, 0.9])
+    assert int(torch.searchsorted(c, 0.79999996)) == 0
+    # The all-zero case: NaN fractions, index len, clamped to the last element.
+    z = torch.zeros(5)
+    assert int(torch.searchsorted(torch.cumsum(z, 0) / torch.sum(z), 0.5)) == 5
+
+
+def test_python_driver_matches_the_reference():
+    """The bucket search used by the cuda/triton paths, driven by a numpy histogram here."""
+
+    def hist_pass_for(x: np.ndarray):
+        bits = x.view(np.uint32)
+
+        def hist_pass(level, prefix):
+            shift, nb = threshold.SELECT_SHIFT[level], 1 << threshold.SELECT_BITS[level]
+            up = shift + threshold.SELECT_BITS[level]
+            sel = (x > 0) & ((bits >> up) == prefix) if up < 32 else (x > 0)
+            b = (bits[sel] >> shift) & (nb - 1)
+            count = np.bincount(b, minlength=nb).astype(np.int64)
+            sums = np.zeros(nb)
+            np.add.at(sums, b, x[sel].astype(np.float64))
+            nz = x[x > 0]
+            return count, sums, int(nz.size), float(nz.min()) if nz.size else 0.0, (bool((x < 0).any()), False)
+
+        return hist_pass
+
+    for seed in range(3):
+        for name, xt in _distributions(2000, 10 + seed).items():
+            x = xt.numpy()
+            for t in THRESHOLDS:
+                sel = threshold.radix_select(
+                    hist_pass_for(x), x.size, lambda total: threshold.CrossingTest.banded(total, x.size, t, xt.device)
+                )
+                want = reference.find_threshold(xt, t)
+                if sel.status == threshold.AMBIGUOUS:
+                    continue  # resolved by sorting in find_threshold
+                value = 0.0 if sel.status == threshold.ALL_ZERO else sel.value
+                assert np.float32(value) == want.item(), (name, t)
+
+
+def test_fixed_total_variant_matches_its_definition():
+    """The fused edge variant's rule: the total is the exactly rounded double sum."""
+    from fastattr.pruning import _threshold_fixed_total
+
+    for seed in range(4):
+        for name, x in _distributions(4000, 20 + seed).items():
+            for t in THRESHOLDS:
+                value, keep_all = _threshold_fixed_total(x, t, "cpu")
+                total = np.float32(float(x.double().sum()))
+                if total == 0:
+                    assert keep_all
+                    continue
+                ordered = torch.sort(x, descending=True).values
+                cum = torch.cumsum(ordered, 0) / torch.tensor(total)
+                idx = min(int(torch.searchsorted(cum, t)), x.numel() - 1)
+                assert value == ordered[idx].item(), (name, t)
+
+
+def test_fallback_rate_is_small_below_one():
+    """The ambiguity band (torch.sum's rounding bound) rarely matters below t = 1."""
+    stats = threshold.threshold_stats()
+    before = (stats.calls, stats.fallbacks)
+    for seed in range(20):
+        x = torch.rand(5000, generator=torch.Generator().manual_seed(100 + seed)) ** 4
+        for t in (0.5, 0.8):
+            fastattr.find_threshold(x, t, backend="cpu")
+    calls = stats.calls - before[0]
+    fallbacks = stats.fallbacks - before[1]
+    assert calls == 40 and fallbacks <= 4
