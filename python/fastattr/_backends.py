@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -31,14 +30,14 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested that cannot run here; the message says why."""
 
 
-_state = threading.local()
+# Process-wide rather than thread-local: on a GPU autograd runs backward hooks (where the patched
+# contraction executes) on its own threads, which must see the caller's use_backend() choice.
+_forced: list[str] = []
 _last_used: dict[str, str] = {}
 
 
 def _stack() -> list[str]:
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
+    return _forced
 
 
 @contextlib.contextmanager

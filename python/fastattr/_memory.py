@@ -27,6 +27,16 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS so RSS starts from what is really live (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` (above the level at entry)."""
 
@@ -42,6 +52,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            import gc
+
+            gc.collect()
+            _release_free_heap()
             self._base = _rss_bytes()
             self._peak = self._base
             self._stop = threading.Event()
