@@ -24,6 +24,16 @@
 #endif
 
 namespace fastattr {
+
+// The calling OpenMP thread's index (0 without OpenMP), for per-thread scratch buffers.
+inline int thread_id() {
+#ifdef FASTATTR_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 namespace graphk {
 
 constexpr std::int64_t kBlockCols = 64;

@@ -52,13 +52,6 @@ namespace {
 
 using graphk::Kernels;
 
-int thread_id() {
-#ifdef FASTATTR_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // Scratch of one thread for one sweep.
 struct Scratch {

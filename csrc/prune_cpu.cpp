@@ -21,13 +21,6 @@ namespace fastattr {
 
 namespace {
 
-int thread_id() {
-#ifdef FASTATTR_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // colany[j] = any kept edge into j's column from a row in `rows` (null: every row);
 // rowany[i] = any kept edge in row i from a column in `cols` (null: every column), for i < n_rows_any.

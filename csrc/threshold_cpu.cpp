@@ -31,13 +31,6 @@ namespace fastattr {
 
 namespace {
 
-int thread_id() {
-#ifdef FASTATTR_WITH_OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 inline std::uint32_t float_bits(float f) {
   std::uint32_t u;

@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "contraction.h"
+#include "launch_utils.cuh"
 
 namespace fastattr {
 namespace {
@@ -119,10 +120,6 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
   }
 }
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 template <typename T, typename OutT>
 void launch(const ContractionArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.n_tiles), static_cast<unsigned>((a.B + kTileB - 1) / kTileB));
@@ -132,7 +129,7 @@ void launch(const ContractionArgs& a, cudaStream_t stream) {
       reinterpret_cast<const int*>(a.tile_start), reinterpret_cast<const int*>(a.tile_end),
       reinterpret_cast<OutT*>(a.out), a.B, a.P, a.D, a.grads_stride_b, a.grads_stride_p, a.vectors_stride_s, a.S,
       a.R, a.out_stride_r, a.out_stride_b, a.atomic);
-  check_cuda(cudaGetLastError(), "contract_cuda launch");
+  check_launch("contract_cuda launch");
 }
 
 }  // namespace
@@ -141,7 +138,7 @@ void contract_cuda(const ContractionArgs& a, std::uintptr_t stream_handle) {
   if (a.B == 0 || a.S == 0 || a.n_tiles == 0) return;
   if (a.n_tiles > 0x7fffffff) fail("tiles: expected fewer than 2^31 tiles, got ", a.n_tiles);
   if ((a.B + kTileB - 1) / kTileB > 65535) fail("grads: expected batch size <= ", 65535 * kTileB, ", got ", a.B);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const cudaStream_t stream = as_stream(stream_handle);
   const bool same = a.out_dtype == a.vectors_dtype;
   switch (a.vectors_dtype) {
     case kFloat32: launch<float, float>(a, stream); break;

@@ -12,17 +12,11 @@
 #include <string>
 
 #include "graph_kernels.cuh"
+#include "launch_utils.cuh"
 
 namespace fastattr {
 
 namespace {
-
-inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
 
 using ull = unsigned long long;
 constexpr int kHistThreads = 256;
