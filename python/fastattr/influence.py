@@ -159,6 +159,20 @@ def influence_cpu(
     return out, info
 
 
+def _power_series(step, w: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """sum_{k>=1} of step^k(w), until a term is exactly zero (circuit-tracer's stopping rule), in float64."""
+    term = step(w.to(torch.float32))
+    total = term.double()
+    steps = 0
+    while bool(term.any()):
+        if steps >= max_iter:
+            raise _converge_error(steps)
+        term = step(term)
+        total += term.double()
+        steps += 1
+    return total
+
+
 def power_influence_device(
     A: torch.Tensor,
     w: torch.Tensor,
@@ -190,15 +204,7 @@ def power_influence_device(
     def step(term: torch.Tensor) -> torch.Tensor:
         return kern.matvec(A, term.double() * inv, mask_u8, normalize)
 
-    term = step(w.to(torch.float32))
-    total = term.double()
-    steps = 0
-    while bool(term.any()):
-        if steps >= max_iter:
-            raise _converge_error(steps)
-        term = step(term)
-        total += term.double()
-        steps += 1
+    total = _power_series(step, w, max_iter)
     return total.float(), scale
 
 
@@ -277,15 +283,7 @@ def influence_sparse(
         out.index_add_(0, cols, y[rows] * vals)
         return out.float()
 
-    term = step(w.to(torch.float32))
-    total = term.double()
-    steps = 0
-    while bool(term.any()):
-        if steps >= max_iter:
-            raise _converge_error(steps)
-        term = step(term)
-        total += term.double()
-        steps += 1
+    total = _power_series(step, w, max_iter)
     return total.float()
 
 
