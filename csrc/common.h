@@ -48,6 +48,15 @@ inline void check_dtype(int code, int expected, const char* arg) {
   if (code != expected) fail(arg, ": expected dtype ", dtype_name(expected), ", got ", dtype_name(code));
 }
 
+// A row-major float32 matrix passed as pointer, sizes and row stride.
+inline void check_matrix(std::uintptr_t ptr, int dtype, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                         const char* arg) {
+  check_dtype(dtype, kFloat32, arg);
+  if (rows < 0 || cols < 0) fail(arg, ": expected non-negative sizes, got (", rows, ", ", cols, ")");
+  if (rows > 0 && ld < cols) fail(arg, ": expected a row stride >= ", cols, ", got ", ld);
+  check_nonnull(ptr, rows * cols, arg);
+}
+
 inline void check_float_dtype(int code, const char* arg) {
   if (code != kFloat32 && code != kFloat16 && code != kBFloat16)
     fail(arg, ": expected dtype float32, float16 or bfloat16, got ", dtype_name(code));

@@ -242,10 +242,7 @@ void register_graph_ops(py::module_& m) {
       "topk_count_cpu",
       [](std::uintptr_t a, int a_dtype, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
          std::uintptr_t row_len, std::uintptr_t row_abs_sum) {
-        check_dtype(a_dtype, kFloat32, "adjacency");
-        if (rows < 0 || cols < 0) fail("adjacency: expected non-negative sizes, got (", rows, ", ", cols, ")");
-        if (rows > 0 && lda < cols) fail("adjacency: expected a row stride >= ", cols, ", got ", lda);
-        check_nonnull(a, rows * cols, "adjacency");
+        check_matrix(a, a_dtype, rows, cols, lda, "adjacency");
         check_nonnull(row_len, rows, "row_len");
         check_nonnull(row_abs_sum, rows, "row_abs_sum");
         int bad = 0;
@@ -262,10 +259,7 @@ void register_graph_ops(py::module_& m) {
       "topk_fill_cpu",
       [](std::uintptr_t a, int a_dtype, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
          std::uintptr_t crow, std::int64_t nnz, std::uintptr_t col_out, std::uintptr_t val_out) {
-        check_dtype(a_dtype, kFloat32, "adjacency");
-        if (rows < 0 || cols < 0) fail("adjacency: expected non-negative sizes, got (", rows, ", ", cols, ")");
-        if (rows > 0 && lda < cols) fail("adjacency: expected a row stride >= ", cols, ", got ", lda);
-        check_nonnull(a, rows * cols, "adjacency");
+        check_matrix(a, a_dtype, rows, cols, lda, "adjacency");
         check_nonnull(crow, rows + 1, "crow_indices");
         const std::int64_t* c = as_ptr<const std::int64_t>(crow);
         if (c[0] != 0 || c[rows] != nnz)
@@ -366,10 +360,7 @@ void register_graph_ops(py::module_& m) {
       "topk_count_cuda",
       [](std::uintptr_t a, int a_dtype, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
          std::uintptr_t row_len, std::uintptr_t row_abs_sum, std::uintptr_t flags, std::uintptr_t stream) {
-        check_dtype(a_dtype, kFloat32, "adjacency");
-        if (rows < 0 || cols < 0) fail("adjacency: expected non-negative sizes, got (", rows, ", ", cols, ")");
-        if (rows > 0 && lda < cols) fail("adjacency: expected a row stride >= ", cols, ", got ", lda);
-        check_nonnull(a, rows * cols, "adjacency");
+        check_matrix(a, a_dtype, rows, cols, lda, "adjacency");
         check_nonnull(row_len, rows, "row_len");
         check_nonnull(row_abs_sum, rows, "row_abs_sum");
         check_nonnull(flags, 1, "flags");
