@@ -93,8 +93,50 @@ def test_unknown_target_token_keeps_circuit_tracers_error():
 
 
 def test_not_a_replacement_model():
-    with pytest.raises(TypeError, match="model: expected a circuit-tracer 0.5.0 ReplacementModel"):
+    with pytest.raises(TypeError, match="model: expected a circuit-tracer ReplacementModel .* got object"):
         fastattr.attribute("hello", object())
+
+
+# The attribution interface 0.5.0 adds to both model classes; upstream's split layout lacks it.
+_UNIFIED_INTERFACE = ("run_forward_pass", "unembed_proj", "model_config", "get_offload_targets_phase0",
+                      "get_offload_targets_phase1", "get_offload_targets_phase2")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,transcoder", [("transformerlens", "plt"), ("nnsight", "clt")])
+def test_models_without_the_unified_interface(monkeypatch, backend, transcoder):
+    """Upstream's models: fastattr.attribute does what attribute_transformerlens/nnsight.py do inline."""
+    model = tracer_model(backend, transcoder)
+    prompt = tracer_prompt(9, seed=12)
+    g0 = ct.attribute(prompt, model, batch_size=16, max_feature_nodes=30, update_interval=1, offload="cpu")
+    for name in _UNIFIED_INTERFACE:
+        for cls in type(model).__mro__:
+            if name in vars(cls):
+                monkeypatch.delattr(cls, name)
+    assert not any(hasattr(model, name) for name in _UNIFIED_INTERFACE)
+    g1 = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=30, update_interval=1, offload="cpu")
+    _compare(g0, g1)
+
+
+def test_patch_reroutes_the_split_layout(monkeypatch):
+    """Upstream's dispatcher imports attribute_<backend>.attribute at call time: both get replaced."""
+    import importlib.machinery
+    import sys
+    import types
+
+    originals = {}
+    for name in ("attribute_transformerlens", "attribute_nnsight"):
+        modname = f"circuit_tracer.attribution.{name}"
+        module = types.ModuleType(modname)
+        module.__spec__ = importlib.machinery.ModuleSpec(modname, None)
+        module.attribute = originals[name] = lambda *a, **k: None
+        monkeypatch.setitem(sys.modules, modname, module)
+    with fastattr.patch_circuit_tracer() as handle:
+        for name in originals:
+            assert sys.modules[f"circuit_tracer.attribution.{name}"].attribute is fastattr.attribute
+            assert f"circuit_tracer.attribution.{name}.attribute" in handle.replaced
+        assert ct.attribute is fastattr.attribute
+    for name, fn in originals.items():
+        assert sys.modules[f"circuit_tracer.attribution.{name}"].attribute is fn
 
 
 def test_topk_storage_with_every_edge_equals_dense():

@@ -7,8 +7,9 @@ are pointed at a strided view of the buffer's rows), partial influences run on t
 place, and the final adjacency is assembled once, row block by row block, on the CPU (or kept on
 the device with ``keep_on_device=True``).
 
-It uses the model's own attribution API (``setup_attribution``, ``run_forward_pass``) and
-circuit-tracer's target selection, so node order and meaning are circuit-tracer's.
+It uses the model's own attribution API (``setup_attribution``, the forward pass with the
+context's hooks) and circuit-tracer's target selection, so node order and meaning are
+circuit-tracer's, on 0.5.0's unified model interface and on upstream's split layout alike.
 """
 
 from __future__ import annotations
@@ -153,13 +154,74 @@ def _model_device(ctx: Any) -> torch.device:
     return ctx.decoder_vecs.device
 
 
+# circuit-tracer 0.5.0 (PyPI) gives both backends one attribution interface (run_forward_pass,
+# unembed_proj, model_config, get_offload_targets_phase*); upstream's split layout has each
+# backend's attribute() spell these out inline. The helpers below use the interface when the model
+# has it and otherwise do what upstream's attribute_transformerlens.py / attribute_nnsight.py do.
+
+
+def _is_nnsight(model: Any) -> bool:
+    return getattr(model, "backend", None) == "nnsight"
+
+
+def _run_forward(model: Any, input_ids: torch.Tensor, batch_size: int, ctx: Any) -> None:
+    if hasattr(model, "run_forward_pass"):
+        model.run_forward_pass(input_ids, batch_size, ctx)
+    elif _is_nnsight(model):
+        with model.trace() as tracer:
+            with tracer.invoke(input_ids.expand(batch_size, -1)):
+                pass
+            barrier = tracer.barrier(2)
+            model.configure_gradient_flow(tracer)
+            model.configure_skip_connection(tracer, barrier=barrier)
+            ctx.cache_residual(model, tracer, barrier=barrier)
+    else:
+        with ctx.install_hooks(model):
+            residual = model.forward(input_ids.expand(batch_size, -1), stop_at_layer=model.cfg.n_layers)
+            ctx._resid_activations[-1] = model.ln_final(residual)
+
+
+def _unembed(model: Any) -> torch.Tensor:
+    if hasattr(model, "unembed_proj"):
+        return model.unembed_proj
+    return model.unembed_weight if _is_nnsight(model) else model.unembed.W_U
+
+
+def _graph_cfg(model: Any) -> Any:
+    if hasattr(model, "model_config"):
+        return model.model_config
+    # Upstream's nnsight attribute passes the HF config; a model built from a config may hold it elsewhere.
+    if _is_nnsight(model) and getattr(model, "config", None) is not None:
+        return model.config
+    return model.cfg
+
+
+def _transcoder_list(model: Any) -> list:
+    tc = model.transcoders
+    return list(tc) if hasattr(tc, "__iter__") else [tc]
+
+
+def _offload_targets(model: Any, phase: int) -> list:
+    method = getattr(model, f"get_offload_targets_phase{phase}", None)
+    if method is not None:
+        return method()
+    if not _is_nnsight(model):
+        return [_transcoder_list(model), [block.mlp for block in model.blocks], [model.unembed, model.embed]][phase]
+    skip = bool(getattr(model, "skip_transcoder", False))
+    if phase == 0:
+        return [] if skip else _transcoder_list(model)
+    if phase == 1:
+        return [layer.mlp for layer in model.pre_logit_location.layers] + (_transcoder_list(model) if skip else [])
+    tied = model.embed_weight.untyped_storage().data_ptr() == model.unembed_weight.untyped_storage().data_ptr()
+    return [model.embed_location] + ([] if tied else [model.lm_head])
+
+
 def _require_api(model: Any) -> None:
-    missing = [name for name in ("ensure_tokenized", "setup_attribution", "run_forward_pass") if not hasattr(model, name)]
+    missing = [name for name in ("ensure_tokenized", "setup_attribution", "tokenizer", "scan") if not hasattr(model, name)]
     if missing:
         raise TypeError(
-            f"model: expected a circuit-tracer 0.5.0 ReplacementModel (with {', '.join(missing)}), got "
-            f"{type(model).__name__}; for other circuit-tracer versions use circuit_tracer.attribute under "
-            "fastattr.patch_circuit_tracer(attribute=False)"
+            f"model: expected a circuit-tracer ReplacementModel (TransformerLens or nnsight backend, with "
+            f"{', '.join(missing)}), got {type(model).__name__}"
         )
 
 
@@ -209,13 +271,13 @@ def attribute(
             activation_matrix = ctx.activation_matrix
             device = _model_device(ctx)
             if offload:
-                offload_handles += offload_modules(model.get_offload_targets_phase0(), offload)
+                offload_handles += offload_modules(_offload_targets(model, 0), offload)
             timings["precompute"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            model.run_forward_pass(input_ids, batch_size, ctx)
+            _run_forward(model, input_ids, batch_size, ctx)
             if offload:
-                offload_handles += offload_modules(model.get_offload_targets_phase1(), offload)
+                offload_handles += offload_modules(_offload_targets(model, 1), offload)
             timings["forward"] = time.perf_counter() - t
 
             feat_layers, feat_pos, _ = activation_matrix.indices()
@@ -224,14 +286,14 @@ def attribute(
             targets = AttributionTargets(
                 attribution_targets=attribution_targets,
                 logits=ctx.logits[0, -1],
-                unembed_proj=model.unembed_proj,
+                unembed_proj=_unembed(model),
                 tokenizer=model.tokenizer,
                 max_n_logits=max_n_logits,
                 desired_logit_prob=desired_logit_prob,
             )
             log_attribution_target_info(targets, attribution_targets, logger)
             if offload:
-                offload_handles += offload_modules(model.get_offload_targets_phase2(), offload)
+                offload_handles += offload_modules(_offload_targets(model, 2), offload)
 
             logit_offset = total_active + (n_layers + 1) * n_pos
             n_logits = len(targets)
@@ -337,7 +399,7 @@ def attribute(
             activation_values=activation_matrix.values(),
             selected_features=selected_features,
             adjacency_matrix=adjacency.detach(),
-            cfg=model.model_config,
+            cfg=_graph_cfg(model),
             scan=model.scan,
         )
         if edge_storage == "topk":

@@ -290,21 +290,35 @@ def _patch_graph(handle: PatchHandle, version: str) -> None:
 
 
 def _patch_attribute(handle: PatchHandle, version: str) -> None:
-    """Route circuit-tracer's attribute() to fastattr.attribute (0.5.0's single-module layout)."""
+    """Route circuit-tracer's attribute() to fastattr.attribute, in both layouts.
+
+    0.5.0 keeps one ``attribution/attribute.py``; upstream makes it a dispatcher over
+    ``attribute_transformerlens.py`` and ``attribute_nnsight.py``, which it imports at call time,
+    so their ``attribute`` is replaced too (for callers that import a backend's module directly).
+    """
     from fastattr.attribute import attribute as fast_attribute
 
     try:
         module = importlib.import_module("circuit_tracer.attribution.attribute")
     except ImportError as exc:
         raise _unsupported(version, f"circuit_tracer.attribution.attribute does not import ({exc})") from exc
-    if not hasattr(module, "_run_attribution") or importlib.util.find_spec("circuit_tracer.attribution.attribute_transformerlens"):
-        # Upstream's split layout builds its forward pass inline, which fastattr.attribute does not
-        # reproduce; its contraction and graph functions are still patched.
-        logger.info("fastattr: circuit-tracer %s has the split attribute layout; attribute() is not rerouted", version)
-        return
+    if not callable(getattr(module, "attribute", None)):
+        raise _unsupported(version, "circuit_tracer.attribution.attribute has no attribute()")
     handle._set(module, "attribute", fast_attribute, "circuit_tracer.attribution.attribute.attribute")
-    package = importlib.import_module("circuit_tracer")
-    handle._set(package, "attribute", fast_attribute, "circuit_tracer.attribute")
+    for modname in ("circuit_tracer.attribution.attribute_transformerlens", "circuit_tracer.attribution.attribute_nnsight"):
+        if importlib.util.find_spec(modname) is None:
+            continue
+        try:
+            backend_module = importlib.import_module(modname)
+        except ImportError as exc:  # nnsight is optional for circuit-tracer
+            logger.debug("fastattr: %s not rerouted (%s)", modname, exc)
+            continue
+        if callable(getattr(backend_module, "attribute", None)):
+            handle._set(backend_module, "attribute", fast_attribute, f"{modname}.attribute")
+    for modname in ("circuit_tracer.attribution", "circuit_tracer"):
+        package = importlib.import_module(modname)
+        if callable(getattr(package, "attribute", None)):
+            handle._set(package, "attribute", fast_attribute, f"{modname}.attribute")
 
 
 def _contexts_patched() -> bool:
