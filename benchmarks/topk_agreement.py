@@ -1,13 +1,18 @@
 """How far fastattr.attribute(edge_storage="topk") departs from dense storage, across k.
 
-For each model and k it attributes the same prompt with dense and with top-k storage and reports:
-- selected-feature overlap (top-k changes the partial influences that rank features);
-- pruned node sets: dense graph with circuit-tracer's prune_graph, against the top-k graph pruned
-  with its exact row sums (fastattr.prune_graph_sparse on graph.row_abs_sum), as Jaccard index and
-  count of differing nodes.
+For each model, max_feature_nodes and k it attributes the same prompt with dense storage
+(circuit-tracer's graph) and with top-k storage and reports:
+- selected overlap: |features selected by both| / |features selected by dense|; top-k changes the
+  partial influences that rank features when max_feature_nodes is below the number active;
+- the pruned node sets, compared by node identity (active feature index, or error / token / logit
+  node), so they stay comparable when the selected features differ: Jaccard index, nodes in one
+  set only, and set sizes. Dense graphs go through circuit-tracer's prune_graph; top-k graphs
+  through fastattr.prune_graph, which prunes the stored edges with the recorded row sums.
+- the share of dense node influence (on the pruned dense set) that the top-k pruned set keeps.
 
-Usage: python benchmarks/topk_agreement.py [--ks 64,256,1024] [--layers 4] [--tokens 24]
-Prints a markdown table (the numbers quoted in docs/attribute.md come from it).
+Usage: python benchmarks/topk_agreement.py [--ks 64,256,1024] [--layers 2] [--tokens 64]
+       [--features 256] [--max-nodes 300,all] [--seeds 0]
+Prints a markdown table (the numbers in docs/attribute.md come from it).
 """
 
 from __future__ import annotations
@@ -20,58 +25,62 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def _sparse_prune(graph):
-    from fastattr import prune_graph_sparse
-    from fastattr.topk_edges import SparseEdges
+def node_ids(graph) -> list:
+    """Each node's identity, independent of which features were selected."""
+    sel = graph.selected_features.tolist()
+    n = graph.adjacency_matrix.shape[0]
+    return [("feature", sel[i]) if i < len(sel) else ("other", i - len(sel)) for i in range(n)]
 
-    dense = graph.adjacency_matrix
-    crow = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
-    nz = dense != 0
-    crow[1:] = torch.cumsum(nz.sum(1), 0)
-    rows, cols = nz.nonzero(as_tuple=True)
-    edges = SparseEdges(crow, cols, dense[rows, cols], graph.row_abs_sum.float(), tuple(dense.shape))
-    return prune_graph_sparse(
-        edges, logit_probabilities=graph.logit_probabilities, n_tokens=len(graph.input_tokens),
-        n_features=len(graph.selected_features),
-    )  # fmt: skip
+
+def pruned_set(graph, mask) -> set:
+    ids = node_ids(graph)
+    return {ids[i] for i in torch.nonzero(mask).flatten().tolist()}
 
 
 def main() -> None:
     import circuit_tracer
-    from circuit_tracer.graph import prune_graph
+    from circuit_tracer.graph import compute_node_influence, prune_graph
 
     import fastattr
     from fastattr import synthetic
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ks", default="32,128,512,2048")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--ks", default="64,256,1024")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--features", type=int, default=256)
+    ap.add_argument("--max-nodes", default="300,all")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--kinds", default="plt,clt")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
+    max_nodes_list = [None if m == "all" else int(m) for m in args.max_nodes.split(",")]
 
-    print("| transcoder | max nodes | N | k | selected overlap | node Jaccard | nodes differing | kept dense / topk |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind in ("plt", "clt"):
-        model = synthetic.make_replacement_model(transcoder=kind, n_layers=args.layers, d_model=64,
-                                                 d_transcoder=args.features, seed=0)  # fmt: skip
-        prompt = synthetic.random_prompt(args.tokens, seed=1)
-        for max_nodes in (200, None):
-            g0 = circuit_tracer.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes)
-            m0 = prune_graph(g0).node_mask
-            for k in ks:
-                g1 = fastattr.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes, edge_storage="topk", topk=k)
-                s0, s1 = set(g0.selected_features.tolist()), set(g1.selected_features.tolist())
-                overlap = len(s0 & s1) / len(s0)
-                if s0 == s1:
-                    m1 = _sparse_prune(g1).node_mask
-                    jac = float((m0 & m1).sum() / (m0 | m1).sum())
-                    diff = int((m0 ^ m1).sum())
-                    kept = f"{int(m0.sum())} / {int(m1.sum())}"
-                else:
-                    jac, diff, kept = float("nan"), -1, "(different features)"
-                print(f"| {kind} | {max_nodes or 'all'} | {m0.numel()} | {k} | {overlap:.3f} | {jac:.3f} | {diff} | {kept} |", flush=True)
+    print("| transcoder | seed | max nodes | active | N | k | selected overlap | node Jaccard | nodes differing | pruned dense / topk | influence kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind in args.kinds.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            model = synthetic.make_replacement_model(transcoder=kind, n_layers=args.layers, d_model=64,
+                                                     d_transcoder=args.features, seed=seed)  # fmt: skip
+            prompt = synthetic.random_prompt(args.tokens, seed=seed + 1)
+            for max_nodes in max_nodes_list:
+                g0 = circuit_tracer.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes)
+                m0 = prune_graph(g0).node_mask
+                p0 = pruned_set(g0, m0)
+                n0 = g0.adjacency_matrix.shape[0]
+                w = torch.zeros(n0)
+                w[-len(g0.logit_probabilities):] = g0.logit_probabilities
+                infl0 = compute_node_influence(g0.adjacency_matrix, w)
+                infl_of = dict(zip(node_ids(g0), (infl0 + w).tolist()))
+                for k in ks:
+                    g1 = fastattr.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes, edge_storage="topk", topk=k)
+                    s0, s1 = set(g0.selected_features.tolist()), set(g1.selected_features.tolist())
+                    overlap = len(s0 & s1) / len(s0)
+                    p1 = pruned_set(g1, fastattr.prune_graph(g1).node_mask)
+                    jac = len(p0 & p1) / len(p0 | p1)
+                    kept = sum(infl_of.get(i, 0.0) for i in p0 & p1) / sum(infl_of[i] for i in p0)
+                    print(f"| {kind} | {seed} | {max_nodes or 'all'} | {g0.active_features.shape[0]} | {n0} | {k} | "
+                          f"{overlap:.3f} | {jac:.3f} | {len(p0 ^ p1)} | {len(p0)} / {len(p1)} | {kept:.4f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -158,13 +158,61 @@ def test_topk_storage_keeps_k_strongest_per_row():
     top = fastattr.attribute(prompt, model, batch_size=32, edge_storage="topk", topk=k)
     assert torch.equal(dense.selected_features, top.selected_features)
     A, T = dense.adjacency_matrix, top.adjacency_matrix
-    assert int((T != 0).sum(1).max()) <= k
+    n_logits = len(top.logit_targets)
+    n_features = len(top.selected_features)
+    # Logit rows are stored dense; feature rows keep k entries.
+    assert torch.equal(T[-n_logits:], A[-n_logits:])
+    assert int((T[:n_features] != 0).sum(1).max()) == k
+    assert int((T[n_features:-n_logits] != 0).sum()) == 0  # error and token rows have no inputs
     kept = T != 0
     torch.testing.assert_close(T[kept], A[kept], rtol=1e-5, atol=1e-6)
     # Every dropped entry is no stronger than the weakest kept one of its row.
-    for r in torch.nonzero(kept.any(1)).flatten().tolist():
+    for r in range(n_features):
         assert A[r][~kept[r]].abs().max() <= T[r][kept[r]].abs().min() + 1e-6
     torch.testing.assert_close(top.row_abs_sum, A.abs().sum(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,transcoder", [("transformerlens", "plt"), ("nnsight", "clt")])
+def test_topk_row_sums_cover_the_final_columns(backend, transcoder):
+    """Below all features, the sums are over the kept columns (as circuit-tracer's final rows), not all."""
+    model = tracer_model(backend, transcoder)
+    prompt = tracer_prompt(12, seed=21)
+    dense = fastattr.attribute(prompt, model, batch_size=8, max_feature_nodes=40, update_interval=1)
+    # k at the row length: nothing is dropped, so every sum must be exact.
+    top = fastattr.attribute(prompt, model, batch_size=8, max_feature_nodes=40, update_interval=1,
+                             edge_storage="topk", topk=10**6)  # fmt: skip
+    assert torch.equal(dense.selected_features, top.selected_features)
+    torch.testing.assert_close(top.row_abs_sum, dense.adjacency_matrix.abs().sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top.adjacency_matrix, dense.adjacency_matrix, rtol=1e-5, atol=1e-7)
+    # With few edges kept, a sum misses only dropped entries of columns selected after its row was
+    # written: it lies between the stored entries' sum and the dense row's.
+    small = fastattr.attribute(prompt, model, batch_size=8, max_feature_nodes=40, update_interval=1,
+                               edge_storage="topk", topk=8)  # fmt: skip
+    if torch.equal(dense.selected_features, small.selected_features):
+        exact = dense.adjacency_matrix.abs().sum(1)
+        assert bool((small.row_abs_sum <= exact * (1 + 1e-5) + 1e-7).all())
+    assert bool((small.row_abs_sum >= small.adjacency_matrix.abs().sum(1) * (1 - 1e-5) - 1e-7).all())
+
+
+def test_prune_graph_uses_the_recorded_sums():
+    model = tracer_model("transformerlens", "clt")
+    prompt = tracer_prompt(10, seed=9)
+    top = fastattr.attribute(prompt, model, batch_size=32, edge_storage="topk", topk=12)
+    ours = fastattr.prune_graph(top)
+    # The same pruning as the sparse path over the stored entries with the recorded sums.
+    from fastattr.topk_edges import SparseEdges, topk_edges
+
+    e = topk_edges(top.adjacency_matrix, None)
+    edges = SparseEdges(e.crow_indices, e.col_indices, e.values, top.row_abs_sum, e.shape)
+    want = fastattr.prune_graph_sparse(edges, logit_probabilities=top.logit_probabilities,
+                                       n_tokens=len(top.input_tokens), n_features=len(top.selected_features))  # fmt: skip
+    assert torch.equal(ours.node_mask, want.node_mask)
+    mask = torch.zeros_like(ours.edge_mask)
+    mask[want.edges.row_indices(), want.edges.col_indices] = True
+    assert torch.equal(ours.edge_mask, mask)
+    # Ignoring the sums would be a different (inflated) normalisation.
+    del top.row_abs_sum
+    assert not torch.equal(fastattr.prune_graph(top).cumulative_scores, ours.cumulative_scores)
 
 
 def test_long_prompt_with_topk_storage():
@@ -177,5 +225,5 @@ def test_long_prompt_with_topk_storage():
     n_nodes = 128 + (model.cfg.n_layers + 1) * n_pos + len(graph.logit_targets)
     assert graph.adjacency_matrix.shape == (n_nodes, n_nodes)
     assert torch.isfinite(graph.adjacency_matrix).all()
-    assert int((graph.adjacency_matrix != 0).sum(1).max()) <= 64
+    assert int((graph.adjacency_matrix[:128] != 0).sum(1).max()) <= 64
     assert graph.adjacency_matrix[:128].abs().sum() > 0

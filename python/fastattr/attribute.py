@@ -85,56 +85,92 @@ class _DenseRows:
     def commit(self, st: int, n: int) -> None:
         pass
 
+    def select(self, features: torch.Tensor) -> None:
+        pass
+
     def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor) -> torch.Tensor:
         return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node)
 
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        return self.edges[index]
-
-    def row_abs_sum(self, index: torch.Tensor) -> torch.Tensor:
-        return self.edges[index].abs().sum(1)
+    def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        block = self.edges[index]
+        return (block if columns is None else block[:, columns]), None
 
 
 class _TopKRows:
-    """The k strongest incoming edges of each row by |weight|, plus each row's exact |weight| sum.
+    """Feature rows as their k strongest incoming edges by |weight| plus exact |weight| sums; logit rows dense.
 
     A batch is contracted into one dense scratch block (batch x nodes), then reduced; memory is
-    O(rows * k + batch * nodes) instead of O(rows * nodes). Normalisation divides by the exact row
-    sums, so the dropped edges only lower influence that flows *through* them.
+    O(rows * k + (batch + logits) * nodes) instead of O(rows * nodes). The logit rows stay dense
+    (there are at most a few dozen) because every influence starts there: the first hop, which
+    ranks features during attribution and seeds pruning, is then exact.
+
+    Two sums per feature row, for the two normalisations circuit-tracer applies to the same row:
+    - ``abs_sum`` over every column: the partial influences during attribution see the whole row;
+    - ``final_sum`` over the columns the final graph keeps (errors, tokens, selected features).
+      The selected set grows while rows are written, so at commit the sum covers the columns
+      selected so far (exact), and at assembly the kept entries of columns selected later are
+      added. What is missing are dropped entries (each no stronger than the row's k-th) in columns
+      selected after the row was written; with every feature selected, none.
     """
 
-    def __init__(self, n_rows: int, n_cols: int, batch: int, k: int, device: torch.device):
+    _NEVER = torch.iinfo(torch.int64).max
+
+    def __init__(self, n_rows: int, n_cols: int, n_logits: int, n_active: int, batch: int, k: int, device: torch.device):
         self.k = min(k, n_cols)
-        self.n_cols = n_cols
-        self.values = torch.zeros(n_rows, self.k, device=device)
-        self.cols = torch.zeros(n_rows, self.k, dtype=torch.int64, device=device)
-        self.abs_sum = torch.zeros(n_rows, device=device)
+        self.n_cols, self.n_logits = n_cols, n_logits
+        n_feat_rows = n_rows - n_logits
+        self.logit_rows = torch.zeros(n_logits, n_cols, device=device)
+        self.values = torch.zeros(n_feat_rows, self.k, device=device)
+        self.cols = torch.zeros(n_feat_rows, self.k, dtype=torch.int64, device=device)
+        self.abs_sum = torch.zeros(n_feat_rows, device=device)
+        self.final_sum = torch.zeros(n_feat_rows, device=device)
+        self.row_epoch = torch.zeros(n_feat_rows, dtype=torch.int64, device=device)
+        # Selection epoch of each column: errors, tokens and logits are always in the graph (-1),
+        # features when they are queued, never for the rest.
+        self.col_epoch = torch.full((n_cols,), self._NEVER, dtype=torch.int64, device=device)
+        self.col_epoch[n_active:] = -1
+        self.epoch = 0
         self.scratch = torch.zeros(batch, n_cols, device=device)
 
     def target(self, st: int, n_written: int) -> torch.Tensor:
         self.scratch.zero_()
         return self.scratch
 
+    def select(self, features: torch.Tensor) -> None:
+        self.epoch += 1
+        self.col_epoch[features.to(self.col_epoch.device)] = self.epoch
+
     def commit(self, st: int, n: int) -> None:
         dense = self.scratch[:n]
+        if st < self.n_logits:  # logit batches never mix with feature rows
+            self.logit_rows[st : st + n] = dense
+            return
+        r = slice(st - self.n_logits, st - self.n_logits + n)
         magnitude = dense.abs()
-        self.abs_sum[st : st + n] = magnitude.sum(1)
+        self.abs_sum[r] = magnitude.sum(1)
+        self.final_sum[r] = magnitude @ (self.col_epoch <= self.epoch).to(magnitude.dtype)
+        self.row_epoch[r] = self.epoch
         top = torch.topk(magnitude, self.k, dim=1, sorted=False)
-        self.cols[st : st + n] = top.indices
-        self.values[st : st + n] = dense.gather(1, top.indices)
+        self.cols[r] = top.indices
+        self.values[r] = dense.gather(1, top.indices)
 
     def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, max_iter: int = 128) -> torch.Tensor:
-        # circuit-tracer's compute_partial_influences (clamp 1e-8, logits seeded in the last columns),
-        # on the stored top-k entries.
-        weights = self.values[:st].abs()
-        inv = 1.0 / self.abs_sum[:st].clamp(min=1e-8)
-        cols = self.cols[:st].reshape(-1)
+        # circuit-tracer's compute_partial_influences (rows normalised by their full |weight| sums,
+        # clamp 1e-8, logits seeded in the last columns), on dense logit rows + stored feature entries.
+        nf = st - self.n_logits
+        logit_w = self.logit_rows.abs()
+        logit_w /= logit_w.sum(1, keepdim=True).clamp(min=1e-8)
+        weights = self.values[:nf].abs() / self.abs_sum[:nf].clamp(min=1e-8)[:, None]
+        cols = self.cols[:nf].reshape(-1)
+        feat_nodes = row_to_node[self.n_logits : st]
+        logit_nodes = row_to_node[: self.n_logits]
         prod = torch.zeros(self.n_cols, device=weights.device)
         prod[-len(logit_p) :] = logit_p
         total = torch.zeros_like(prod)
         for _ in range(max_iter):
-            coef = prod[row_to_node] * inv
-            prod = torch.zeros_like(prod).index_add_(0, cols, (coef[:, None] * weights).reshape(-1))
+            nxt = prod[logit_nodes] @ logit_w
+            nxt.index_add_(0, cols, (prod[feat_nodes][:, None] * weights).reshape(-1))
+            prod = nxt
             if not prod.any():
                 break
             total += prod
@@ -142,12 +178,23 @@ class _TopKRows:
             raise RuntimeError("Failed to converge")
         return total
 
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
+    def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense rows ``index`` restricted to ``columns``, and their |weight| sums over those columns."""
+        is_logit = index < self.n_logits
         block = torch.zeros(len(index), self.n_cols, device=self.values.device)
-        return block.scatter_(1, self.cols[index], self.values[index])
-
-    def row_abs_sum(self, index: torch.Tensor) -> torch.Tensor:
-        return self.abs_sum[index]
+        sums = torch.zeros(len(index), device=self.values.device)
+        if bool(is_logit.any()):
+            block[is_logit] = self.logit_rows[index[is_logit]]
+        f = index[~is_logit] - self.n_logits
+        if len(f):
+            cols, vals = self.cols[f], self.values[f]
+            block[~is_logit] = torch.zeros(len(f), self.n_cols, device=vals.device).scatter_(1, cols, vals)
+            later = (self.col_epoch[cols] > self.row_epoch[f][:, None]) & (self.col_epoch[cols] != self._NEVER)
+            sums[~is_logit] = self.final_sum[f] + torch.where(later, vals.abs(), 0.0).sum(1)
+        if columns is not None:
+            block = block[:, columns]
+        sums[is_logit] = block[is_logit].abs().sum(1)
+        return block, sums
 
 
 def _model_device(ctx: Any) -> torch.device:
@@ -306,7 +353,7 @@ def attribute(
             if edge_storage == "dense":
                 store = _DenseRows(n_rows, total_nodes, forward_batch, device)
             else:
-                store = _TopKRows(n_rows, total_nodes, forward_batch, topk or DEFAULT_TOPK, device)
+                store = _TopKRows(n_rows, total_nodes, n_logits, total_active, forward_batch, topk or DEFAULT_TOPK, device)
             row_to_node_index = torch.zeros(n_rows, dtype=torch.int64, device=device)
             logit_p = targets.logit_probabilities.to(device=device, dtype=torch.float32)
 
@@ -347,6 +394,7 @@ def attribute(
                     feature_rank = torch.argsort(influences[:total_active], descending=True).cpu()
                     queue_size = min(update_interval * batch_size, n_features - n_visited)
                     pending = feature_rank[~visited[feature_rank]][:queue_size]
+                store.select(pending)
                 for idx_batch in (pending[i : i + batch_size] for i in range(0, len(pending), batch_size)):
                     n_visited += len(idx_batch)
                     run_rows(
@@ -379,13 +427,11 @@ def attribute(
             row_abs_sum = torch.zeros(n_final, device=out_device)
             for r0 in range(0, n_rows, _ROW_BLOCK):
                 index = order[r0 : r0 + _ROW_BLOCK]
-                block = store.rows(index)
-                if columns is not None:
-                    block = block[:, columns]
+                block, sums = store.rows(index, columns)
                 where = dest[r0 : r0 + _ROW_BLOCK].to(out_device)
                 adjacency[where] = block.to(out_device)
-                if edge_storage == "topk":
-                    row_abs_sum[where] = store.row_abs_sum(index).to(out_device)
+                if sums is not None:
+                    row_abs_sum[where] = sums.to(out_device)
             del store
             timings["assemble"] = time.perf_counter() - t
 

@@ -93,13 +93,21 @@ _MISSING = object()
 
 
 def circuit_tracer_version() -> str:
-    try:
-        from importlib.metadata import version
+    """The imported circuit-tracer's version; a source tree on sys.path shadows an installed one."""
+    import os
 
-        return version("circuit-tracer")
-    except Exception:  # noqa: BLE001 - a source checkout has no metadata
-        mod = sys.modules.get("circuit_tracer") or importlib.import_module("circuit_tracer")
-        return getattr(mod, "__version__", "unknown")
+    module = sys.modules.get("circuit_tracer") or importlib.import_module("circuit_tracer")
+    try:
+        from importlib.metadata import distribution
+
+        dist = distribution("circuit-tracer")
+        installed = os.path.realpath(str(dist.locate_file("circuit_tracer/__init__.py")))
+        if installed == os.path.realpath(module.__file__ or ""):
+            return dist.version
+    except Exception:  # noqa: BLE001 - no metadata: a source checkout
+        pass
+    where = os.path.dirname(os.path.dirname(module.__file__ or "?"))
+    return getattr(module, "__version__", None) or f"source tree at {where}"
 
 
 def _unsupported(version: str, what: str) -> UnsupportedCircuitTracerError:

@@ -93,6 +93,19 @@ def _check_graph(graph: Any) -> tuple[torch.Tensor, int, int, int]:
     return A, n_tokens, n_logits, n_features
 
 
+def _recorded_edges(graph: Any) -> SparseEdges | None:
+    """A top-k graph from ``fastattr.attribute(edge_storage="topk")``: its stored (non-zero) entries
+    with the row sums it recorded, which cover the edges that were not stored."""
+    sums = getattr(graph, "row_abs_sum", None)
+    if sums is None:
+        return None
+    A = graph.adjacency_matrix
+    _checks.check_tensor(sums, "graph.row_abs_sum", ndim=1, device=A.device)
+    _checks.check_shape(sums, "graph.row_abs_sum", (A.shape[0],))
+    edges = topk_edges(A, None)
+    return SparseEdges(edges.crow_indices, edges.col_indices, edges.values, sums.float(), edges.shape)
+
+
 # ------------------------------------------------------------------------------------------------
 # Dense pruning per backend
 # ------------------------------------------------------------------------------------------------
@@ -229,6 +242,13 @@ def prune_graph(
     """
     node_threshold, edge_threshold = _check_thresholds(node_threshold, edge_threshold)
     A, *_ = _check_graph(graph)
+    if getattr(graph, "row_abs_sum", None) is not None:
+        # Normalising by the stored entries alone would inflate every top-k row's weights.
+        logger.info("prune_graph: the graph has row_abs_sum (top-k edge storage); pruning its stored edges with those sums")
+        res = prune_graph_sparse(graph, node_threshold, edge_threshold, backend=backend)
+        edge_mask = torch.zeros(A.shape, dtype=torch.bool, device=A.device)
+        edge_mask[res.edges.row_indices(), res.edges.col_indices] = True
+        return PruneResult(res.node_mask, edge_mask, res.cumulative_scores)
     name, impl = _backends.select(
         "prune_graph", A.device, backend,
         {"cuda": _prune_cuda, "triton": _prune_triton, "cpu": _prune_cpu, "torch": _prune_torch},
@@ -347,7 +367,9 @@ def prune_graph_sparse(
     ``graph`` is a circuit-tracer Graph (its adjacency dense, SparseEdges or torch sparse), or a
     :class:`SparseEdges` / torch sparse matrix together with ``logit_probabilities``, ``n_tokens``
     and ``n_features``. A dense adjacency is first reduced to its ``k`` strongest incoming edges per
-    node (``k=None``: every non-zero) by :func:`topk_edges`.
+    node (``k=None``: every non-zero) by :func:`topk_edges`. A graph from
+    ``fastattr.attribute(edge_storage="topk")`` carries ``row_abs_sum``; with ``k=None`` its stored
+    entries are used with those sums (``prune_graph`` does the same for such a graph).
 
     With every non-zero stored, the masks equal the dense ``prune_graph``'s (edges kept = the true
     entries of its edge mask), except when the edge threshold clamps (threshold 0: the dense mask
@@ -370,6 +392,8 @@ def prune_graph_sparse(
         n_tokens = n_tok if n_tokens is None else n_tokens
         n_features = n_feat if n_features is None else n_features
         edges = as_sparse_edges(graph.adjacency_matrix)
+        if edges is None and k is None:
+            edges = _recorded_edges(graph)
         if edges is None:
             edges = topk_edges(graph.adjacency_matrix, k, backend=backend)
     n = edges.shape[0]
