@@ -194,24 +194,28 @@ def test_topk_row_sums_cover_the_final_columns(backend, transcoder):
     assert bool((small.row_abs_sum >= small.adjacency_matrix.abs().sum(1) * (1 - 1e-5) - 1e-7).all())
 
 
-def test_prune_graph_uses_the_recorded_sums():
+def test_prune_graph_uses_the_recorded_sums_and_influence():
+    from circuit_tracer.graph import compute_node_influence, prune_graph
+
     model = tracer_model("transformerlens", "clt")
     prompt = tracer_prompt(10, seed=9)
+    dense = ct.attribute(prompt, model, batch_size=32)
     top = fastattr.attribute(prompt, model, batch_size=32, edge_storage="topk", topk=12)
+    # Every feature attributed: the node influence was accumulated from the full rows, so it is
+    # circuit-tracer's on the dense graph although each feature row keeps 12 entries.
+    w = torch.zeros(dense.adjacency_matrix.shape[0])
+    w[-len(dense.logit_probabilities) :] = dense.logit_probabilities
+    torch.testing.assert_close(top.node_influence, compute_node_influence(dense.adjacency_matrix, w), rtol=1e-5, atol=1e-7)
     ours = fastattr.prune_graph(top)
-    # The same pruning as the sparse path over the stored entries with the recorded sums.
-    from fastattr.topk_edges import SparseEdges, topk_edges
-
-    e = topk_edges(top.adjacency_matrix, None)
-    edges = SparseEdges(e.crow_indices, e.col_indices, e.values, top.row_abs_sum, e.shape)
-    want = fastattr.prune_graph_sparse(edges, logit_probabilities=top.logit_probabilities,
-                                       n_tokens=len(top.input_tokens), n_features=len(top.selected_features))  # fmt: skip
-    assert torch.equal(ours.node_mask, want.node_mask)
+    assert torch.equal(ours.node_mask, prune_graph(dense).node_mask)
+    sparse = fastattr.prune_graph_sparse(top)
+    assert torch.equal(ours.node_mask, sparse.node_mask)
     mask = torch.zeros_like(ours.edge_mask)
-    mask[want.edges.row_indices(), want.edges.col_indices] = True
+    mask[sparse.edges.row_indices(), sparse.edges.col_indices] = True
     assert torch.equal(ours.edge_mask, mask)
-    # Ignoring the sums would be a different (inflated) normalisation.
-    del top.row_abs_sum
+    assert not bool((ours.edge_mask & (top.adjacency_matrix == 0)).any())
+    # Without the recorded sums and influence the stored entries alone would be normalised.
+    del top.row_abs_sum, top.node_influence
     assert not torch.equal(fastattr.prune_graph(top).cumulative_scores, ours.cumulative_scores)
 
 

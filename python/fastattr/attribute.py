@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -82,7 +82,7 @@ class _DenseRows:
         block.zero_()
         return block
 
-    def commit(self, st: int, n: int) -> None:
+    def commit(self, st: int, n: int, nodes: torch.Tensor | None = None, layers: torch.Tensor | None = None) -> None:
         pass
 
     def select(self, features: torch.Tensor) -> None:
@@ -131,6 +131,22 @@ class _TopKRows:
         self.col_epoch[n_active:] = -1
         self.epoch = 0
         self.scratch = torch.zeros(batch, n_cols, device=device)
+        self.influence: torch.Tensor | None = None
+        self._logit_p: torch.Tensor | None = None
+
+    def stream_influence(self, logit_p: torch.Tensor) -> None:
+        """Accumulate the exact node influence while rows are written (see ``_stream``)."""
+        self.influence = torch.zeros(self.n_cols, dtype=torch.float64, device=self.scratch.device)
+        self._logit_p = logit_p.to(self.scratch.device, torch.float64)
+
+    def _stream(self, magnitude: torch.Tensor, rows_influence: Callable[[], torch.Tensor]) -> None:
+        # circuit-tracer's node influence is sum_k w^T Ahat^k with Ahat the row-normalised |A|. Its
+        # graph is a DAG (a feature only reads earlier layers), so when rows arrive logits first and
+        # then features by descending layer, a row's node has received all its influence by the
+        # time the row is written: add influence * Ahat_row to every column, and the totals are
+        # exact when the last row is in, from the full dense rows, whatever k keeps.
+        norm = magnitude / magnitude.sum(1, keepdim=True).clamp(min=1e-8)
+        self.influence += rows_influence() @ norm.to(torch.float64)
 
     def target(self, st: int, n_written: int) -> torch.Tensor:
         self.scratch.zero_()
@@ -140,13 +156,21 @@ class _TopKRows:
         self.epoch += 1
         self.col_epoch[features.to(self.col_epoch.device)] = self.epoch
 
-    def commit(self, st: int, n: int) -> None:
+    def commit(self, st: int, n: int, nodes: torch.Tensor | None = None, layers: torch.Tensor | None = None) -> None:
         dense = self.scratch[:n]
         if st < self.n_logits:  # logit batches never mix with feature rows
             self.logit_rows[st : st + n] = dense
+            if self.influence is not None:
+                self._stream(dense.abs(), lambda: self._logit_p[st : st + n])
             return
         r = slice(st - self.n_logits, st - self.n_logits + n)
         magnitude = dense.abs()
+        if self.influence is not None:
+            # A batch can straddle layers: let its upper layer's rows reach the lower one first.
+            nodes, layers = nodes.to(dense.device), layers.to(dense.device)
+            for layer in torch.unique(layers).flip(0).tolist():
+                g = torch.nonzero(layers == layer).flatten()
+                self._stream(magnitude[g], lambda: self.influence[nodes[g]])
         self.abs_sum[r] = magnitude.sum(1)
         self.final_sum[r] = magnitude @ (self.col_epoch <= self.epoch).to(magnitude.dtype)
         self.row_epoch[r] = self.epoch
@@ -356,15 +380,19 @@ def attribute(
                 store = _TopKRows(n_rows, total_nodes, n_logits, total_active, forward_batch, topk or DEFAULT_TOPK, device)
             row_to_node_index = torch.zeros(n_rows, dtype=torch.int64, device=device)
             logit_p = targets.logit_probabilities.to(device=device, dtype=torch.float32)
+            streaming = edge_storage == "topk" and n_features == total_active
+            if streaming:
+                store.stream_influence(logit_p)
+                streaming_order = torch.argsort(feat_layers.cpu(), descending=True, stable=True)
 
-            def run_rows(st: int, n: int, **batch) -> None:
+            def run_rows(st: int, n: int, nodes: torch.Tensor | None = None, **batch) -> None:
                 # The hooks accumulate into a (rows x batch) strided view of this batch's edge rows.
                 ctx._fastattr_out = store.target(st, n)[:, :logit_offset].T
                 try:
                     ctx.compute_batch(**batch)
                 finally:
                     ctx._fastattr_out = None
-                store.commit(st, n)
+                store.commit(st, n, nodes, None if nodes is None else batch["layers"])
 
             t = time.perf_counter()
             for i in range(0, n_logits, batch_size):
@@ -387,7 +415,9 @@ def attribute(
             pbar = tqdm(total=n_features, desc="Feature influence computation", disable=not verbose)
             while n_visited < n_features:
                 if n_features == total_active:
-                    pending = torch.arange(total_active)
+                    # Every feature is a row; top-k storage takes them by descending layer so that the
+                    # exact node influence can be accumulated as they arrive.
+                    pending = torch.arange(total_active) if not streaming else streaming_order
                 else:
                     influences = store.partial_influences(st, logit_p, row_to_node_index[:st])
                     n_updates += 1
@@ -400,6 +430,7 @@ def attribute(
                     run_rows(
                         st,
                         len(idx_batch),
+                        idx_batch,
                         layers=feat_layers[idx_batch],
                         positions=feat_pos[idx_batch],
                         inject_values=ctx.encoder_vecs[idx_batch],
@@ -432,6 +463,8 @@ def attribute(
                 adjacency[where] = block.to(out_device)
                 if sums is not None:
                     row_abs_sum[where] = sums.to(out_device)
+            if streaming:
+                node_influence = store.influence.float().to(out_device)
             del store
             timings["assemble"] = time.perf_counter() - t
 
@@ -450,6 +483,8 @@ def attribute(
         )
         if edge_storage == "topk":
             graph.row_abs_sum = row_abs_sum
+            if streaming:
+                graph.node_influence = node_influence
     finally:
         for reload in offload_handles:
             reload()

@@ -368,8 +368,9 @@ def prune_graph_sparse(
     :class:`SparseEdges` / torch sparse matrix together with ``logit_probabilities``, ``n_tokens``
     and ``n_features``. A dense adjacency is first reduced to its ``k`` strongest incoming edges per
     node (``k=None``: every non-zero) by :func:`topk_edges`. A graph from
-    ``fastattr.attribute(edge_storage="topk")`` carries ``row_abs_sum``; with ``k=None`` its stored
-    entries are used with those sums (``prune_graph`` does the same for such a graph).
+    ``fastattr.attribute(edge_storage="topk")`` carries ``row_abs_sum`` (and, when every feature
+    was attributed, the exact ``node_influence``); with ``k=None`` its stored entries are used with
+    those sums and that influence (``prune_graph`` does the same for such a graph).
 
     With every non-zero stored, the masks equal the dense ``prune_graph``'s (edges kept = the true
     entries of its edge mask), except when the edge threshold clamps (threshold 0: the dense mask
@@ -380,6 +381,7 @@ def prune_graph_sparse(
     """
     node_threshold, edge_threshold = _check_thresholds(node_threshold, edge_threshold)
     edges = as_sparse_edges(graph)
+    recorded_influence = None
     if edges is not None:
         if logit_probabilities is None or n_tokens is None or n_features is None:
             raise TypeError(
@@ -394,6 +396,8 @@ def prune_graph_sparse(
         edges = as_sparse_edges(graph.adjacency_matrix)
         if edges is None and k is None:
             edges = _recorded_edges(graph)
+            if edges is not None:
+                recorded_influence = getattr(graph, "node_influence", None)
         if edges is None:
             edges = topk_edges(graph.adjacency_matrix, k, backend=backend)
     n = edges.shape[0]
@@ -404,7 +408,13 @@ def prune_graph_sparse(
     dev = edges.device
     w = _logit_weights(n, probs, dev)
 
-    infl = influence_sparse(edges, w, normalize=True)
+    if recorded_influence is not None:
+        # Accumulated from the full rows while they were written: exact, whatever the store dropped.
+        _checks.check_tensor(recorded_influence, "graph.node_influence", ndim=1, device=dev)
+        _checks.check_shape(recorded_influence, "graph.node_influence", (n,))
+        infl = recorded_influence.float()
+    else:
+        infl = influence_sparse(edges, w, normalize=True)
     node_mask = infl >= threshold.find_threshold(infl, node_threshold, backend=backend)
     node_mask[-n_logits - n_tokens :] = True
 
