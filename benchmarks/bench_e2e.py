@@ -154,9 +154,66 @@ def test_attribute_prune(measure, benchmark, monkeypatch, case: Case, impl: str)
     info.update(n_nodes=int(adjacency.shape[0]), n_active_features=int(graph.active_features.shape[0]),
                 n_selected_features=int(len(graph.selected_features)), kept_nodes=int(node_mask.sum()),
                 kept_edges=int(edge_mask.sum()))  # fmt: skip
+    if impl != BASELINE:
+        info.update(_attribute_timings())
     if impl == BASELINE:
-        _BASELINE[case.name] = (adjacency, node_mask, edge_mask)
+        _BASELINE[case.name] = (adjacency, node_mask, edge_mask, graph.selected_features.cpu())
     elif case.name in _BASELINE and _BASELINE[case.name][0].shape == adjacency.shape:
         ref = _BASELINE[case.name]
         info["max_rel_err"] = benchutil.rel_err(adjacency, ref[0])
         info["masks_equal"] = bool(torch.equal(ref[1], node_mask) and torch.equal(ref[2], edge_mask))
+
+
+def _attribute_timings() -> dict:
+    """fastattr.attribute's split of its last run: backward passes, and the attribution loop's share outside them."""
+    import importlib
+
+    last = importlib.import_module("fastattr.attribute")._LAST_RUN
+    keys = ("backward", "loop_outside_backward", "influence_updates", "edge_storage")
+    return {f"attribute_{k}": last[k] for k in keys if k in last}
+
+
+def _node_identities(selected: torch.Tensor, node_mask: torch.Tensor) -> set:
+    n_sel = len(selected)
+    sel = selected.tolist()
+    return {("f", sel[i]) if i < n_sel else ("x", i - n_sel) for i in torch.nonzero(node_mask).flatten().tolist()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_attribute_prune_topk(measure, benchmark, case: Case):
+    """fastattr.attribute with edge_storage="topk" (default k) then fastattr.prune_graph, automatic backend.
+
+    Runs after test_attribute_prune, whose circuit-tracer graph it is compared with: the pruned node
+    sets by node identity (they stay comparable when the selected features differ)."""
+    pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
+    import fastattr
+    from fastattr import synthetic
+
+    model = _model(case)
+    prompt = synthetic.random_prompt(case.n_tokens, seed=1, vocab_size=VOCAB)
+
+    def pipeline():
+        graph = fastattr.attribute(prompt, model, batch_size=case.batch_size, max_feature_nodes=case.max_feature_nodes,
+                                   edge_storage="topk")  # fmt: skip
+        graph.to(DEVICE)
+        graph.row_abs_sum = graph.row_abs_sum.to(DEVICE)
+        if hasattr(graph, "node_influence"):
+            graph.node_influence = graph.node_influence.to(DEVICE)
+        return graph, fastattr.prune_graph(graph)
+
+    from fastattr.attribute import DEFAULT_TOPK
+
+    graph, pruned = measure(
+        pipeline, op="e2e attribute+prune", case=case.label, family=case.name, impl=f"topk{DEFAULT_TOPK}",
+        dtype=case.dtype, size=case.n_layers * (case.n_tokens + 1) * case.l0,
+        size_label="active features (layers x positions x L0)", rounds=per_tier(smoke=1, cpu=2, full=3), warmup=1,
+    )  # fmt: skip
+    info = benchmark.extra_info
+    info.update(_attribute_timings(), n_nodes=int(graph.adjacency_matrix.shape[0]),
+                kept_nodes=int(pruned.node_mask.sum()), topk=DEFAULT_TOPK)  # fmt: skip
+    if case.name in _BASELINE:
+        _, ref_nodes, _, ref_selected = _BASELINE[case.name]
+        mine = _node_identities(graph.selected_features.cpu(), pruned.node_mask.cpu())
+        ref = _node_identities(ref_selected, ref_nodes)
+        info["selected_overlap"] = len(set(ref_selected.tolist()) & set(graph.selected_features.tolist())) / max(len(ref_selected), 1)
+        info["node_jaccard"] = len(mine & ref) / max(len(mine | ref), 1)

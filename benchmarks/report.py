@@ -65,6 +65,8 @@ def _row(bench: dict) -> dict:
         "frac_flops": extra.get("frac_flops"),
         "err": extra.get("max_rel_err"),
         "masks_equal": extra.get("masks_equal"),
+        "node_jaccard": extra.get("node_jaccard"),
+        "outside_backward": extra.get("attribute_loop_outside_backward"),
         "note": extra.get("patched") if extra.get("patched") not in (None, "full", "contraction + graph ops") else None,
     }
 
@@ -133,6 +135,10 @@ def _err(r) -> str:
         parts.append(f"{r['err']:.1e}" if r["err"] == r["err"] else "NaN")
     if r["masks_equal"] is not None:
         parts.append("masks equal" if r["masks_equal"] else "MASKS DIFFER")
+    if r.get("node_jaccard") is not None:
+        parts.append(f"pruned nodes Jaccard {r['node_jaccard']:.3f}")
+    if r.get("outside_backward") is not None:
+        parts.append(f"{100 * r['outside_backward']:.1f}% of loop outside backward")
     return ", ".join(parts) or "-"
 
 
