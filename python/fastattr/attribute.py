@@ -50,8 +50,8 @@ def _validate(prompt: Any, batch_size: int, max_feature_nodes: int | None, updat
         raise ValueError("prompt: expected at least one token, got an empty prompt")
 
 
-def _check_fits(n_rows: int, n_cols: int, device: torch.device) -> None:
-    need = n_rows * n_cols * 4
+def _check_fits(n_rows: int, n_cols: int, batch: int, device: torch.device) -> None:
+    need = (n_rows + batch) * n_cols * 4
     free = None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -61,10 +61,12 @@ def _check_fits(n_rows: int, n_cols: int, device: torch.device) -> None:
         except (ValueError, OSError):
             free = None
     if free is not None and need > free:
+        # top-k: fp32 value + int64 column per kept edge, the dense scratch block and logit rows.
+        topk_need = n_rows * DEFAULT_TOPK * 12 + (batch + 64) * n_cols * 4
         raise MemoryError(
-            f"edge_storage='dense' needs {need / 2**30:.2f} GiB on {device} for a {n_rows} x {n_cols} fp32 edge "
-            f"buffer, but only {free / 2**30:.2f} GiB is free; use edge_storage='topk' (about "
-            f"{n_rows * DEFAULT_TOPK * 12 / 2**30:.2f} GiB at k={DEFAULT_TOPK}) or lower max_feature_nodes"
+            f"edge_storage='dense' needs {need / 2**30:.2f} GiB on {device} for a {n_rows + batch} x {n_cols} fp32 "
+            f"edge buffer, but only {free / 2**30:.2f} GiB is free; use edge_storage='topk' (about "
+            f"{topk_need / 2**30:.2f} GiB at k={DEFAULT_TOPK}) or lower max_feature_nodes"
         )
 
 
@@ -72,7 +74,7 @@ class _DenseRows:
     """Every edge row, dense, on the device: exactly circuit-tracer's edge matrix."""
 
     def __init__(self, n_rows: int, n_cols: int, batch: int, device: torch.device):
-        _check_fits(n_rows + batch, n_cols, device)
+        _check_fits(n_rows, n_cols, batch, device)
         # Spare rows at the end absorb the last, partial batch (every backward pass fills `batch` rows).
         self.edges = torch.zeros(n_rows + batch, n_cols, device=device)
         self.batch = batch
