@@ -206,6 +206,21 @@ def test_topk_row_sums_cover_the_final_columns(backend, transcoder):
     assert bool((small.row_abs_sum >= small.adjacency_matrix.abs().sum(1) * (1 - 1e-5) - 1e-7).all())
 
 
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_assembly_in_small_row_blocks(monkeypatch, storage):
+    import importlib
+
+    model = tracer_model("transformerlens", "clt")
+    prompt = tracer_prompt(9, seed=4)
+    kwargs = dict(batch_size=16, max_feature_nodes=35, update_interval=1, edge_storage=storage, topk=8)
+    whole = fastattr.attribute(prompt, model, **kwargs)
+    monkeypatch.setattr(importlib.import_module("fastattr.attribute"), "_BLOCK_BYTES", 1)  # one row per block
+    rowwise = fastattr.attribute(prompt, model, **kwargs)
+    assert torch.equal(whole.adjacency_matrix, rowwise.adjacency_matrix)
+    if storage == "topk":
+        assert torch.equal(whole.row_abs_sum, rowwise.row_abs_sum)
+
+
 def test_prune_graph_uses_the_recorded_sums_and_influence():
     from circuit_tracer.graph import compute_node_influence, prune_graph
 

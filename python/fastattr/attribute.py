@@ -26,8 +26,8 @@ from fastattr import influence as _influence
 
 logger = logging.getLogger("fastattr")
 
-# Rows of the final adjacency moved to the CPU per copy: bounds the transient to a few MB per row block.
-_ROW_BLOCK = 1024
+# Bytes of final-adjacency rows assembled and moved to the CPU per copy: bounds the transient.
+_BLOCK_BYTES = 64 << 20
 # Incoming edges kept per row by edge_storage="topk" unless topk= says otherwise (see docs/attribute.md).
 DEFAULT_TOPK = 256
 
@@ -94,8 +94,9 @@ class _DenseRows:
         return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node)
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        block = self.edges[index]
-        return (block if columns is None else block[:, columns]), None
+        if columns is None:
+            return self.edges[index], None
+        return self.edges[index[:, None], columns[None, :]], None  # no full-width intermediate
 
 
 class _TopKRows:
@@ -205,21 +206,31 @@ class _TopKRows:
         return total
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense rows ``index`` restricted to ``columns``, and their |weight| sums over those columns."""
+        """Rows ``index`` restricted to ``columns``, dense, and their |weight| sums over those columns."""
+        dev = self.values.device
+        width = self.n_cols if columns is None else len(columns)
+        if columns is None:
+            col_map = None
+        else:  # stored column -> final column, -1 where the feature was not selected
+            col_map = torch.full((self.n_cols,), -1, dtype=torch.int64, device=dev)
+            col_map[columns] = torch.arange(width, device=dev)
         is_logit = index < self.n_logits
-        block = torch.zeros(len(index), self.n_cols, device=self.values.device)
-        sums = torch.zeros(len(index), device=self.values.device)
+        block = torch.zeros(len(index), width, device=dev)
+        sums = torch.zeros(len(index), device=dev)
         if bool(is_logit.any()):
-            block[is_logit] = self.logit_rows[index[is_logit]]
+            logit_rows = self.logit_rows[index[is_logit]]
+            block[is_logit] = logit_rows if columns is None else logit_rows[:, columns]
+            sums[is_logit] = block[is_logit].abs().sum(1)
         f = index[~is_logit] - self.n_logits
         if len(f):
             cols, vals = self.cols[f], self.values[f]
-            block[~is_logit] = torch.zeros(len(f), self.n_cols, device=vals.device).scatter_(1, cols, vals)
             later = (self.col_epoch[cols] > self.row_epoch[f][:, None]) & (self.col_epoch[cols] != self._NEVER)
             sums[~is_logit] = self.final_sum[f] + torch.where(later, vals.abs(), 0.0).sum(1)
-        if columns is not None:
-            block = block[:, columns]
-        sums[is_logit] = block[is_logit].abs().sum(1)
+            if col_map is not None:
+                cols = col_map[cols]
+                vals = torch.where(cols >= 0, vals, 0.0)
+                cols = cols.clamp(min=0)  # dropped columns add 0.0 at column 0
+            block[~is_logit] = torch.zeros(len(f), width, device=dev).scatter_add_(1, cols, vals)
         return block, sums
 
 
@@ -466,10 +477,11 @@ def attribute(
             # Sorted rows are [features ascending, logits]; in the square matrix the logits go last.
             dest = torch.cat([torch.arange(n_features), torch.arange(n_final - n_logits, n_final)])
             row_abs_sum = torch.zeros(n_final, device=out_device)
-            for r0 in range(0, n_rows, _ROW_BLOCK):
-                index = order[r0 : r0 + _ROW_BLOCK]
+            row_block = max(1, _BLOCK_BYTES // (4 * n_final))
+            for r0 in range(0, n_rows, row_block):
+                index = order[r0 : r0 + row_block]
                 block, sums = store.rows(index, columns)
-                where = dest[r0 : r0 + _ROW_BLOCK].to(out_device)
+                where = dest[r0 : r0 + row_block].to(out_device)
                 adjacency[where] = block.to(out_device)
                 if sums is not None:
                     row_abs_sum[where] = sums.to(out_device)
