@@ -114,6 +114,13 @@ class _TopKRows:
       selected so far (exact), and at assembly the kept entries of columns selected later are
       added. What is missing are dropped entries (each no stronger than the row's k-th) in columns
       selected after the row was written; with every feature selected, none.
+
+    Partial influences, which rank features while ``max_feature_nodes`` limits them, propagate the
+    stored entries exactly and add, as a source, the influence the dropped entries carried: each
+    row's dropped |weights| (normalised) times its node's partial influence at the last update
+    before the row was written, summed per column when the row is written. The weight is stale
+    (later updates raise it), so this under-counts, but without it features reached mostly through
+    many weak edges are ranked too low.
     """
 
     _NEVER = torch.iinfo(torch.int64).max
@@ -136,6 +143,10 @@ class _TopKRows:
         self.scratch = torch.zeros(batch, n_cols, device=device)
         self.influence: torch.Tensor | None = None
         self._logit_p: torch.Tensor | None = None
+        # Influence that the dropped entries carried, estimated when their row was written (see
+        # partial_influences), and the partial influences of the last update, which weight it.
+        self.dropped_flow = torch.zeros(n_cols, device=device)
+        self._last_partial: torch.Tensor | None = None
 
     def stream_influence(self, logit_p: torch.Tensor) -> None:
         """Accumulate the exact node influence while rows are written (see ``_stream``)."""
@@ -180,6 +191,10 @@ class _TopKRows:
         top = torch.topk(magnitude, self.k, dim=1, sorted=False)
         self.cols[r] = top.indices
         self.values[r] = dense.gather(1, top.indices)
+        if self._last_partial is not None and self.k < self.n_cols:
+            dropped = magnitude.scatter_(1, top.indices, 0.0)  # magnitude is not used after this
+            weight = self._last_partial[nodes.to(dense.device)] / self.abs_sum[r].clamp(min=1e-8)
+            self.dropped_flow += weight @ dropped
 
     def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, max_iter: int = 128) -> torch.Tensor:
         # circuit-tracer's compute_partial_influences (rows normalised by their full |weight| sums,
@@ -194,15 +209,20 @@ class _TopKRows:
         prod = torch.zeros(self.n_cols, device=weights.device)
         prod[-len(logit_p) :] = logit_p
         total = torch.zeros_like(prod)
-        for _ in range(max_iter):
+        for step in range(max_iter):
             nxt = prod[logit_nodes] @ logit_w
             nxt.index_add_(0, cols, (prod[feat_nodes][:, None] * weights).reshape(-1))
+            if step == 0:
+                # What the dropped entries carried (each row's influence when it was written times its
+                # dropped |weights|) enters as a source and flows on through the stored entries.
+                nxt += self.dropped_flow
             prod = nxt
             if not prod.any():
                 break
             total += prod
         else:
             raise RuntimeError("Failed to converge")
+        self._last_partial = total
         return total
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
