@@ -221,6 +221,21 @@ def test_assembly_in_small_row_blocks(monkeypatch, storage):
         assert torch.equal(whole.row_abs_sum, rowwise.row_abs_sum)
 
 
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_keep_on_device(storage):
+    model = tracer_model("transformerlens", "plt")
+    prompt = tracer_prompt(8, seed=13)
+    kwargs = dict(batch_size=16, max_feature_nodes=30, edge_storage=storage, topk=8)
+    moved = fastattr.attribute(prompt, model, **kwargs)
+    kept = fastattr.attribute(prompt, model, keep_on_device=True, **kwargs)
+    model_device = next(model.parameters()).device
+    assert kept.adjacency_matrix.device == model_device and moved.adjacency_matrix.device.type == "cpu"
+    assert torch.equal(kept.adjacency_matrix.cpu(), moved.adjacency_matrix)
+    if storage == "topk":
+        assert kept.row_abs_sum.device == model_device
+        assert torch.equal(kept.row_abs_sum.cpu(), moved.row_abs_sum)
+
+
 def test_prune_graph_uses_the_recorded_sums_and_influence():
     from circuit_tracer.graph import compute_node_influence, prune_graph
 
