@@ -1,4 +1,4 @@
-"""Peak memory of circuit-tracer's attribute against fastattr.attribute on a ~1,000-position prompt.
+"""Peak memory (and time) of circuit-tracer's attribute against fastattr.attribute on a ~1,000-position prompt.
 
 Usage: python benchmarks/long_prompt_memory.py {ct,dense,topk} [max_feature_nodes=4096] [batch=16]
 Run each path in its own process: the CPU peak is sampled RSS above the level before the call.
@@ -13,7 +13,7 @@ mf = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 bs = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 m = synthetic.make_replacement_model(backend="transformerlens", transcoder="plt", n_layers=2, d_model=64, d_transcoder=128, seed=0)
 prompt = synthetic.random_prompt(1000, seed=3)
-fn = {"topk": lambda: fastattr.attribute(prompt, m, batch_size=bs, max_feature_nodes=mf, edge_storage="topk", topk=256),
+fn = {"topk": lambda: fastattr.attribute(prompt, m, batch_size=bs, max_feature_nodes=mf, edge_storage="topk"),
       "dense": lambda: fastattr.attribute(prompt, m, batch_size=bs, max_feature_nodes=mf),
       "ct": lambda: circuit_tracer.attribute(prompt, m, batch_size=bs, max_feature_nodes=mf)}[which]
 with PeakMemory("cpu") as pm:

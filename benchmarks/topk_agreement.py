@@ -11,7 +11,7 @@ For each model, max_feature_nodes and k it attributes the same prompt with dense
 - the share of dense node influence (on the pruned dense set) that the top-k pruned set keeps.
 
 Usage: python benchmarks/topk_agreement.py [--ks 64,256,1024] [--layers 2] [--tokens 64]
-       [--features 256] [--max-nodes 300,all] [--seeds 0]
+       [--features 256] [--max-nodes 300,all] [--seeds 0] [--kinds plt,clt] [--d-model 64] [--l0 N]
 Prints a markdown table (the numbers in docs/attribute.md come from it).
 """
 
@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--max-nodes", default="300,all")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--kinds", default="plt,clt")
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--l0", type=int, default=None, help="active features per position and layer (default: the builder's)")
     args = ap.parse_args()
+    vocab = 512 if args.l0 else None
     ks = [int(k) for k in args.ks.split(",")]
     max_nodes_list = [None if m == "all" else int(m) for m in args.max_nodes.split(",")]
 
@@ -60,9 +63,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            model = synthetic.make_replacement_model(transcoder=kind, n_layers=args.layers, d_model=64,
-                                                     d_transcoder=args.features, seed=seed)  # fmt: skip
-            prompt = synthetic.random_prompt(args.tokens, seed=seed + 1)
+            shape = {} if args.l0 is None else {"feature_density": args.l0 / args.features, "d_vocab": vocab, "n_ctx": 2048}
+            model = synthetic.make_replacement_model(transcoder=kind, n_layers=args.layers, d_model=args.d_model,
+                                                     d_transcoder=args.features, seed=seed, **shape)  # fmt: skip
+            prompt = synthetic.random_prompt(args.tokens, seed=seed + 1, **({"vocab_size": vocab} if vocab else {}))
             for max_nodes in max_nodes_list:
                 g0 = circuit_tracer.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes)
                 m0 = prune_graph(g0).node_mask

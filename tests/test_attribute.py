@@ -99,7 +99,7 @@ def test_dense_storage_that_does_not_fit_names_topk(monkeypatch):
     real = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real(name))
     with pytest.raises(MemoryError, match=r"edge_storage='dense' needs .* GiB on cpu for a \d+ x \d+ fp32 edge buffer, "
-                       r"but only 0\.00 GiB is free; use edge_storage='topk' \(about .* GiB at k=256\)"):  # fmt: skip
+                       r"but only 0\.00 GiB is free; use edge_storage='topk' \(about .* GiB at k=1024\)"):  # fmt: skip
         fastattr.attribute(tracer_prompt(6), model, batch_size=8)
     fastattr.attribute(tracer_prompt(6), model, batch_size=8, edge_storage="topk")  # top-k is not checked against it
 
@@ -268,25 +268,26 @@ def _pruned_identities(graph, node_mask) -> set:
 
 @pytest.mark.parametrize("backend,transcoder", [("transformerlens", "plt"), ("nnsight", "clt")])
 def test_topk_agreement_at_the_documented_level(backend, transcoder):
-    """docs/attribute.md: at the default k, below all features, selected overlap >= 0.95 and
-    pruned-node Jaccard >= 0.95 (measured 1.000 and >= 0.992 on other models and seeds); with
-    every feature, the dense pruned node set. Rows here are about 3,000 columns long, far above k."""
+    """docs/attribute.md, at the default k: below all features, selected overlap >= 0.95 and
+    pruned-node Jaccard >= 0.95 (measured >= 0.999 and >= 0.981 on other models and seeds), on a
+    4-layer model whose rows (about 8,000 columns) are far longer than k; with every feature, the
+    dense pruned node set (exact at any k: here a short prompt keeps the test fast)."""
     from circuit_tracer.graph import prune_graph
 
     from fastattr.attribute import DEFAULT_TOPK
 
-    model = tracer_model(backend, transcoder, n_layers=3, seed=5)
-    prompt = tracer_prompt(40, seed=17)
-    for max_nodes in (150, None):
+    model = tracer_model(backend, transcoder, n_layers=4, seed=5)
+    for n_tokens, max_nodes in ((80, 150), (12, None)):
+        prompt = tracer_prompt(n_tokens, seed=17)
         dense = ct.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes)
         top = fastattr.attribute(prompt, model, batch_size=64, max_feature_nodes=max_nodes, edge_storage="topk")
-        assert dense.active_features.shape[0] > 8 * DEFAULT_TOPK
         s0, s1 = set(dense.selected_features.tolist()), set(top.selected_features.tolist())
         p0 = _pruned_identities(dense, prune_graph(dense).node_mask)
         p1 = _pruned_identities(top, fastattr.prune_graph(top).node_mask)
         if max_nodes is None:
             assert s0 == s1 and p0 == p1
         else:
+            assert dense.active_features.shape[0] > 6 * DEFAULT_TOPK
             assert len(s0 & s1) / len(s0) >= 0.95
             assert len(p0 & p1) / len(p0 | p1) >= 0.95, (len(p0), len(p1), len(p0 ^ p1))
 

@@ -29,7 +29,7 @@ logger = logging.getLogger("fastattr")
 # Bytes of final-adjacency rows assembled and moved to the CPU per copy: bounds the transient.
 _BLOCK_BYTES = 64 << 20
 # Incoming edges kept per row by edge_storage="topk" unless topk= says otherwise (see docs/attribute.md).
-DEFAULT_TOPK = 256
+DEFAULT_TOPK = 1024
 
 
 def _validate(prompt: Any, batch_size: int, max_feature_nodes: int | None, update_interval: int, edge_storage: str, topk: int | None) -> None:
