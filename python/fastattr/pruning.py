@@ -100,7 +100,9 @@ def _recorded_edges(graph: Any) -> SparseEdges | None:
     if sums is None:
         return None
     A = graph.adjacency_matrix
-    _checks.check_tensor(sums, "graph.row_abs_sum", ndim=1, device=A.device)
+    # Graph.to(device) moves the adjacency but not these O(N) extras; follow the adjacency.
+    sums = sums.to(A.device)
+    _checks.check_tensor(sums, "graph.row_abs_sum", ndim=1)
     _checks.check_shape(sums, "graph.row_abs_sum", (A.shape[0],))
     edges = topk_edges(A, None)
     return SparseEdges(edges.crow_indices, edges.col_indices, edges.values, sums.float(), edges.shape)
@@ -410,7 +412,8 @@ def prune_graph_sparse(
 
     if recorded_influence is not None:
         # Accumulated from the full rows while they were written: exact, whatever the store dropped.
-        _checks.check_tensor(recorded_influence, "graph.node_influence", ndim=1, device=dev)
+        recorded_influence = recorded_influence.to(dev)
+        _checks.check_tensor(recorded_influence, "graph.node_influence", ndim=1)
         _checks.check_shape(recorded_influence, "graph.node_influence", (n,))
         infl = recorded_influence.float()
     else:
