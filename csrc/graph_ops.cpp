@@ -49,6 +49,18 @@ py::tuple influence_result(const InfluenceResult& r) {
   return py::make_tuple(r.status, r.n_waves, r.depth, r.edge_sum, r.edge_nnz, r.edge_min);
 }
 
+// The pruned graph's edge scores |A_ij| / row_scale_i * row_factor_i (node-masked), read on the fly
+// by the edge select / histogram / mask entry points: the same inputs, checked one way.
+void check_edge_score_inputs(std::uintptr_t a, int a_dtype, std::int64_t n, std::int64_t lda, std::uintptr_t node_mask,
+                             std::uintptr_t row_scale, std::uintptr_t row_factor) {
+  check_dtype(a_dtype, kFloat32, "A");
+  check_square(n, lda, "A");
+  check_nonnull(a, n * n, "A");
+  check_nonnull(node_mask, n, "node_mask");
+  check_nonnull(row_scale, n, "row_scale");
+  check_nonnull(row_factor, n, "row_factor");
+}
+
 InfluenceArgs make_influence_args(std::uintptr_t a, int a_dtype, std::int64_t n, std::int64_t lda, std::uintptr_t w,
                                   std::uintptr_t out, bool normalize, float eps, std::uintptr_t node_mask,
                                   std::int64_t max_iter, std::uintptr_t order, std::uintptr_t wave_ptr,
@@ -181,12 +193,7 @@ void register_graph_ops(py::module_& m) {
          std::uintptr_t row_scale, std::uintptr_t row_factor, std::uintptr_t hist_count, std::uintptr_t hist_sum,
          double total, std::int64_t nnz, float min_nz, double t, std::uintptr_t mask_out,
          std::int64_t max_candidates, std::uintptr_t row_blocks) {
-        check_dtype(a_dtype, kFloat32, "A");
-        check_square(n, lda, "A");
-        check_nonnull(a, n * n, "A");
-        check_nonnull(node_mask, n, "node_mask");
-        check_nonnull(row_scale, n, "row_scale");
-        check_nonnull(row_factor, n, "row_factor");
+        check_edge_score_inputs(a, a_dtype, n, lda, node_mask, row_scale, row_factor);
         check_nonnull(mask_out, n * n, "edge_mask");
         check_threshold(t);
         if ((hist_count == 0) != (hist_sum == 0)) fail("hist: expected both count and sum buffers, got one");
@@ -325,13 +332,8 @@ void register_graph_ops(py::module_& m) {
       [](std::uintptr_t a, int a_dtype, std::int64_t n, std::int64_t lda, std::uintptr_t mask, std::uintptr_t scale,
          std::uintptr_t factor, int level, std::uint32_t prefix, std::uintptr_t count, std::uintptr_t sums,
          std::uintptr_t stats, std::uintptr_t stream) {
-        check_dtype(a_dtype, kFloat32, "A");
-        check_square(n, lda, "A");
+        check_edge_score_inputs(a, a_dtype, n, lda, mask, scale, factor);
         if (level < 0 || level >= kSelectLevels) fail("level: expected 0..", kSelectLevels - 1, ", got ", level);
-        check_nonnull(a, n * n, "A");
-        check_nonnull(mask, n, "node_mask");
-        check_nonnull(scale, n, "row_scale");
-        check_nonnull(factor, n, "row_factor");
         check_nonnull(count, 1, "count");
         check_nonnull(sums, 1, "sums");
         check_nonnull(stats, 1, "stats");
@@ -344,12 +346,7 @@ void register_graph_ops(py::module_& m) {
       "edge_mask_cuda",
       [](std::uintptr_t a, int a_dtype, std::int64_t n, std::int64_t lda, std::uintptr_t mask, std::uintptr_t scale,
          std::uintptr_t factor, double thr, std::uintptr_t out, std::uintptr_t stream) {
-        check_dtype(a_dtype, kFloat32, "A");
-        check_square(n, lda, "A");
-        check_nonnull(a, n * n, "A");
-        check_nonnull(mask, n, "node_mask");
-        check_nonnull(scale, n, "row_scale");
-        check_nonnull(factor, n, "row_factor");
+        check_edge_score_inputs(a, a_dtype, n, lda, mask, scale, factor);
         check_nonnull(out, n * n, "edge_mask");
         if (!std::isfinite(thr)) fail("thr: expected a finite threshold, got ", thr);
         edge_mask_cuda(as_ptr<const float>(a), n, lda, as_ptr<const std::uint8_t>(mask), as_ptr<const float>(scale),

@@ -396,6 +396,29 @@ bool Sweep::run_waves(InfluenceResult& res) {
   return true;
 }
 
+// next[j] = sum over the active rows i of coef[i] * entry(row_i, j), accumulated in double, one
+// block of columns per task so the accumulator stays in L1 and each row is read once per block.
+template <class Entry>
+void weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols, const std::vector<std::int64_t>& active,
+                      const std::vector<double>& coef, float* next, Entry entry) {
+  constexpr std::int64_t kBlock = 1024;
+  const std::int64_t nblocks = (cols + kBlock - 1) / kBlock;
+  const int T = graphk::threads_for((std::int64_t)active.size() * cols);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+  for (std::int64_t blk = 0; blk < nblocks; ++blk) {
+    const std::int64_t c0 = blk * kBlock, c1 = std::min(cols, c0 + kBlock);
+    double acc[kBlock];
+    std::fill(acc, acc + (c1 - c0), 0.0);
+    for (std::int64_t i : active) {
+      const float* r = a + i * lda;
+      const double c = coef[i];
+#pragma omp simd
+      for (std::int64_t j = c0; j < c1; ++j) acc[j - c0] += c * (double)entry(r, j);
+    }
+    for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The power iteration: circuit-tracer's loop, with |A| / rowsum applied on the fly.
 // ------------------------------------------------------------------------------------------------
@@ -418,22 +441,8 @@ int power_iteration(const InfluenceArgs& args, const std::vector<float>& colmask
       coef[i] = kept(i) ? (double)term[i] / (double)scale[i] : 0.0;
       if (coef[i] != 0.0) active.push_back(i);
     }
-    constexpr std::int64_t kBlock = 1024;
-    const std::int64_t nblocks = (n + kBlock - 1) / kBlock;
-    const int T = graphk::threads_for((std::int64_t)active.size() * n);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
-    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
-      const std::int64_t c0 = blk * kBlock, c1 = std::min(n, c0 + kBlock);
-      double acc[kBlock];
-      std::fill(acc, acc + (c1 - c0), 0.0);
-      for (std::int64_t i : active) {
-        const float* r = args.a + i * args.lda;
-        const double c = coef[i];
-#pragma omp simd
-        for (std::int64_t j = c0; j < c1; ++j) acc[j - c0] += c * (double)graphk::entry<Abs, Masked>(r, cm, j);
-      }
-      for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
-    }
+    weighted_row_sum(args.a, args.lda, n, active, coef, next.data(),
+                     [cm](const float* r, std::int64_t j) { return graphk::entry<Abs, Masked>(r, cm, j); });
     term.swap(next);
   };
   auto any = [&]() {
@@ -603,22 +612,8 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
       coef[r] = (double)prod[row_to_node[r]] / (double)scale[r];
       if (coef[r] != 0.0) active.push_back(r);
     }
-    constexpr std::int64_t kBlock = 1024;
-    const std::int64_t nblocks = (cols + kBlock - 1) / kBlock;
-    const int T = graphk::threads_for((std::int64_t)active.size() * cols);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
-    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
-      const std::int64_t c0 = blk * kBlock, c1 = std::min(cols, c0 + kBlock);
-      double acc[kBlock];
-      std::fill(acc, acc + (c1 - c0), 0.0);
-      for (std::int64_t r : active) {
-        const float* row = e + r * lde;
-        const double c = coef[r];
-#pragma omp simd
-        for (std::int64_t j = c0; j < c1; ++j) acc[j - c0] += c * (double)std::fabs(row[j]);
-      }
-      for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
-    }
+    weighted_row_sum(e, lde, cols, active, coef, next.data(),
+                     [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
     prod.swap(next);
     bool any = false;
     for (float v : prod)

@@ -87,13 +87,20 @@ __device__ inline void clear_shared(int nb, unsigned* scount, double* ssum) {
   __syncthreads();
 }
 
+// A block's histogram in dynamic shared memory: nb double sums, then nb counts; cleared.
+__device__ inline void shared_hist(int nb, double*& ssum, unsigned*& scount) {
+  extern __shared__ double smem[];
+  ssum = smem;
+  scount = reinterpret_cast<unsigned*>(smem + nb);
+  clear_shared(nb, scount, ssum);
+}
+
 __global__ void hist_1d_kernel(const float* __restrict__ s, std::int64_t n, int shift, int bits, unsigned prefix,
                                bool level0, ull* count, double* sums, ull* stats) {
-  extern __shared__ double smem[];
   const int nb = 1 << bits;
-  double* ssum = smem;
-  unsigned* scount = reinterpret_cast<unsigned*>(smem + nb);
-  clear_shared(nb, scount, ssum);
+  double* ssum;
+  unsigned* scount;
+  shared_hist(nb, ssum, scount);
   Stats st;
   const std::int64_t stride = (std::int64_t)gridDim.x * blockDim.x;
   for (std::int64_t i = (std::int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
@@ -111,11 +118,10 @@ __global__ void edge_hist_kernel(const float* __restrict__ a, std::int64_t n, st
                                  const std::uint8_t* __restrict__ mask, const float* __restrict__ scale,
                                  const float* __restrict__ factor, int shift, int bits, unsigned prefix, bool level0,
                                  ull* count, double* sums, ull* stats) {
-  extern __shared__ double smem[];
   const int nb = 1 << bits;
-  double* ssum = smem;
-  unsigned* scount = reinterpret_cast<unsigned*>(smem + nb);
-  clear_shared(nb, scount, ssum);
+  double* ssum;
+  unsigned* scount;
+  shared_hist(nb, ssum, scount);
   Stats st;
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const float f = factor[i];
