@@ -359,6 +359,12 @@ EdgeSelectResult edge_select_mask_cpu(const EdgeSelectArgs& args) {
     edge_hist_pass(es, level, prefix, count, sum);
     res.passes += 1;
     p = pick_bucket(count.data(), sum.data(), 1 << kSelectBits[level], base, test, true);
+    if (p.late < 0 || p.early != p.late) {
+      // The passes disagree (the level above counted scores this pass does not see): no mask is
+      // better than one built from an arbitrary bucket.
+      res.status = kSelectAmbiguous;
+      return res;
+    }
     prefix = (prefix << kSelectBits[level]) | (std::uint32_t)p.late;
     base = p.base_late;
     in_bucket = p.count_late;

@@ -93,12 +93,59 @@ def _check_graph(graph: Any) -> tuple[torch.Tensor, int, int, int]:
     return A, n_tokens, n_logits, n_features
 
 
+# Where a top-k graph's record also lives: circuit-tracer's Graph.to_pt saves a fixed set of fields,
+# but torch.save keeps a tensor's Python attributes and Graph.from_pt restores them. The adjacency
+# carries it through a save; selected_features also survives Graph.to(device), which replaces the
+# adjacency with a copy that has no attributes.
+_RECORD_ATTR = "_fastattr_topk"
+
+
+def record_topk(graph: Any, row_abs_sum: torch.Tensor, node_influence: torch.Tensor | None = None) -> None:
+    """Attach to a top-k graph what pruning needs: the full rows' |A| sums (and the exact node
+    influence when every feature was attributed), so that it survives ``Graph.to_pt``/``from_pt``.
+
+    Sets ``graph.row_abs_sum`` (and ``graph.node_influence``) and records both on the graph's
+    adjacency and selected_features tensors, which ``to_pt`` saves.
+    """
+    _checks.check_tensor(row_abs_sum, "row_abs_sum", ndim=1)
+    _checks.check_shape(row_abs_sum, "row_abs_sum", (graph.adjacency_matrix.shape[0],))
+    record = {"row_abs_sum": row_abs_sum, "node_influence": node_influence, "n_nodes": int(row_abs_sum.numel())}
+    graph.row_abs_sum = row_abs_sum
+    if node_influence is not None:
+        graph.node_influence = node_influence
+    for field in ("adjacency_matrix", "selected_features"):
+        tensor = getattr(graph, field, None)
+        if isinstance(tensor, torch.Tensor):
+            setattr(tensor, _RECORD_ATTR, record)
+
+
+def _topk_record(graph: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(row_abs_sum, node_influence or None) of a top-k graph, None for a dense one."""
+    sums = getattr(graph, "row_abs_sum", None)
+    if sums is not None:
+        return sums, getattr(graph, "node_influence", None)
+    for field in ("adjacency_matrix", "selected_features"):
+        record = getattr(getattr(graph, field, None), _RECORD_ATTR, None)
+        if isinstance(record, dict) and record.get("row_abs_sum") is not None:
+            n = graph.adjacency_matrix.shape[0]
+            if record.get("n_nodes") != n:
+                raise ValueError(
+                    f"graph.adjacency_matrix: this top-k graph recorded row sums for {record.get('n_nodes')} nodes, "
+                    f"got an adjacency of {n}; its adjacency was replaced after attribution. Prune the graph "
+                    "fastattr.attribute(edge_storage='topk') returned (or saved with Graph.to_pt), or attribute "
+                    "again with edge_storage='dense'"
+                )
+            return record["row_abs_sum"], record.get("node_influence")
+    return None
+
+
 def _recorded_edges(graph: Any) -> SparseEdges | None:
     """A top-k graph from ``fastattr.attribute(edge_storage="topk")``: its stored (non-zero) entries
     with the row sums it recorded, which cover the edges that were not stored."""
-    sums = getattr(graph, "row_abs_sum", None)
-    if sums is None:
+    record = _topk_record(graph)
+    if record is None:
         return None
+    sums = record[0]
     A = graph.adjacency_matrix
     # Graph.to(device) moves the adjacency but not these O(N) extras; follow the adjacency.
     sums = sums.to(A.device)
@@ -130,9 +177,11 @@ def _prune_cpu(graph, node_threshold: float, edge_threshold: float) -> PruneResu
     if float(e["row_factor"].min()) < 0.0:  # negative logit weights: scores lose the bit order
         logger.info("prune_graph: negative edge scores (negative logit weights); using the torch reference")
         return reference.prune_graph(graph, node_threshold, edge_threshold)
+    if not np.isfinite(e["edge_sum"]):
+        _check_edge_select(threshold.NON_FINITE, graph)
     edge_mask = torch.empty((n, n), dtype=torch.bool)
     mask_u8 = node_mask.to(torch.uint8)
-    _ext.ext.edge_select_mask_cpu(
+    status, *_ = _ext.ext.edge_select_mask_cpu(
         A.data_ptr(), _ext.dtype_code(A), n, A.stride(0) if n else n, mask_u8.data_ptr(),
         e["row_scale"].data_ptr(), e["row_factor"].data_ptr(), e["hist_count"].data_ptr(), e["hist_sum"].data_ptr(),
         e["edge_sum"], e["edge_nnz"], e["edge_min"], float(edge_threshold), edge_mask.data_ptr(),
@@ -140,6 +189,7 @@ def _prune_cpu(graph, node_threshold: float, edge_threshold: float) -> PruneResu
         # 0.7 B per element (a bucket that is larger gets one more histogram pass instead).
         max(n * n // 24, 1 << 16), _ext.ptr(info["row_blocks"]),
     )
+    _check_edge_select(status, graph)
     _ext.ext.remove_dangling_cpu(edge_mask.data_ptr(), n, node_mask.data_ptr(), n_features, n_logits + n_tokens)
     return PruneResult(node_mask, edge_mask, reference.cumulative_node_scores(infl))
 
@@ -168,12 +218,36 @@ def _prune_device(graph, node_threshold: float, edge_threshold: float, name: str
     if sel.status == threshold.NEGATIVE:
         logger.info("prune_graph: negative edge scores (negative logit weights); using the torch reference")
         return reference.prune_graph(graph, node_threshold, edge_threshold)
+    _check_edge_select(sel.status, graph)
     if sel.status == threshold.ALL_ZERO or sel.clamped:
         edge_mask = torch.ones((n, n), dtype=torch.bool, device=A.device)
     else:
         edge_mask = edges.mask(A, mask_u8, scale, factor, sel.value)
     reference.remove_dangling_nodes(node_mask, edge_mask, n_features, n_logits + n_tokens)
     return PruneResult(node_mask, edge_mask, reference.cumulative_node_scores(infl))
+
+
+def _check_edge_select(status: int, graph) -> None:
+    """Raise unless the edge select ended in a state whose mask is circuit-tracer's.
+
+    OK and ALL_ZERO have a defined mask; any other status has none, and treating it as "no
+    threshold" would keep every non-zero edge."""
+    if status in (threshold.OK, threshold.ALL_ZERO):
+        return
+    if status == threshold.NON_FINITE:
+        _checks.check_finite(graph.adjacency_matrix, "graph.adjacency_matrix")
+        _checks.check_finite(graph.logit_probabilities, "graph.logit_probabilities")
+        raise ValueError(
+            "graph: expected finite edge scores |A_ij| / rowsum_i * (influence_i + logit weight_i), got "
+            "non-finite ones (the influences overflow float32; scale graph.logit_probabilities down)"
+        )
+    if status == threshold.AMBIGUOUS:
+        # The select uses one fixed total, so two histogram passes over the same scores disagreed.
+        raise RuntimeError(
+            "prune_graph: the edge-threshold histogram passes disagree (the edge scores changed between "
+            "passes); no edge mask is returned rather than one that keeps every edge"
+        )
+    raise RuntimeError(f"prune_graph: unexpected edge-select status {status}")
 
 
 def _prune_cuda(graph, node_threshold, edge_threshold):
@@ -226,11 +300,24 @@ def _edge_kernels(name: str):
 
 
 def _check_thresholds(node_threshold, edge_threshold) -> tuple[float, float]:
-    for arg, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{arg}: expected a float, got {type(v).__name__}")
-    reference._check_thresholds(node_threshold, edge_threshold)  # circuit-tracer's messages
-    return float(node_threshold), float(edge_threshold)
+    # numpy scalars and 0-d tensors pass, as in circuit-tracer; NaN, which its range test lets
+    # through, does not.
+    node_threshold = _checks.check_number(node_threshold, "node_threshold")
+    edge_threshold = _checks.check_number(edge_threshold, "edge_threshold")
+    try:
+        reference._check_thresholds(node_threshold, edge_threshold)  # circuit-tracer's messages
+    except ValueError as exc:
+        got = node_threshold if str(exc).startswith("node") else edge_threshold
+        raise ValueError(f"{exc}, got {got}") from None
+    return node_threshold, edge_threshold
+
+
+def _check_not_empty(A: torch.Tensor) -> None:
+    if A.shape[0] == 0:
+        raise _checks.EmptyGraphError(
+            "graph.adjacency_matrix: expected at least one node, got shape (0, 0) (circuit-tracer's prune_graph "
+            "fails with IndexError here)"
+        )
 
 
 def prune_graph(
@@ -244,7 +331,8 @@ def prune_graph(
     """
     node_threshold, edge_threshold = _check_thresholds(node_threshold, edge_threshold)
     A, *_ = _check_graph(graph)
-    if getattr(graph, "row_abs_sum", None) is not None:
+    _check_not_empty(A)
+    if _topk_record(graph) is not None:
         # Normalising by the stored entries alone would inflate every top-k row's weights.
         logger.info("prune_graph: the graph has row_abs_sum (top-k edge storage); pruning its stored edges with those sums")
         res = prune_graph_sparse(graph, node_threshold, edge_threshold, backend=backend)
@@ -383,6 +471,7 @@ def prune_graph_sparse(
     """
     node_threshold, edge_threshold = _check_thresholds(node_threshold, edge_threshold)
     edges = as_sparse_edges(graph)
+    sparse_input = edges is not None
     recorded_influence = None
     if edges is not None:
         if logit_probabilities is None or n_tokens is None or n_features is None:
@@ -399,14 +488,36 @@ def prune_graph_sparse(
         if edges is None and k is None:
             edges = _recorded_edges(graph)
             if edges is not None:
-                recorded_influence = getattr(graph, "node_influence", None)
+                recorded_influence = _topk_record(graph)[1]
         if edges is None:
+            _check_graph(graph)
             edges = topk_edges(graph.adjacency_matrix, k, backend=backend)
+    probs_name = "logit_probabilities" if sparse_input else "graph.logit_probabilities"
     n = edges.shape[0]
     if edges.shape[0] != edges.shape[1]:
         raise ValueError(f"graph: expected a square adjacency, got shape {edges.shape}")
-    _checks.check_tensor(probs, "logit_probabilities", ndim=1)
+    if n == 0:
+        raise _checks.EmptyGraphError(
+            "graph: expected at least one node, got a 0 x 0 adjacency (circuit-tracer's prune_graph fails with "
+            "IndexError here)"
+        )
+    # User-supplied CSR is indexed by the kernels below: its structure is checked first.
+    edges.validate("graph" if sparse_input else "graph.adjacency_matrix")
+    _checks.check_tensor(probs, probs_name, ndim=1)
+    if not probs.is_floating_point():
+        raise TypeError(f"{probs_name}: expected a floating-point tensor, got {str(probs.dtype).replace('torch.', '')}")
+    _checks.check_finite(probs, probs_name)
     n_logits = probs.numel()
+    n_tokens = _checks.check_number(n_tokens, "n_tokens", integer=True)
+    n_features = _checks.check_number(n_features, "n_features", integer=True)
+    for arg, v in (("n_tokens", n_tokens), ("n_features", n_features)):
+        if v < 0:
+            raise ValueError(f"{arg}: expected a non-negative count, got {v}")
+    if n_features + n_tokens + n_logits > n:
+        raise ValueError(
+            f"n_features: expected n_features + n_tokens + n_logits <= {n} (the adjacency's size), got "
+            f"{n_features} + {n_tokens} + {n_logits}"
+        )
     dev = edges.device
     w = _logit_weights(n, probs, dev)
 
