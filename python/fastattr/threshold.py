@@ -66,6 +66,7 @@ _UD = 2.0**-53  # float64 unit roundoff
 class ThresholdStats:
     calls: int = 0
     fallbacks: int = 0  # ambiguous answers resolved by sorting
+    exact_total: int = 0  # ambiguous answers above torch.sort's size limit, resolved with the exact total
 
 
 _stats = ThresholdStats()
@@ -286,14 +287,28 @@ def _find_threshold_cpu(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return _finish(scores, threshold, Selection(status, value, clamped))
 
 
+def _sort_limit(device: torch.device) -> float:
+    """The most elements circuit-tracer's ``torch.sort`` accepts on ``device``."""
+    return 2**31 - 1 if device.type == "cuda" else math.inf
+
+
 def _find_threshold_device(scores: torch.Tensor, threshold: float, hist_1d) -> torch.Tensor:
     scores = scores.contiguous()
     n = scores.numel()
-    sel = radix_select(
-        lambda level, prefix: hist_1d(scores, level, prefix),
-        n,
-        lambda total: CrossingTest.banded(total, n, threshold, scores.device),
-    )
+    hist = lambda level, prefix: hist_1d(scores, level, prefix)  # noqa: E731
+    sel = radix_select(hist, n, lambda total: CrossingTest.banded(total, n, threshold, scores.device))
+    if sel.status == AMBIGUOUS and n > _sort_limit(scores.device):
+        # circuit-tracer's own sort rejects this many elements, so there is no value of its to
+        # match: use the exactly rounded total, the rule of the fused edge threshold.
+        logger.info("find_threshold: %d scores exceed torch.sort's limit; the total is the exactly rounded sum", n)
+        _stats.calls += 1
+        _stats.exact_total += 1
+        sel = radix_select(hist, n, lambda total: CrossingTest.exact(total, threshold))
+        if sel.status == ALL_ZERO:
+            return torch.tensor(0.0, dtype=scores.dtype, device=scores.device)
+        if sel.status != OK:
+            raise RuntimeError(f"find_threshold: histogram passes disagree with a fixed total (status {sel.status})")
+        return torch.tensor(sel.value, dtype=scores.dtype, device=scores.device)
     return _finish(scores, threshold, sel)
 
 
