@@ -1,0 +1,279 @@
+"""Attribution rows without B copies of the model: one batch-1 forward, explicit transposed maps.
+
+circuit-tracer freezes every nonlinearity before it differentiates: attention patterns and
+normalisation scales are detached, and each MLP output is replaced by its transcoder's skip path
+plus a detached remainder. Under those freezes the map from any hooked activation to any later
+one is linear and the same for every batch row. circuit-tracer still runs the whole model on B
+identical copies of the prompt and keeps that autograd graph, so that one backward pass yields B
+rows. Here one forward pass with batch 1 caches what the transposed maps need (patterns and
+norm scales), and each batch of B seeds sweeps down through the layers as batched matmuls on a
+(positions, B, d_model) cotangent:
+
+- a feature seed enters at its layer's feature-input hook, a logit seed above the final norm;
+- at each layer's feature-output hook the cotangent is contracted with the decoder rows and error
+  vectors that write there (:mod:`fastattr.hook_plans`), and with the token embeddings at the
+  bottom, straight into the caller's edge rows;
+- nothing is differentiated and no graph is kept: the cache is O(layers x heads x P^2) once, the
+  working set O(B x P x d_model).
+
+Causal truncation: a batch whose largest seeded position is p only touches positions <= p, so the
+sweep runs on that prefix. The contraction plans are cut into position spans for the same reason.
+
+Only TransformerLens models are expressed (see :func:`unsupported_reason` for what is checked);
+the caller runs circuit-tracer's autograd path for anything else and logs why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastattr import hook_plans
+
+# Where the transcoders read and write, as circuit-tracer's TransformerLens backend names them.
+_INPUT_HOOKS = ("hook_resid_mid", "ln2.hook_normalized", "mlp.hook_in")
+_OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+# Position spans per contraction plan: enough that a truncated batch skips most of the plan,
+# few enough that the per-span launches stay negligible.
+_MAX_SPANS = 16
+_MIN_SPAN = 64
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the linear engine cannot express ``model`` exactly, or None if it can."""
+    if getattr(model, "backend", None) != "transformerlens":
+        return (f"the linear engine expresses TransformerLens models; this is a {getattr(model, 'backend', type(model).__name__)!r} "
+                "model, whose module structure is not read")  # fmt: skip
+    try:
+        from transformer_lens.components import Attention, GroupedQueryAttention, LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+    except ImportError as exc:  # pragma: no cover - a TransformerLens model implies the package
+        return f"transformer_lens components do not import ({exc})"
+    cfg = model.cfg
+    for flag in ("parallel_attn_mlp", "attn_only", "use_attn_in", "use_split_qkv_input", "load_in_4bit"):
+        if getattr(cfg, flag, False):
+            return f"cfg.{flag}=True is not expressed"
+    if getattr(cfg, "original_architecture", None) in ("Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+        return f"{cfg.original_architecture} applies its norms after the sublayers, which is not expressed"
+    if getattr(cfg, "dtype", torch.float32) not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"model dtype {cfg.dtype} is not one of float32, float16, bfloat16"
+    in_hook = getattr(model, "feature_input_hook", None)
+    out_hook = getattr(model, "original_feature_output_hook", None)
+    if in_hook not in _INPUT_HOOKS:
+        return f"feature_input_hook {in_hook!r} is not one of {_INPUT_HOOKS}"
+    if out_hook not in _OUTPUT_HOOKS:
+        return f"feature_output_hook {out_hook!r} is not one of {_OUTPUT_HOOKS}"
+    norms = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre, torch.nn.Identity)
+    for i, block in enumerate(model.blocks):
+        if type(block.attn) not in (Attention, GroupedQueryAttention):
+            return f"blocks.{i}.attn is a {type(block.attn).__name__}, not TransformerLens' Attention or GroupedQueryAttention"
+        for name in ("ln1", "ln2", "ln1_post", "ln2_post"):
+            norm = getattr(block, name, None)
+            if norm is not None and not isinstance(norm, norms):
+                return f"blocks.{i}.{name} is a {type(norm).__name__}, not a LayerNorm/RMSNorm"
+    if not isinstance(model.ln_final, norms):
+        return f"ln_final is a {type(model.ln_final).__name__}, not a LayerNorm/RMSNorm"
+    return None
+
+
+@dataclass
+class _Norm:
+    """A norm with its scale frozen: y = center(x) / scale * w (+ b)."""
+
+    center: bool
+    weight: torch.Tensor | None
+    scale: torch.Tensor | None  # (P, 1, 1), the norm's compute dtype; None for an identity
+
+    def transpose(self, g: torch.Tensor, *, affine: bool = True) -> torch.Tensor:
+        if self.scale is None:
+            return g
+        if affine and self.weight is not None:
+            g = g * self.weight
+        # TransformerLens normalises in float32 for half-precision models; so does the transpose.
+        u = g.to(self.scale.dtype) / self.scale[: g.shape[0]]
+        if self.center:
+            u = u - u.mean(-1, keepdim=True)
+        return u.to(g.dtype)
+
+
+@dataclass
+class _Layer:
+    ln1: _Norm
+    ln1_post: _Norm | None
+    ln2: _Norm | None  # on the path only when the transcoder reads after ln2
+    ln2_post: _Norm | None  # on the path only when the transcoder writes before ln2_post
+    pattern: torch.Tensor  # (H, P, P), query x key, in the model's dtype
+    w_o: torch.Tensor  # (D, H * d_head): g_z = g @ w_o
+    w_v: torch.Tensor  # (H_kv * d_head, D): g_in = g_v @ w_v
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    skip_t: torch.Tensor | None  # (D, D): the skip path's transpose, g_in = g @ skip_t
+
+
+class TransformerLensEngine:
+    """The frozen, linearised TransformerLens model of one prompt, swept backward batch by batch."""
+
+    name = "linear"
+
+    def __init__(self, model: Any, ctx: Any, input_ids: torch.Tensor):
+        from transformer_lens.components import LayerNorm, LayerNormPre
+
+        cfg = model.cfg
+        self.dtype = cfg.dtype
+        self.device = ctx.decoder_vecs.device
+        self.n_layers = cfg.n_layers
+        self.d_model = cfg.d_model
+        self.n_pos = int(input_ids.numel())
+        self.in_hook = model.feature_input_hook
+        self.out_hook = model.original_feature_output_hook
+        post_norms = bool(getattr(cfg, "use_normalization_before_and_after", False))
+
+        frozen = self._frozen_state(model, input_ids, post_norms)
+
+        def norm(module: Any, key: str) -> _Norm:
+            if isinstance(module, torch.nn.Identity) or key not in frozen:
+                return _Norm(False, None, None)
+            scale = frozen[key][0]  # (P, 1)
+            return _Norm(isinstance(module, (LayerNorm, LayerNormPre)), getattr(module, "w", None), scale[:, :, None])
+
+        skip = bool(getattr(model, "skip_transcoder", False))
+        eye = torch.eye(self.d_model, device=self.device, dtype=self.dtype)
+        self.layers: list[_Layer] = []
+        self.causal = True
+        for i, block in enumerate(model.blocks):
+            attn = block.attn
+            pattern = frozen[f"blocks.{i}.attn.hook_pattern"][0].to(self.dtype).contiguous()  # (H, P, P)
+            self.causal &= not bool(torch.triu(pattern, diagonal=1).any())
+            n_heads, d_head = cfg.n_heads, cfg.d_head
+            grouped = hasattr(attn, "_W_V") and not getattr(cfg, "ungroup_grouped_query_attention", False)
+            w_v = attn._W_V if grouped else attn.W_V  # (H_kv, D, d_head)
+            n_kv = w_v.shape[0]
+            self.layers.append(
+                _Layer(
+                    ln1=norm(block.ln1, f"blocks.{i}.ln1.hook_scale"),
+                    ln1_post=norm(block.ln1_post, f"blocks.{i}.ln1_post.hook_scale") if post_norms else None,
+                    ln2=norm(block.ln2, f"blocks.{i}.ln2.hook_scale") if self.in_hook != "hook_resid_mid" else None,
+                    ln2_post=norm(block.ln2_post, f"blocks.{i}.ln2_post.hook_scale") if post_norms and self.out_hook == "mlp.hook_out" else None,
+                    pattern=pattern,
+                    w_o=attn.W_O.detach().reshape(n_heads * d_head, self.d_model).T.contiguous(),
+                    w_v=w_v.detach().permute(0, 2, 1).reshape(n_kv * d_head, self.d_model).contiguous(),
+                    n_heads=n_heads,
+                    n_kv_heads=n_kv,
+                    d_head=d_head,
+                    # compute_skip is linear without bias: its matrix is its image of the identity.
+                    skip_t=model.transcoders.compute_skip(i, eye).detach().to(self.dtype).T.contiguous() if skip else None,
+                )
+            )
+        self.ln_final = norm(model.ln_final, "ln_final.hook_scale")
+
+
+        # Contraction plans per layer and position span, so that a truncated sweep skips the rest.
+        span = max(_MIN_SPAN, math.ceil(self.n_pos / _MAX_SPANS)) if self.causal else self.n_pos
+        self.spans = [(lo, min(lo + span, self.n_pos)) for lo in range(0, self.n_pos, span)]
+        self.layer_plans = [
+            [hook_plans.layer_plan(ctx, layer, features=True, errors=True, span=s) for s in self.spans]
+            for layer in range(self.n_layers)
+        ]
+        self.token_plans = [hook_plans.token_plan(ctx, span=s) for s in self.spans]
+        self._pad: torch.Tensor | None = None
+        self._pad_dirty = 0
+
+    @torch.no_grad()
+    def _frozen_state(self, model: Any, input_ids: torch.Tensor, post_norms: bool) -> dict[str, torch.Tensor]:
+        names = ["ln_final.hook_scale"]
+        for i, block in enumerate(model.blocks):
+            names += [f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.ln1.hook_scale"]
+            if post_norms:
+                names += [f"blocks.{i}.ln1_post.hook_scale", f"blocks.{i}.ln2_post.hook_scale"]
+            if self.in_hook != "hook_resid_mid":
+                names.append(f"blocks.{i}.ln2.hook_scale")
+        present = set(model.hook_dict)
+        cache: dict[str, torch.Tensor] = {}
+
+        def save(acts: torch.Tensor, hook: Any) -> None:
+            cache[hook.name] = acts.detach()
+
+        hooks = [(name, save) for name in names if name in present]
+        model.run_with_hooks(input_ids.reshape(1, -1), fwd_hooks=hooks, return_type=None)
+        return cache
+
+    # ----------------------------------------------------------------------------------- sweep
+
+    def _contract(self, plans: list, g: torch.Tensor, out: torch.Tensor, n_pos: int) -> None:
+        """Contract the span plans that reach below ``n_pos`` with ``g`` (n_pos, B, D), zero-padded."""
+        P, B, D = g.shape
+        if self._pad is None or self._pad.shape[1] < B:
+            self._pad = torch.zeros(self.n_pos, B, D, device=self.device, dtype=self.dtype)
+            self._pad_dirty = 0
+        pad = self._pad[:, :B]
+        if self._pad_dirty > n_pos:
+            self._pad[n_pos : self._pad_dirty].zero_()
+        pad[:n_pos].copy_(g)
+        self._pad_dirty = n_pos
+        grads = pad.permute(1, 0, 2)  # (B, P, D) view: the plans read through strides
+        for (lo, _), plan in zip(self.spans, plans):
+            if lo >= n_pos:
+                break
+            if plan is not None:
+                plan(grads, out)
+
+    def _attention_transpose(self, g: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        P, B, D = g.shape
+        H, Hkv, dh = layer.n_heads, layer.n_kv_heads, layer.d_head
+        g_z = (g.reshape(P * B, D) @ layer.w_o).view(P, B, H, dh).permute(2, 0, 1, 3).reshape(H, P, B * dh)
+        # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q].
+        g_v = torch.bmm(layer.pattern[:, :P, :P].transpose(1, 2), g_z)
+        if Hkv != H:  # grouped-query attention: each kv head serves H / Hkv consecutive heads
+            g_v = g_v.view(Hkv, H // Hkv, P, B * dh).sum(1)
+        g_v = g_v.view(Hkv, P, B, dh).permute(1, 2, 0, 3).reshape(P * B, Hkv * dh)
+        return (g_v @ layer.w_v).view(P, B, D)
+
+    @torch.no_grad()
+    def run(self, out: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Accumulate the edge rows of B seeds into ``out`` (rows x B, any strides).
+
+        ``layers`` / ``positions`` (B,) say where each seed enters (layer ``n_layers`` means above
+        the final norm, as circuit-tracer injects logit directions); ``values`` (B, D) are the seeds.
+        """
+        B = len(layers)
+        layers = layers.to("cpu", torch.int64)
+        positions = positions.to("cpu", torch.int64)
+        n_pos = int(positions.max()) + 1 if self.causal else self.n_pos
+        batch_index = torch.arange(B)
+        values = values.to(self.device, self.dtype)
+
+        def seeds(layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+            mask = layers == layer
+            if not bool(mask.any()):
+                return None
+            return positions[mask].to(self.device), batch_index[mask].to(self.device), values[mask.to(self.device)]
+
+        top = int(layers.max())
+        g = torch.zeros(n_pos, B, self.d_model, device=self.device, dtype=self.dtype)
+        if top == self.n_layers:
+            logit = seeds(self.n_layers)
+            g[logit[0], logit[1]] = logit[2]
+            g = self.ln_final.transpose(g)
+            top -= 1
+        for i in range(top, -1, -1):
+            layer = self.layers[i]
+            g_out = g if layer.ln2_post is None else layer.ln2_post.transpose(g)
+            self._contract(self.layer_plans[i], g_out, out, n_pos)
+            g_in = None if layer.skip_t is None else g_out @ layer.skip_t
+            seed = seeds(i)
+            if self.in_hook == "hook_resid_mid":
+                g_mid = g if g_in is None else g + g_in
+                if seed is not None:
+                    # circuit-tracer overwrites the seeded gradient entries; they are zero before.
+                    g_mid[seed[0], seed[1]] = seed[2]
+            else:
+                if seed is not None:
+                    g_in = torch.zeros_like(g) if g_in is None else g_in
+                    g_in[seed[0], seed[1]] = seed[2]
+                g_mid = g if g_in is None else g + layer.ln2.transpose(g_in, affine=self.in_hook == "mlp.hook_in")
+            g_attn = g_mid if layer.ln1_post is None else layer.ln1_post.transpose(g_mid)
+            g = g_mid + layer.ln1.transpose(self._attention_transpose(g_attn, layer))
+        self._contract(self.token_plans, g, out, n_pos)
