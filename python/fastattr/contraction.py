@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattr import _backends, _ext, reference
+from fastattr import _backends, _device, _ext, reference
 from fastattr._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -123,7 +123,8 @@ class ContractionPlan:
 
         name, impl = _backends.select(OP, grads.device, backend, _IMPLS)
         if self.n_vectors and B:
-            impl(self, grads, out, R, stride_r, stride_b, out_layout)
+            with _device.current(grads.device):
+                impl(self, grads, out, R, stride_r, stride_b, out_layout)
         return out
 
 

@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from fastattr import _backends, _checks, _ext, reference
+from fastattr import _backends, _checks, _device, _ext, reference
 from fastattr.topk_edges import SparseEdges, as_sparse_edges
 
 logger = logging.getLogger("fastattr")
@@ -317,6 +317,7 @@ def _dense_influence(A, w, *, normalize, max_iter, backend, op, a_name, node_mas
     return reference.compute_influence(matrix, w.to(matrix.dtype), max_iter=max_iter)
 
 
+@_device.guard("A", "logit_weights")
 def compute_influence(
     A, logit_weights: torch.Tensor, max_iter: int = 1000, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -335,6 +336,7 @@ def compute_influence(
                             op="compute_influence", a_name="A")
 
 
+@_device.guard("adjacency_matrix", "logit_weights")
 def compute_node_influence(adjacency_matrix, logit_weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Influence on the row-normalised |adjacency| (circuit-tracer's compute_node_influence), with
     the normalisation applied on the fly."""
@@ -347,6 +349,7 @@ def compute_node_influence(adjacency_matrix, logit_weights: torch.Tensor, *, bac
                             op="compute_node_influence", a_name="adjacency_matrix")
 
 
+@_device.guard("pruned_matrix", "logit_weights")
 def compute_edge_influence(pruned_matrix: torch.Tensor, logit_weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """The (N, N) edge scores |A_ij| / rowsum_i * (infl_i + w_i) (circuit-tracer's
     compute_edge_influence). The result is N x N by definition; ``prune_graph`` never builds it."""
@@ -361,6 +364,7 @@ def compute_edge_influence(pruned_matrix: torch.Tensor, logit_weights: torch.Ten
     return out
 
 
+@_device.guard("edge_matrix", "logit_p", "row_to_node_index")
 def compute_partial_influences(
     edge_matrix: torch.Tensor,
     logit_p: torch.Tensor,

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from fastattr import _backends, _checks, _ext, reference, threshold
+from fastattr import _backends, _checks, _device, _ext, reference, threshold
 from fastattr.influence import (
     NORMALIZE_EPS,
     _cuda_kern,
@@ -320,6 +320,7 @@ def _check_not_empty(A: torch.Tensor) -> None:
         )
 
 
+@_device.guard("graph.adjacency_matrix")
 def prune_graph(
     graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98, *, backend: str | None = None
 ) -> PruneResult:
@@ -369,6 +370,7 @@ def _error_fractions(A: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return out
 
 
+@_device.guard("graph.adjacency_matrix")
 def compute_graph_scores(graph: Any, *, backend: str | None = None) -> tuple[float, float]:
     """(replacement score, completeness score), as circuit-tracer's ``compute_graph_scores``."""
     A, n_tokens, n_logits, n_features = _check_graph(graph)
@@ -441,6 +443,7 @@ def _remove_dangling_sparse(rows, cols, node_mask, n_features: int, n_fixed: int
         node_mask.copy_(new)
 
 
+@_device.guard("graph", "graph.adjacency_matrix")
 def prune_graph_sparse(
     graph: Any,
     node_threshold: float = 0.8,

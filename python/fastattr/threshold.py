@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastattr import _backends, _checks, _ext, reference
+from fastattr import _backends, _checks, _device, _ext, reference
 
 logger = logging.getLogger("fastattr")
 
@@ -342,6 +342,7 @@ def _hist_1d_cuda(scores: torch.Tensor, level: int, prefix: int):
     return count.cpu().numpy(), sums.cpu().numpy(), nnz, mn, flags
 
 
+@_device.guard("scores")
 def find_threshold(scores: torch.Tensor, threshold: float, *, backend: str | None = None) -> torch.Tensor:
     """The smallest score kept when keeping the top scores up to a cumulative fraction ``threshold``.
 

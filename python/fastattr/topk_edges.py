@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastattr import _backends, _checks, _ext
+from fastattr import _backends, _checks, _device, _ext
 
 logger = logging.getLogger("fastattr")
 
@@ -224,6 +224,7 @@ def _topk_triton(a: torch.Tensor, k: int | None) -> SparseEdges:
     return SparseEdges(crow, col, val, row_abs_sum, (n, m))
 
 
+@_device.guard("adjacency")
 def topk_edges(adjacency: torch.Tensor, k: int | None, *, backend: str | None = None) -> SparseEdges:
     """The k strongest incoming edges (by |weight|) of every row of a dense adjacency matrix.
 
