@@ -301,6 +301,7 @@ def random_prompt(n_tokens: int, seed: int, vocab_size: int = 512) -> str:
 Backend = Literal["transformerlens", "nnsight"]
 TranscoderKind = Literal["plt", "clt"]
 Activation = Literal["relu", "jumprelu"]
+Architecture = Literal["llama", "gpt2", "gemma2"]
 
 # The transcoders read the MLP input and write the MLP output. Both backends know these names:
 # TransformerLens via circuit-tracer's ReplacementMLP hook points, nnsight via its Llama mapping
@@ -456,6 +457,7 @@ def _build_transcoders(
     skip_connection: bool,
     gen: torch.Generator,
     gen_skip: torch.Generator,
+    hooks: tuple[str, str] = (_FEATURE_INPUT_HOOK, _FEATURE_OUTPUT_HOOK),
 ):
     """Transcoders with random unit encoder / decoder directions and zero biases, on the CPU in
     float32; _calibrate then sets biases, thresholds and decoder scales in place."""
@@ -491,8 +493,8 @@ def _build_transcoders(
             layers[layer] = tc
         return TranscoderSet(
             layers,
-            feature_input_hook=_FEATURE_INPUT_HOOK,
-            feature_output_hook=_FEATURE_OUTPUT_HOOK,
+            feature_input_hook=hooks[0],
+            feature_output_hook=hooks[1],
             scan="fastattr-synthetic-plt",
         )
 
@@ -504,8 +506,8 @@ def _build_transcoders(
         skip_connection=skip_connection,
         lazy_decoder=False,  # the default (True) reads decoders from safetensors files
         lazy_encoder=False,
-        feature_input_hook=_FEATURE_INPUT_HOOK,
-        feature_output_hook=_FEATURE_OUTPUT_HOOK,
+        feature_input_hook=hooks[0],
+        feature_output_hook=hooks[1],
         scan="fastattr-synthetic-clt",
         device=cpu,
         dtype=f32,
@@ -654,6 +656,9 @@ def make_replacement_model(
     activation: Activation = "relu",
     feature_density: float | None = None,
     skip_connection: bool = False,
+    architecture: Architecture = "llama",
+    n_kv_heads: int | None = None,
+    feature_hooks: tuple[str, str] | None = None,
 ):
     """A random-weight circuit-tracer ``ReplacementModel``, built offline.
 
@@ -689,6 +694,16 @@ def make_replacement_model(
             at most 20% of them for small ones.
         skip_connection: give the transcoders a small random ``W_skip``. Drawn from its own
             random stream, so the other weights are the same with or without it.
+        architecture: "llama" (both backends), or, TransformerLens only, "gpt2" (LayerNorm with
+            bias, learned absolute positions, GELU MLP) or "gemma2" (RMSNorm before and after
+            each sublayer, rotary, gated GELU MLP, attention-score soft cap). These two are
+            drawn by TransformerLens' own initialiser, with norm weights perturbed around 1.
+        n_kv_heads: key/value heads for grouped-query attention ("gemma2" and "gpt2" only;
+            default: one per head).
+        feature_hooks: (feature_input_hook, feature_output_hook) of the transcoders, default
+            ("mlp.hook_in", "mlp.hook_out"); TransformerLens also takes "hook_resid_mid" or
+            "ln2.hook_normalized" as input and "hook_mlp_out" as output. Transcoders are then
+            calibrated on the TransformerLens model's own activations at those hooks.
 
     Returns:
         A ``TransformerLensReplacementModel`` or ``NNSightReplacementModel``, ready for
@@ -705,6 +720,18 @@ def make_replacement_model(
         raise ValueError(f"activation must be 'relu' or 'jumprelu', got {activation!r}")
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    if architecture not in ("llama", "gpt2", "gemma2"):
+        raise ValueError(f"architecture must be 'llama', 'gpt2' or 'gemma2', got {architecture!r}")
+    hooks = tuple(feature_hooks) if feature_hooks is not None else (_FEATURE_INPUT_HOOK, _FEATURE_OUTPUT_HOOK)
+    native_tl = architecture != "llama" or hooks != (_FEATURE_INPUT_HOOK, _FEATURE_OUTPUT_HOOK)
+    if backend == "nnsight" and native_tl:
+        raise ValueError(
+            f"architecture/feature_hooks: the nnsight backend builds Llama models with mlp.hook_in/mlp.hook_out "
+            f"transcoders, got architecture={architecture!r}, feature_hooks={hooks}"
+        )
+    if n_kv_heads is not None and (architecture == "llama" or n_heads % n_kv_heads):
+        raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads} with architecture 'gpt2' or 'gemma2', "
+                         f"got {n_kv_heads} with {architecture!r}")  # fmt: skip
     density = _default_density(d_transcoder) if feature_density is None else feature_density
     if not 0.0 < density <= 1.0:
         raise ValueError(f"feature_density must be in (0, 1], got {density}")
@@ -722,6 +749,11 @@ def make_replacement_model(
 
     llama_cfg = _llama_config(n_layers, d_model, n_heads, d_mlp, d_vocab, n_ctx, tokenizer_dir)
     device = torch.device(device)
+    if native_tl:
+        model = _native_tl_model(architecture, llama_cfg, n_ctx, tokenizer_dir, n_kv_heads, seed, hooks, transcoder,
+                                 activation, d_transcoder, skip_connection, density, tok_size, device)  # fmt: skip
+        _move(model, backend, device, dtype)
+        return model
 
     # Fork the global RNG: the HF initialiser draws from it, and building a model should not
     # change the caller's random state.
@@ -783,6 +815,81 @@ def make_replacement_model(
 
     _move(model, backend, device, dtype)
     return model
+
+
+def _native_tl_config(architecture: str, llama_cfg, n_ctx: int, tokenizer_dir: str, n_kv_heads: int | None):
+    """A TransformerLens config for the TL-only architectures (or Llama, for other hooks)."""
+    from transformer_lens import HookedTransformerConfig
+
+    if architecture == "llama":
+        return _tl_config(llama_cfg, n_ctx, tokenizer_dir)
+    d_model, n_heads = llama_cfg.hidden_size, llama_cfg.num_attention_heads
+    d_head = d_model // n_heads
+    common = dict(
+        n_layers=llama_cfg.num_hidden_layers, d_model=d_model, n_ctx=n_ctx, d_head=d_head, n_heads=n_heads,
+        d_mlp=llama_cfg.intermediate_size, d_vocab=llama_cfg.vocab_size, model_name=f"fastattr-synthetic-{architecture}",
+        tokenizer_name=tokenizer_dir, dtype=torch.float32, device="cpu", default_prepend_bos=True,
+        n_key_value_heads=n_kv_heads, initializer_range=1.0 / math.sqrt(d_model),
+    )  # fmt: skip
+    if architecture == "gpt2":
+        return HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",
+                                       positional_embedding_type="standard", original_architecture="GPT2LMHeadModel")  # fmt: skip
+    return HookedTransformerConfig(
+        **common, act_fn="gelu_pytorch_tanh", gated_mlp=True, normalization_type="RMS", final_rms=True,
+        use_normalization_before_and_after=True, positional_embedding_type="rotary", rotary_dim=d_head,
+        rotary_adjacent_pairs=False, attn_scores_soft_cap=50.0, output_logits_soft_cap=30.0, eps=1e-6,
+        original_architecture="Gemma2ForCausalLM",
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _native_tl_model(architecture, llama_cfg, n_ctx, tokenizer_dir, n_kv_heads, seed, hooks, kind, activation,
+                     d_transcoder, skip_connection, density, tok_size, device):  # fmt: skip
+    """A TransformerLens replacement model whose transcoders are calibrated at ``hooks`` on the
+    model itself (the other builders calibrate on the HF Llama at the MLP's input and output)."""
+    from circuit_tracer import ReplacementModel
+    from transformers import LlamaForCausalLM
+
+    tl_cfg = _native_tl_config(architecture, llama_cfg, n_ctx, tokenizer_dir, n_kv_heads)
+    d_model, n_layers = tl_cfg.d_model, tl_cfg.n_layers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = LlamaForCausalLM(llama_cfg).eval() if architecture == "llama" else None
+        gen_tc = torch.Generator().manual_seed(seed + 1)
+        gen_skip = torch.Generator().manual_seed(seed + 2)
+        gen_calib = torch.Generator().manual_seed(seed + 3)
+        gen_norm = torch.Generator().manual_seed(seed + 4)
+        transcoders = _build_transcoders(kind, activation, n_layers, d_model, d_transcoder, skip_connection,
+                                         gen=gen_tc, gen_skip=gen_skip, hooks=hooks)  # fmt: skip
+        calib_tokens = _calibration_tokens(int(min(2048, max(512, math.ceil(32 / density)))), tok_size, gen_calib)
+        model = ReplacementModel.from_config(tl_cfg, transcoders, backend="transformerlens")
+    if hf is not None:
+        _load_into_tl_replacement(model, _llama_to_tl_state_dict(hf, tl_cfg))
+        del hf
+    else:
+        # Norm weights away from 1 and LayerNorm biases away from 0, so that both are exercised.
+        for name, param in model.named_parameters():
+            if name.startswith("transcoders."):
+                continue
+            if name.endswith(".w") and param.ndim == 1:
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen_norm))
+            elif name.endswith(".b") and param.ndim == 1:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen_norm))
+    model.to(device, print_details=False)
+    mlp_in, mlp_out = _collect_tl_io(model, calib_tokens.to(device), hooks)
+    _calibrate(transcoders, kind, activation, mlp_in, mlp_out, density)
+    return model
+
+
+@torch.no_grad()
+def _collect_tl_io(model, tokens: torch.Tensor, hooks: tuple[str, str]):
+    """The activations at the transcoders' input and output hooks, <bos> positions dropped."""
+    n_layers = model.cfg.n_layers
+    names = [f"blocks.{i}.{h}" for h in hooks for i in range(n_layers)]
+    _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+    d = model.cfg.d_model
+    take = [cache[n][:, 1:].reshape(-1, d).float() for n in names]
+    return take[:n_layers], take[n_layers:]
 
 
 def _hf_init_skipped():
