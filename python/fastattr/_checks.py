@@ -6,11 +6,25 @@ call fails loudly at the boundary instead of producing a silently wrong graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class EmptyGraphError(ValueError, IndexError):
+    """An empty input where circuit-tracer fails with an IndexError (it indexes element -1 of the
+    sorted scores): a ValueError naming the argument that code written against circuit-tracer
+    still catches as IndexError."""
+
+
+class NonFiniteInfluenceError(ValueError, RuntimeError):
+    """The influence series would have NaN or Inf terms (non-finite logit weights, or a float32
+    overflow). circuit-tracer then iterates on them until max_iter and raises RuntimeError("...
+    failed to converge ..."); this says why at once, and is still a RuntimeError for code written
+    against circuit-tracer."""
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -30,6 +44,8 @@ def check_tensor(
 ) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with data (cpu or cuda), got a meta tensor of shape {tuple(t.shape)}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -64,11 +80,44 @@ def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
         raise ValueError(f"{name_b}: expected a tensor on {a.device} (the device of {name_a}), got one on {b.device}")
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        n_nan = int(torch.isnan(t).sum())
-        n_inf = int(torch.isinf(t).sum())
-        raise ValueError(f"{name}: expected finite values, got {n_nan} NaN and {n_inf} Inf entries")
+def check_finite(t: torch.Tensor, name: str, error: type[Exception] = ValueError) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise error(f"{name}: expected finite values, got {describe_nonfinite(t, bad)}")
+
+
+def describe_nonfinite(t: torch.Tensor, bad: torch.Tensor | None = None) -> str:
+    """How many NaN and Inf entries ``t`` has, and the first one (index and value)."""
+    bad = ~torch.isfinite(t) if bad is None else bad
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist()) if bool(bad.any()) else ()
+    where = first[0] if len(first) == 1 else first
+    value = float(t[first]) if first else float("nan")
+    return f"{n_nan} NaN and {n_inf} Inf entries (first: {value} at index {where})"
+
+
+def check_number(x, name: str, *, integer: bool = False, expected: str | None = None):
+    """A Python or numpy scalar (or 0-d tensor) as float/int; bools and NaN are rejected."""
+    import numbers
+
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise TypeError(f"{name}: expected a number, got a tensor of shape {tuple(x.shape)}")
+        x = x.item()
+    expected = expected or ("an int" if integer else "a float")
+    if isinstance(x, bool):
+        raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
+    if integer:
+        if not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
+        return int(x)
+    if not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
+    x = float(x)
+    if math.isnan(x):
+        raise ValueError(f"{name}: expected a finite number, got nan")
+    return x
 
 
 def check_fraction(x: float, name: str) -> None:

@@ -23,6 +23,7 @@ entries and the recorded full-row |A| sums, by a power iteration over the non-ze
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -57,11 +58,50 @@ def _check_dense(A: torch.Tensor, w: torch.Tensor, a_name: str) -> None:
     _checks.check_same_device(a_name, A, "logit_weights", w)
     if not w.is_floating_point():
         raise TypeError(f"logit_weights: expected a floating-point tensor, got {_dt(w)}")
+    _checks.check_finite(w, "logit_weights", _checks.NonFiniteInfluenceError)
+
+
+def _check_sparse(edges: SparseEdges, w, a_name: str) -> None:
+    if edges.shape[0] != edges.shape[1]:
+        raise ValueError(f"{a_name}: expected a square matrix, got shape {edges.shape}")
+    edges.validate(a_name)
+    _checks.check_tensor(w, "logit_weights", ndim=1, device=edges.device)
+    _checks.check_shape(w, "logit_weights", (edges.shape[0],))
+    if not w.is_floating_point():
+        raise TypeError(f"logit_weights: expected a floating-point tensor, got {_dt(w)}")
+    _checks.check_finite(w, "logit_weights", _checks.NonFiniteInfluenceError)
+
+
+def _check_result(infl: torch.Tensor, a_name: str) -> torch.Tensor:
+    """Every backend raises where an influence term overflows float32 (circuit-tracer then fails to
+    converge) rather than returning Inf (cpu, double accumulation) or NaN (triton)."""
+    if not bool(torch.isfinite(infl).all()):
+        raise _checks.NonFiniteInfluenceError(
+            f"{a_name}: expected entries whose influence series fits float32, got an influence with "
+            f"{_checks.describe_nonfinite(infl)}; circuit-tracer's iteration does not converge here. Scale {a_name} down"
+        )
+    return infl
+
+
+def _torch_influence(A: torch.Tensor, w: torch.Tensor, max_iter: int, a_name: str) -> torch.Tensor:
+    """reference.compute_influence's operations, stopping at the first non-finite term instead of
+    iterating on it until max_iter."""
+    term = w @ A
+    total = term
+    steps = 0
+    while term.any():
+        if not bool(torch.isfinite(term).all()):
+            _check_result(term, a_name)
+        if steps >= max_iter:
+            raise _converge_error(steps)
+        term = term @ A
+        total += term
+        steps += 1
+    return total
 
 
 def _check_max_iter(max_iter) -> int:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
-        raise TypeError(f"max_iter: expected an int, got {type(max_iter).__name__}")
+    max_iter = _checks.check_number(max_iter, "max_iter", integer=True)
     if max_iter < 0:
         raise ValueError(f"max_iter: expected a non-negative int, got {max_iter}")
     return max_iter
@@ -164,7 +204,14 @@ def _power_series(step, w: torch.Tensor, max_iter: int) -> torch.Tensor:
     term = step(w.to(torch.float32))
     total = term.double()
     steps = 0
-    while bool(term.any()):
+    while True:
+        # One sync per step: the largest |term| is 0 when the series has ended, NaN or Inf when
+        # it overflowed (the caller's result check then names the argument).
+        peak = float(term.abs().max()) if term.numel() else 0.0
+        if peak == 0.0:
+            break
+        if not math.isfinite(peak):
+            break
         if steps >= max_iter:
             raise _converge_error(steps)
         term = step(term)
@@ -307,14 +354,16 @@ def _dense_influence(A, w, *, normalize, max_iter, backend, op, a_name, node_mas
     if _needs_reference(name, A, backend, a_name):
         name = "torch"
     if name == "cpu":
-        return influence_cpu(A, w, normalize=normalize, max_iter=max_iter, node_mask=node_mask, a_name=a_name)[0]
+        infl = influence_cpu(A, w, normalize=normalize, max_iter=max_iter, node_mask=node_mask, a_name=a_name)[0]
+        return _check_result(infl, a_name)
     if name in ("cuda", "triton"):
         kern = _cuda_kern() if name == "cuda" else _triton_kern()
-        return power_influence_device(A, w, kern, normalize=normalize, max_iter=max_iter, node_mask=node_mask,
+        infl = power_influence_device(A, w, kern, normalize=normalize, max_iter=max_iter, node_mask=node_mask,
                                       a_name=a_name)[0]
+        return _check_result(infl, a_name)
     _checks.check_finite(A, a_name)  # the reference would loop to max_iter on NaN
     matrix = reference.normalize_matrix(A) if normalize else A
-    return reference.compute_influence(matrix, w.to(matrix.dtype), max_iter=max_iter)
+    return _check_result(_torch_influence(matrix, w.to(matrix.dtype), max_iter, a_name), a_name)
 
 
 @_device.guard("A", "logit_weights")
@@ -330,8 +379,9 @@ def compute_influence(
     max_iter = _check_max_iter(max_iter)
     sp = as_sparse_edges(A)
     if sp is not None:
+        _check_sparse(sp, logit_weights, "A")
         _backends.select("compute_influence", sp.device, backend, {"cuda": None, "triton": None, "cpu": None, "torch": None})
-        return influence_sparse(sp, logit_weights, normalize=False, max_iter=max_iter)
+        return _check_result(influence_sparse(sp, logit_weights, normalize=False, max_iter=max_iter), "A")
     return _dense_influence(A, logit_weights, normalize=False, max_iter=max_iter, backend=backend,
                             op="compute_influence", a_name="A")
 
@@ -342,9 +392,10 @@ def compute_node_influence(adjacency_matrix, logit_weights: torch.Tensor, *, bac
     the normalisation applied on the fly."""
     sp = as_sparse_edges(adjacency_matrix)
     if sp is not None:
+        _check_sparse(sp, logit_weights, "adjacency_matrix")
         _backends.select("compute_node_influence", sp.device, backend,
                          {"cuda": None, "triton": None, "cpu": None, "torch": None})
-        return influence_sparse(sp, logit_weights, normalize=True)
+        return _check_result(influence_sparse(sp, logit_weights, normalize=True), "adjacency_matrix")
     return _dense_influence(adjacency_matrix, logit_weights, normalize=True, max_iter=1000, backend=backend,
                             op="compute_node_influence", a_name="adjacency_matrix")
 
@@ -398,6 +449,7 @@ def compute_partial_influences(
     idx = row_to_node_index.to(dev, torch.int64)
     _checks.check_index_range(idx, "row_to_node_index", cols)
     logit_p = logit_p.to(dev, torch.float32)
+    _checks.check_finite(logit_p, "logit_p", _checks.NonFiniteInfluenceError)
     name, _ = _backends.select("compute_partial_influences", dev, backend,
                                {"cuda": None, "triton": None, "cpu": None, "torch": None})
     if _needs_reference(name, edge_matrix, backend, "edge_matrix"):
@@ -414,7 +466,7 @@ def compute_partial_influences(
             _checks.check_finite(e, "edge_matrix")
         if status == _NO_CONVERGENCE:
             raise RuntimeError("Failed to converge")
-        return out.to(out_device)
+        return _check_result(out, "logit_p").to(out_device)
     if name in ("cuda", "triton"):
         kern = _cuda_kern() if name == "cuda" else _triton_kern()
         e = _row_major(edge_matrix, "edge_matrix")
@@ -429,8 +481,9 @@ def compute_partial_influences(
         for _ in range(max_iter):
             prod = kern.matvec(e, prod[idx].double() * inv, None, True)
             if not bool(prod.any()):
-                return infl.float().to(out_device)
+                return _check_result(infl.float(), "logit_p").to(out_device)
             infl += prod.double()
         raise RuntimeError("Failed to converge")
     _checks.check_finite(edge_matrix, "edge_matrix")
-    return reference.compute_partial_influences(edge_matrix, logit_p, idx, max_iter=max_iter, device=dev).to(out_device)
+    infl = reference.compute_partial_influences(edge_matrix, logit_p, idx, max_iter=max_iter, device=dev)
+    return _check_result(infl, "logit_p").to(out_device)

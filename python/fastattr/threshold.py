@@ -243,18 +243,16 @@ def radix_select(hist_pass, n: int, test_for_total) -> Selection:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_scores(scores, threshold) -> None:
+def _check_scores(scores, threshold) -> float:
     _checks.check_tensor(scores, "scores", ndim=1)
     if not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor, got {str(scores.dtype).replace('torch.', '')}")
     if scores.numel() == 0:
-        raise ValueError("scores: expected a non-empty tensor, got 0 elements")
-    if isinstance(threshold, torch.Tensor):
-        threshold = float(threshold)
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
-        raise TypeError(f"threshold: expected a float, got {type(threshold).__name__}")
+        raise _checks.EmptyGraphError("scores: expected a non-empty tensor, got 0 elements")
+    threshold = _checks.check_number(threshold, "threshold")
     if not math.isfinite(threshold):
         raise ValueError(f"threshold: expected a finite number, got {threshold}")
+    return threshold
 
 
 def _fallback(scores: torch.Tensor, threshold: float, why: str) -> torch.Tensor:
@@ -349,8 +347,7 @@ def find_threshold(scores: torch.Tensor, threshold: float, *, backend: str | Non
     Exactly circuit-tracer's ``find_threshold`` (a 0-d tensor of ``scores``' dtype and device), found
     by radix select instead of a sort. ``scores`` must be 1-D and finite.
     """
-    _check_scores(scores, threshold)
-    threshold = float(threshold)
+    threshold = _check_scores(scores, threshold)
     name, impl = _backends.select(
         "find_threshold",
         scores.device,

@@ -54,6 +54,41 @@ class SparseEdges:
                 f"values: expected {self.col_indices.numel()} entries (one per column index), got {self.values.numel()}"
             )
 
+    def validate(self, name: str) -> None:
+        """Check what a kernel will index with, O(nnz): row pointers, column range, row sums.
+
+        Construction checks shapes only (it runs on every internal result); user-supplied graphs
+        are validated with this before use."""
+        n, m = self.shape
+        nnz = self.col_indices.numel()
+        crow = self.crow_indices
+        first, last = int(crow[0]), int(crow[-1])
+        if first != 0 or last != nnz:
+            raise ValueError(
+                f"{name}.crow_indices: expected row pointers from 0 to {nnz} (the number of column indices), "
+                f"got {first} to {last}"
+            )
+        if n:
+            step = crow[1:] - crow[:-1]
+            if bool((step < 0).any()):
+                i = int(torch.nonzero(step < 0)[0])
+                raise ValueError(
+                    f"{name}.crow_indices: expected non-decreasing row pointers, got {int(crow[i])} then "
+                    f"{int(crow[i + 1])} at rows {i} and {i + 1}"
+                )
+        _checks.check_index_range(self.col_indices, f"{name}.col_indices", m)
+        for field, t in (("values", self.values), ("row_abs_sum", self.row_abs_sum)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name}.{field}: expected a floating-point tensor, got {str(t.dtype).replace('torch.', '')}")
+        _checks.check_finite(self.values, f"{name}.values")
+        _checks.check_finite(self.row_abs_sum, f"{name}.row_abs_sum")
+        if n and bool((self.row_abs_sum < 0).any()):
+            i = int(torch.nonzero(self.row_abs_sum < 0)[0])
+            raise ValueError(
+                f"{name}.row_abs_sum: expected non-negative sums of |A| over each row, got {float(self.row_abs_sum[i])} "
+                f"at row {i}"
+            )
+
     @property
     def device(self) -> torch.device:
         return self.values.device
@@ -122,15 +157,15 @@ def as_sparse_edges(x) -> SparseEdges | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_adjacency(adjacency, k) -> None:
+def _check_adjacency(adjacency, k) -> int | None:
     _checks.check_tensor(adjacency, "adjacency", ndim=2)
     if not adjacency.is_floating_point():
         raise TypeError(f"adjacency: expected a floating-point tensor, got {str(adjacency.dtype).replace('torch.', '')}")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k: expected an int or None, got {type(k).__name__}")
+        k = _checks.check_number(k, "k", integer=True, expected="an int or None")  # numpy integers pass
         if k < 0:
             raise ValueError(f"k: expected a non-negative number of edges per row, got {k}")
+    return k
 
 
 def _row_major(a: torch.Tensor) -> torch.Tensor:
@@ -231,7 +266,7 @@ def topk_edges(adjacency: torch.Tensor, k: int | None, *, backend: str | None = 
     ``k=None`` keeps every non-zero. Ties go to the lower column; rows store columns in increasing
     order; ``row_abs_sum`` is the exact |A| sum of the full dense row.
     """
-    _check_adjacency(adjacency, k)
+    k = _check_adjacency(adjacency, k)
     name, impl = _backends.select(
         "topk_edges",
         adjacency.device,
