@@ -21,7 +21,10 @@ def _contract_kernel(
     tile_end_ptr,
     out_ptr,
     B,
+    P,
     D,
+    S,
+    R,
     stride_gb,
     stride_gp,
     stride_vs,
@@ -39,10 +42,13 @@ def _contract_kernel(
     s_start = tl.load(tile_start_ptr + tile)
     s_end = tl.load(tile_end_ptr + tile)
 
+    # The plan validated every index; these guards keep a corrupted plan from reading or writing
+    # out of bounds (its tile then contributes nothing), as in the CUDA kernel.
+    tile_ok = (pos >= 0) & (pos < P) & (s_start >= 0) & (s_end <= S)
     offs_s = s_start + tl.arange(0, BLOCK_S)
-    mask_s = offs_s < s_end
+    mask_s = offs_s < tl.where(tile_ok, s_end, s_start)
     offs_b = bblock * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < B
+    mask_b = offs_b < tl.where(tile_ok, B, 0)
     # int64 offsets: B * P * D passes 2^31 on long prompts.
     v_rows = vectors_ptr + offs_s.to(tl.int64)[:, None] * stride_vs
     g_cols = grads_ptr + pos * stride_gp + offs_b.to(tl.int64)[None, :] * stride_gb
@@ -57,7 +63,7 @@ def _contract_kernel(
 
     rows = tl.load(rows_ptr + offs_s, mask=mask_s, other=0).to(tl.int64)
     dst = out_ptr + rows[:, None] * stride_or + offs_b.to(tl.int64)[None, :] * stride_ob
-    mask = mask_s[:, None] & mask_b[None, :]
+    mask = (mask_s & (rows >= 0) & (rows < R))[:, None] & mask_b[None, :]
     if ATOMIC:
         tl.atomic_add(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -65,9 +71,11 @@ def _contract_kernel(
         tl.store(dst, (prev + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def contract(grads, vectors, rows, tile_pos, tile_start, tile_end, out, stride_or, stride_ob, *, block_s, atomic, interpret):
-    """Launch over the plan's tiles; all index tensors are int32 on the tensors' device."""
-    B, _, D = grads.shape
+def contract(grads, vectors, rows, tile_pos, tile_start, tile_end, out, stride_or, stride_ob, *, block_s, atomic, interpret,
+             n_out_rows=None):
+    """Launch over the plan's tiles; all index tensors are int32 on the tensors' device.
+    ``n_out_rows`` (out's rows, R) bounds the rows written; None means every plan row fits."""
+    B, P, D = grads.shape
     n_tiles = tile_pos.numel()
     if n_tiles == 0 or B == 0:
         return
@@ -85,7 +93,10 @@ def contract(grads, vectors, rows, tile_pos, tile_start, tile_end, out, stride_o
         tile_end,
         out,
         B,
+        P,
         D,
+        vectors.shape[0],
+        2**31 - 1 if n_out_rows is None else n_out_rows,
         grads.stride(0),
         grads.stride(1),
         vectors.stride(0),

@@ -2,10 +2,18 @@
 
 Every op has up to four implementations: ``cuda`` (compiled kernels), ``triton``, ``cpu``
 (compiled C++) and ``torch`` (the pure-torch reference). A call picks one from, in order: the
-``backend=`` argument, the innermost :func:`use_backend` block, the ``FASTATTR_BACKEND``
-environment variable, and finally an automatic choice by the tensors' device. Forced choices that
-cannot run raise; automatic choices are logged at debug level, and the last backend each op used is
-kept for :func:`last_backend`, so no slow path is ever taken silently.
+``backend=`` argument, the innermost :func:`use_backend` block of the calling thread, the choice
+captured by deferred work (a :class:`~fastattr.ContractionPlan` keeps the ``use_backend`` choice in
+force where it was built), the ``FASTATTR_BACKEND`` environment variable, and finally an automatic
+choice by the tensors' device. Forced choices that cannot run raise; automatic choices are logged at
+debug level, and the last backend each op used is kept for :func:`last_backend`, so no slow path is
+ever taken silently.
+
+``use_backend`` blocks are per thread, so concurrent callers never see each other's choice. Work
+that runs on threads the caller did not choose (autograd's device threads run backward hooks, where
+the patched contraction executes) carries the choice with it instead: a plan captures it when it is
+built, on the caller's thread, and uses it on whichever thread calls it, unless that thread has a
+``use_backend`` block of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -30,25 +39,44 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested that cannot run here; the message says why."""
 
 
-# Process-wide rather than thread-local: on a GPU autograd runs backward hooks (where the patched
-# contraction executes) on its own threads, which must see the caller's use_backend() choice.
-_forced: list[str] = []
+_local = threading.local()
+# Process-wide: an op run on autograd's device thread still reports to the caller's last_backend().
 _last_used: dict[str, str] = {}
 
 
-def _stack() -> list[str]:
-    return _forced
+def _stack() -> list[tuple[object, str]]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def forced_choice() -> str | None:
+    """The calling thread's innermost ``use_backend`` choice (None outside any block): what deferred
+    work captures so that it runs on the caller's choice from any thread."""
+    stack = _stack()
+    return stack[-1][1] if stack else None
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force ``name`` for every op called inside the block (``backend=`` still wins)."""
+    """Force ``name`` for every op this thread calls inside the block (``backend=`` still wins).
+
+    Per thread: other threads keep their own choice. A :class:`~fastattr.ContractionPlan` built
+    inside the block keeps the choice wherever it is called (autograd's device threads included).
+    """
     _validate_name(name, "use_backend(name)")
-    _stack().append(name)
+    entry = (object(), name)
+    stack = _stack()
+    stack.append(entry)
     try:
         yield
     finally:
-        _stack().pop()
+        # By identity: blocks held by generators can close out of order on one thread.
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
 
 
 def _validate_name(name: str, what: str) -> None:
@@ -145,11 +173,16 @@ def _device_ok(name: str, device: torch.device) -> str | None:
     return None
 
 
-def select(op: str, device: torch.device, backend: str | None, implemented: dict[str, Callable]) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for tensors on ``device``."""
+def select(
+    op: str, device: torch.device, backend: str | None, implemented: dict[str, Callable], captured: str | None = None
+) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for tensors on ``device``; ``captured`` is the choice that
+    deferred work recorded where it was built (see the module docstring)."""
     forced, source = backend, "backend="
-    if forced is None and _stack():
-        forced, source = _stack()[-1], "use_backend()"
+    if forced is None:
+        forced, source = forced_choice(), "use_backend()"
+    if forced is None and captured is not None:
+        forced, source = captured, "use_backend() where the plan was built"
     if forced is None and os.environ.get("FASTATTR_BACKEND"):
         forced, source = os.environ["FASTATTR_BACKEND"], "FASTATTR_BACKEND"
     if forced is not None:

@@ -13,9 +13,11 @@ rows of a cross-layer transcoder feature, error nodes and token nodes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fastattr import _backends, _device, _ext, reference
+from fastattr import _backends, _checks, _device, _ext, reference
 from fastattr._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -61,13 +63,39 @@ class ContractionPlan:
         self.d_model = vectors.shape[1]
         order = torch.argsort(positions, stable=True)
         self.vectors = vectors[order].contiguous()
-        self.positions = positions[order].to(torch.int32).contiguous()
-        self.rows = rows[order].to(torch.int32).contiguous()
+        self._positions = positions[order].to(torch.int32).contiguous()
+        self._rows = rows[order].to(torch.int32).contiguous()
         # Bounds the grads and out shapes must cover, checked per call at no device cost.
-        self.min_positions = int(self.positions.max()) + 1 if n else 0
-        self.min_rows = int(self.rows.max()) + 1 if n else 0
-        self.unique_rows = n == 0 or int(torch.unique(self.rows).numel()) == n
+        self.min_positions = int(self._positions.max()) + 1 if n else 0
+        self.min_rows = int(self._rows.max()) + 1 if n else 0
+        self.unique_rows = n == 0 or int(torch.unique(self._rows).numel()) == n
         self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._tile_versions: dict[int, tuple[int, int, int]] = {}
+        # The bounds above are what every launch relies on; an in-place write to the index tensors
+        # bumps their version counters, which each call compares (no device work, no sync).
+        self._versions = (self._positions._version, self._rows._version)
+        # The use_backend() choice in force here: the plan runs on it from any thread (autograd's
+        # device threads call it from backward hooks) unless the calling thread chooses otherwise.
+        self.captured_backend = _backends.forced_choice()
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(S,) int32 positions, sorted. Read-only: the plan's bounds and tiles are derived from it."""
+        return self._positions
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """(S,) int32 output rows in position order. Read-only, like :attr:`positions`."""
+        return self._rows
+
+    def _check_unchanged(self) -> None:
+        if (self._positions._version, self._rows._version) != self._versions or any(
+            tuple(t._version for t in self._tiles[block_s]) != v for block_s, v in self._tile_versions.items()
+        ):
+            raise ValueError(
+                "plan: expected the ContractionPlan's positions, rows and tiles unchanged since construction "
+                "(its index bounds were validated then), got tensors modified in place; build a new ContractionPlan"
+            )
 
     def tiles(self, block_s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(position, start, end) int32 per tile: runs of at most ``block_s`` same-position vectors."""
@@ -76,7 +104,7 @@ class ContractionPlan:
                 empty = torch.zeros(0, dtype=torch.int32, device=self.device)
                 self._tiles[block_s] = (empty, empty, empty)
             else:
-                pos, counts = torch.unique_consecutive(self.positions, return_counts=True)
+                pos, counts = torch.unique_consecutive(self._positions, return_counts=True)
                 group_start = torch.cumsum(counts, 0) - counts
                 n_tiles = (counts + block_s - 1) // block_s
                 tile_group = torch.repeat_interleave(torch.arange(len(pos), device=self.device), n_tiles)
@@ -89,6 +117,7 @@ class ContractionPlan:
                     start.to(torch.int32).contiguous(),
                     end.to(torch.int32).contiguous(),
                 )
+            self._tile_versions[block_s] = tuple(t._version for t in self._tiles[block_s])
         return self._tiles[block_s]
 
     def __call__(self, grads: torch.Tensor, out: torch.Tensor, *, out_layout: str = "rb", backend: str | None = None) -> torch.Tensor:
@@ -120,12 +149,54 @@ class ContractionPlan:
         if R < self.min_rows:
             raise ValueError(f"out: expected at least {self.min_rows} rows (max row + 1), got shape {tuple(out.shape)} with out_layout={out_layout!r}")
         stride_r, stride_b = out.stride() if out_layout == "rb" else out.stride()[::-1]
+        _check_out_writable(out, grads)
+        self._check_unchanged()
 
-        name, impl = _backends.select(OP, grads.device, backend, _IMPLS)
+        name, impl = _backends.select(OP, grads.device, backend, _IMPLS, captured=self.captured_backend)
+        if name == "triton" and self.dtype == torch.bfloat16 and _backends.triton_interpret():
+            raise TypeError(
+                "grads: the triton backend under TRITON_INTERPRET=1 cannot contract bfloat16 (the interpreter's "
+                "numpy dot has no bfloat16 and returns wrong values); use backend='cpu' or 'torch', or float32"
+            )
         if self.n_vectors and B:
             with _device.current(grads.device):
                 impl(self, grads, out, R, stride_r, stride_b, out_layout)
         return out
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements can touch."""
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        if size > 1:
+            span = (size - 1) * stride * t.element_size()
+            lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
+    return lo, hi + t.element_size()
+
+
+def _check_out_writable(out: torch.Tensor, grads: torch.Tensor) -> None:
+    """``out`` is accumulated into in place: each element must be its own memory, apart from grads."""
+    for dim, (size, stride) in enumerate(zip(out.shape, out.stride())):
+        if size > 1 and stride == 0:
+            raise ValueError(
+                f"out: expected a tensor whose elements do not share memory, got stride 0 in dimension {dim} "
+                f"(shape {tuple(out.shape)}, strides {out.stride()}; an expand()ed tensor): clone() it first"
+            )
+    (n, m), (a, b) = out.shape, out.stride()
+    if n > 1 and m > 1:
+        # i * a + j * b repeats iff some 0 < di < n, 0 < dj < m have di * a == dj * b; the smallest
+        # solution is di = b / g, dj = a / g with g = gcd(a, b).
+        g = math.gcd(a, b)
+        if b // g < n and a // g < m:
+            raise ValueError(f"out: expected a tensor whose elements do not share memory, got strides {out.stride()} "
+                             f"for shape {tuple(out.shape)}")
+    if out.numel() and grads.numel():
+        (o_lo, o_hi), (g_lo, g_hi) = _extent(out), _extent(grads)
+        if o_lo < g_hi and g_lo < o_hi:
+            raise ValueError(
+                f"out: expected memory apart from grads (the contraction reads grads while it adds into out), "
+                f"got overlapping address ranges [{o_lo:#x}, {o_hi:#x}) and [{g_lo:#x}, {g_hi:#x})"
+            )
 
 
 def contract(
@@ -172,7 +243,7 @@ def _contract_triton(plan, grads, out, R, stride_r, stride_b, layout):
     tile_pos, tile_start, tile_end = plan.tiles(block_s)
     kernels.contract(
         grads, plan.vectors, plan.rows, tile_pos, tile_start, tile_end, out, stride_r, stride_b,
-        block_s=block_s, atomic=not plan.unique_rows, interpret=interpret,
+        block_s=block_s, atomic=not plan.unique_rows, interpret=interpret, n_out_rows=R,
     )  # fmt: skip
 
 
