@@ -24,9 +24,9 @@ def entered(monkeypatch):
     real = _device.current
 
     @contextlib.contextmanager
-    def recording(device):
+    def recording(device, what="op"):
         seen.append(device)
-        with real(device):
+        with real(device, what):
             yield
 
     monkeypatch.setattr(_device, "current", recording)
@@ -109,3 +109,29 @@ def test_mixed_devices_raise_naming_the_argument(call, arg):
     A, w = _problem()
     with pytest.raises(ValueError, match=rf"{arg}: expected a tensor"):
         call(A, w, torch.device("meta"))
+
+
+def test_sync_check_synchronises_after_each_op(monkeypatch):
+    """FASTATTR_SYNC_CHECK=1 waits for the op's device and names the op when a kernel failed."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+    def failing_sync(device):
+        synced.append(device)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", failing_sync)
+
+    class OnCuda1:
+        device = torch.device("cuda", 1)
+
+    @_device.guard("x")
+    def some_op(x):
+        return 1
+
+    monkeypatch.delenv("FASTATTR_SYNC_CHECK", raising=False)
+    assert some_op(OnCuda1()) == 1 and synced == []
+    monkeypatch.setenv("FASTATTR_SYNC_CHECK", "1")
+    with pytest.raises(RuntimeError, match=r"some_op: a kernel failed on cuda:1 \(FASTATTR_SYNC_CHECK=1\)"):
+        some_op(OnCuda1())
+    assert synced == [torch.device("cuda", 1)]

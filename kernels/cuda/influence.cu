@@ -73,7 +73,7 @@ void row_abs_sum_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64
 void matvec_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64_t lda, const double* y,
                  const std::uint8_t* mask, bool absolute, double* out, std::uintptr_t stream) {
   if (m <= 0) return;
-  cudaMemsetAsync(out, 0, (size_t)m * sizeof(double), as_stream(stream));
+  check_cuda(cudaMemsetAsync(out, 0, (size_t)m * sizeof(double), as_stream(stream)), "matvec_cuda: cudaMemsetAsync");
   if (n <= 0) return;
   const std::int64_t gy = (n + kMvRows - 1) / kMvRows;
   if (gy > 65535) throw std::invalid_argument("A: expected at most 65535 * 64 rows for the CUDA matvec");

@@ -150,8 +150,8 @@ __global__ void edge_mask_kernel(const float* __restrict__ a, std::int64_t n, st
 
 int hist_grid(std::int64_t work) {
   int dev = 0, sms = 1;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  check_cuda(cudaGetDevice(&dev), "hist_grid: cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "hist_grid: cudaDeviceGetAttribute");
   const std::int64_t want = (work + kHistThreads - 1) / kHistThreads;
   const std::int64_t cap = (std::int64_t)sms * 4;
   return (int)(want < cap ? (want > 0 ? want : 1) : cap);
@@ -159,8 +159,8 @@ int hist_grid(std::int64_t work) {
 
 void prepare(int bits, int level, std::int64_t* count, double* sums, std::int64_t* stats, cudaStream_t st) {
   const size_t nb = (size_t)1 << bits;
-  cudaMemsetAsync(count, 0, nb * sizeof(std::int64_t), st);
-  cudaMemsetAsync(sums, 0, nb * sizeof(double), st);
+  check_cuda(cudaMemsetAsync(count, 0, nb * sizeof(std::int64_t), st), "histogram: cudaMemsetAsync");
+  check_cuda(cudaMemsetAsync(sums, 0, nb * sizeof(double), st), "histogram: cudaMemsetAsync");
   if (level == 0) init_stats_kernel<<<1, 1, 0, st>>>(reinterpret_cast<ull*>(stats));
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,12 +41,23 @@ def common_device(named: dict[str, Any]) -> torch.device | None:
     return first
 
 
+def sync_check_enabled() -> bool:
+    """FASTATTR_SYNC_CHECK=1: synchronise and check after every op, so that an asynchronous fault
+    (an illegal address in a Triton or CUDA kernel) is reported by the op that launched it."""
+    return os.environ.get("FASTATTR_SYNC_CHECK", "0") == "1"
+
+
 @contextlib.contextmanager
-def current(device: torch.device | None) -> Iterator[None]:
+def current(device: torch.device | None, what: str = "fastattr op") -> Iterator[None]:
     """Make ``device`` the current CUDA device inside the block (a no-op for other devices)."""
     if device is not None and device.type == "cuda":
         with torch.cuda.device(device):
             yield
+            if sync_check_enabled():
+                try:
+                    torch.cuda.synchronize(device)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{what}: a kernel failed on {device} (FASTATTR_SYNC_CHECK=1): {exc}") from exc
     else:
         yield
 
@@ -73,7 +85,7 @@ def guard(*paths: str) -> Callable:
             except TypeError:
                 return fn(*args, **kwargs)  # the call's own TypeError
             device = common_device({p: _resolve(bound, p) for p in paths})
-            with current(device):
+            with current(device, fn.__name__):
                 return fn(*args, **kwargs)
 
         return op
