@@ -102,3 +102,82 @@ def test_changed_signature_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(context_transformerlens.AttributionContext, "_make_attribution_hooks", other)
     with pytest.raises(UnsupportedCircuitTracerError, match="takes \\('self', 'hook_names'\\)"):
         fastattr.patch_circuit_tracer()
+
+
+# ------------------------------------------------------------------ handles undone in any order
+
+
+def _patchable() -> dict:
+    """Every attribute a patch can replace: (owner name, attribute) -> value (or a marker if absent)."""
+    import itertools
+    import sys
+
+    from fastattr import patch as fpatch
+
+    names = set(fpatch._GRAPH_FUNCTIONS) | {"attribute", "_make_attribution_hooks", "compute_feature_attributions",
+                                           "compute_error_attributions", "compute_token_attributions"}
+    owners = []
+    for modname, module in list(sys.modules.items()):
+        if module is not None and (modname == "circuit_tracer" or modname.startswith("circuit_tracer.")):
+            owners.append((modname, module))
+            cls = vars(module).get("AttributionContext")
+            if isinstance(cls, type):
+                owners.append((f"{modname}.AttributionContext", cls))
+    return {(o, n): vars(owner).get(n, "<absent>") for (o, owner), n in itertools.product(owners, names)}
+
+
+def _assert_same(before: dict, after: dict):
+    changed = [k for k in before if after.get(k) is not before[k]]
+    assert not changed, f"not restored: {changed[:5]}"
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+def test_handles_undone_in_any_order_restore_exactly(order):
+    fastattr.patch_circuit_tracer().undo()  # every module the patch touches is imported from here on
+    before = _patchable()
+    hooks = (context_transformerlens.AttributionContext, "_make_attribution_hooks")
+    options = [{}, {"graph": False}, {"attribute": False}]
+    handles = [fastattr.patch_circuit_tracer(**o) for o in options]
+    patched_by = {
+        "prune": {0, 2},  # graph functions
+        "attribute": {0, 1},
+        "hooks": {0, 1, 2},
+    }
+    live = {0, 1, 2}
+    for i in order:
+        handles[i].undo()
+        live.discard(i)
+        assert not handles[i].active
+        # What a live handle replaced stays replaced; the rest is circuit-tracer's own again.
+        assert (ct_graph.prune_graph is fastattr.prune_graph) == bool(live & patched_by["prune"])
+        assert (ct.attribute is fastattr.attribute) == bool(live & patched_by["attribute"])
+        own = vars(hooks[0]).get(hooks[1]) is before[("circuit_tracer.attribution.context_transformerlens.AttributionContext", hooks[1])]
+        assert own == (not live & patched_by["hooks"])
+    _assert_same(before, _patchable())
+    handles[order[0]].undo()  # a second undo changes nothing
+    _assert_same(before, _patchable())
+
+
+def test_handle_made_inside_attribute_restores_exactly(monkeypatch):
+    """fastattr.attribute's own contraction patch ends first; the handle made under it keeps
+    circuit-tracer patched until it is undone, and then everything is circuit-tracer's again."""
+    fastattr.patch_circuit_tracer().undo()
+    before = _patchable()
+    model = tracer_model("transformerlens", "plt")
+    made = []
+    setup = model.setup_attribution
+
+    def setup_and_patch(*args, **kwargs):
+        made.append(fastattr.patch_circuit_tracer(attribute=False))
+        return setup(*args, **kwargs)
+
+    monkeypatch.setattr(model, "setup_attribution", setup_and_patch)
+    graph = fastattr.attribute(tracer_prompt(8, seed=5), model, batch_size=32, max_feature_nodes=20, engine="autograd")
+    monkeypatch.undo()
+    assert len(made) == 1 and graph.adjacency_matrix.abs().sum() > 0
+    assert ct_graph.prune_graph is fastattr.prune_graph
+    assert vars(context_transformerlens.AttributionContext)["_make_attribution_hooks"] is not before[
+        ("circuit_tracer.attribution.context_transformerlens.AttributionContext", "_make_attribution_hooks")
+    ]
+    made[0].undo()
+    _assert_same(before, _patchable())

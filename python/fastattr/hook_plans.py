@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fastattr import _patching
 from fastattr._circuit_tracer import check_method, circuit_tracer_version, unsupported
 from fastattr.contraction import ContractionPlan
 
@@ -229,44 +230,35 @@ def _contexts_patched() -> bool:
 # one internal handle, undone when the last of them ends, so that one call ending never unpatches
 # the hooks under another's backward passes.
 _INTERNAL_LOCK = threading.Lock()
-_INTERNAL: dict[str, Any] = {"users": 0, "saved": None}
-_MISSING = object()
+_INTERNAL: dict[str, Any] = {"users": 0, "token": None}
 
 
 @contextlib.contextmanager
 def contraction_patch():
-    """The contraction patch for the duration of a block (shared by concurrent blocks)."""
+    """The contraction patch for the duration of a block (shared by concurrent blocks).
+
+    Its replacements are layers in fastattr._patching's shared record, like a user's
+    patch_circuit_tracer() handle: a handle made or undone while the block runs leaves
+    circuit-tracer exactly as it was once both are undone, in either order."""
     with _INTERNAL_LOCK:
         if _INTERNAL["users"] == 0 and not _contexts_patched():
-            saved: list[tuple[Any, str, Any]] = []
+            token = object()
 
             def replace(owner: Any, name: str, value: Any, label: str) -> None:  # noqa: ARG001
-                saved.append((owner, name, vars(owner).get(name, _MISSING)))
-                setattr(owner, name, value)
+                _patching.apply(owner, name, value, token)
 
             try:
                 patch_contexts(replace, circuit_tracer_version())
             except BaseException:
-                _restore(saved)
+                _patching.revert(token)
                 raise
-            _INTERNAL["saved"] = saved
+            _INTERNAL["token"] = token
         _INTERNAL["users"] += 1
     try:
         yield
     finally:
         with _INTERNAL_LOCK:
             _INTERNAL["users"] -= 1
-            if _INTERNAL["users"] == 0 and _INTERNAL["saved"] is not None:
-                _restore(_INTERNAL["saved"])
-                _INTERNAL["saved"] = None
-
-
-def _restore(saved: list[tuple[Any, str, Any]]) -> None:
-    for owner, name, old in reversed(saved):
-        # Another patch applied over ours in the meantime keeps its own value.
-        if vars(owner).get(name) not in _REPLACEMENT_VALUES:
-            continue
-        if old is _MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, old)
+            if _INTERNAL["users"] == 0 and _INTERNAL["token"] is not None:
+                _patching.revert(_INTERNAL["token"])
+                _INTERNAL["token"] = None

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-from fastattr import hook_plans
+from fastattr import _patching, hook_plans
 from fastattr._circuit_tracer import (  # noqa: F401 - re-exported: part of the patch's API
     UnsupportedCircuitTracerError,
     circuit_tracer_version,
@@ -42,21 +42,19 @@ class PatchHandle:
     def __init__(self, version: str):
         self.version = version
         self.replaced: list[str] = []
-        self._saved: list[tuple[Any, str, Any]] = []
         self.active = True
 
     def _set(self, owner: Any, name: str, value: Any, label: str) -> None:
-        self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
-        setattr(owner, name, value)
+        # A layer in the shared record (fastattr._patching): handles undone in any order, and the
+        # contraction patch fastattr.attribute applies while it runs, restore circuit-tracer exactly.
+        _patching.apply(owner, name, value, self)
         self.replaced.append(label)
 
     def undo(self) -> None:
-        for owner, name, old in reversed(self._saved):
-            if old is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, old)
-        self._saved.clear()
+        """Remove this handle's replacements; those of other live handles stay. Idempotent."""
+        if not self.active:
+            return
+        _patching.revert(self)
         self.active = False
         logger.info("fastattr: circuit-tracer patch undone")
 
@@ -71,8 +69,6 @@ class PatchHandle:
         state = "active" if self.active else "undone"
         return f"<fastattr patch of circuit-tracer {self.version}, {state}: {len(self.replaced)} replacements>"
 
-
-_MISSING = object()
 
 
 # ------------------------------------------------------------------------------------- graph ops
