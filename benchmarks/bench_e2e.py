@@ -165,11 +165,12 @@ def test_attribute_prune(measure, benchmark, monkeypatch, case: Case, impl: str)
 
 
 def _attribute_timings() -> dict:
-    """fastattr.attribute's split of its last run: backward passes, and the attribution loop's share outside them."""
+    """fastattr.attribute's split of its last run: the engine used, its own time and the attribution
+    loop's share outside it (with FASTATTR_PROFILE=1), influence updates."""
     import importlib
 
     last = importlib.import_module("fastattr.attribute")._LAST_RUN
-    keys = ("backward", "loop_outside_backward", "influence_updates", "edge_storage")
+    keys = ("engine", "engine_time", "loop_outside_engine", "influence_updates", "edge_storage")
     return {f"attribute_{k}": last[k] for k in keys if k in last}
 
 

@@ -66,7 +66,7 @@ def _row(bench: dict) -> dict:
         "err": extra.get("max_rel_err"),
         "masks_equal": extra.get("masks_equal"),
         "node_jaccard": extra.get("node_jaccard"),
-        "outside_backward": extra.get("attribute_loop_outside_backward"),
+        "outside_backward": extra.get("attribute_loop_outside_engine"),
         "note": extra.get("patched") if extra.get("patched") not in (None, "full", "contraction + graph ops") else None,
     }
 

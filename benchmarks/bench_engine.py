@@ -1,0 +1,115 @@
+"""Attribution engines side by side: circuit-tracer's ``attribute()``, ``fastattr.attribute`` with
+``engine="autograd"`` (circuit-tracer's forward over B copies and backward passes, fastattr's
+contraction and device-resident rows) and with ``engine="linear"`` (one batch-1 forward and
+explicit transposed maps), on the same synthetic TransformerLens model and prompt, in one run.
+
+Attribution only (pruning is benchmarked in bench_e2e and bench_graph). Model building is not
+timed. Each case records the graph's agreement with circuit-tracer's (max relative error of the
+adjacency, equal selected features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import benchutil
+from benchutil import BASELINE, DEVICE, per_tier
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    transcoder: str
+    n_layers: int
+    d_model: int
+    d_transcoder: int
+    l0: int
+    n_tokens: int
+    batch_size: int
+    max_feature_nodes: int | None
+    n_heads: int = 4
+    dtype: torch.dtype = torch.float32
+    architecture: str = "llama"
+    n_kv_heads: int | None = None
+
+    @property
+    def label(self) -> str:
+        dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
+        return (f"{self.name}: {self.architecture} {self.n_layers}L d{self.d_model} {self.d_transcoder}f "
+                f"{self.transcoder.upper()} L0~{self.l0} {self.n_tokens}tok B{self.batch_size} "
+                f"N{self.max_feature_nodes or 'all'} {dt}")  # fmt: skip
+
+
+CASES = per_tier(
+    smoke=[
+        Case("tiny-plt", "plt", n_layers=2, d_model=64, d_transcoder=128, l0=8, n_tokens=8, batch_size=16, max_feature_nodes=32),
+    ],
+    # The workload of the engine issue: 8 layers, d_model 256, 4,096 features, 64 positions,
+    # ~48 active per position and layer, 3,000 feature nodes, batch 128; and a CLT of that shape.
+    cpu=[
+        Case("plt-8L", "plt", n_layers=8, d_model=256, d_transcoder=4096, l0=48, n_tokens=64, batch_size=128, max_feature_nodes=3000),
+        Case("clt-8L", "clt", n_layers=8, d_model=256, d_transcoder=4096, l0=48, n_tokens=64, batch_size=128, max_feature_nodes=3000),
+        Case("gemma2-gqa-plt", "plt", n_layers=6, d_model=256, d_transcoder=2048, l0=40, n_tokens=128, batch_size=64,
+             max_feature_nodes=2048, architecture="gemma2", n_heads=8, n_kv_heads=2),  # fmt: skip
+    ],
+    # Gemma-2-2B shaped (26 layers in the real model; 8 here so the host builds it in minutes), bf16.
+    full=[
+        Case("gemma2-2b-plt", "plt", n_layers=8, d_model=2304, d_transcoder=16384, l0=64, n_heads=8, n_kv_heads=4,
+             n_tokens=1024, batch_size=256, max_feature_nodes=4096, dtype=torch.bfloat16, architecture="gemma2"),  # fmt: skip
+    ],
+)
+ENGINES = [BASELINE, "autograd", "linear"]
+VOCAB = 512
+_MODEL: dict = {}
+_BASELINE: dict = {}
+
+
+def _model(case: Case):
+    if _MODEL.get("case") != case.name:
+        _MODEL.clear()
+        from fastattr import synthetic
+
+        _MODEL["model"] = synthetic.make_replacement_model(
+            backend="transformerlens", transcoder=case.transcoder, n_layers=case.n_layers, d_model=case.d_model,
+            d_transcoder=case.d_transcoder, n_heads=case.n_heads, d_vocab=VOCAB, n_ctx=max(2048, case.n_tokens + 8),
+            feature_density=case.l0 / case.d_transcoder, seed=0, dtype=case.dtype, device=DEVICE,
+            architecture=case.architecture, n_kv_heads=case.n_kv_heads,
+        )  # fmt: skip
+        _MODEL["case"] = case.name
+    return _MODEL["model"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_attribute_engine(measure, benchmark, case: Case, engine: str):
+    circuit_tracer = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
+    import importlib
+
+    import fastattr
+    from fastattr import synthetic
+
+    model = _model(case)
+    prompt = synthetic.random_prompt(case.n_tokens, seed=1, vocab_size=VOCAB)
+    kwargs = dict(batch_size=case.batch_size, max_feature_nodes=case.max_feature_nodes)
+    if engine == BASELINE:
+        fn = lambda: circuit_tracer.attribute(prompt, model, **kwargs)  # noqa: E731
+    else:
+        fn = lambda: fastattr.attribute(prompt, model, engine=engine, **kwargs)  # noqa: E731
+    graph = measure(fn, op="attribute", case=case.label, family=case.name, impl=engine, dtype=case.dtype,
+                    size=case.n_layers * (case.n_tokens + 1) * case.l0, size_label="active features (layers x positions x L0)",
+                    rounds=per_tier(smoke=1, cpu=2, full=2), warmup=per_tier(smoke=1, cpu=0, full=1))  # fmt: skip
+    adjacency = graph.adjacency_matrix.cpu()
+    info = benchmark.extra_info
+    info.update(n_nodes=int(adjacency.shape[0]), n_active_features=int(graph.active_features.shape[0]))
+    if engine != BASELINE:
+        last = importlib.import_module("fastattr.attribute")._LAST_RUN
+        info.update({f"attribute_{k}": last[k] for k in ("engine", "forward", "logits", "features", "assemble") if k in last})
+    if engine == BASELINE:
+        _BASELINE[case.name] = (adjacency, graph.selected_features.cpu())
+    elif case.name in _BASELINE and _BASELINE[case.name][0].shape == adjacency.shape:
+        ref, selected = _BASELINE[case.name]
+        info["max_rel_err"] = benchutil.rel_err(adjacency, ref)
+        info["selected_equal"] = bool(torch.equal(selected, graph.selected_features.cpu()))
