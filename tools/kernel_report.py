@@ -1,0 +1,196 @@
+"""Compile every GPU kernel ahead of time, without a GPU, and report registers, spills and MMA use.
+
+    python tools/kernel_report.py [--archs 80,90] > report.json
+
+Triton kernels: each launcher is called on small CPU tensors with ``JITFunction.run`` intercepted,
+which gives the exact argument types and constexprs of a real launch; that signature is compiled
+with ``triton.compile`` for each ``GPUTarget("cuda", arch, 32)``; its cubin goes through
+``cuobjdump -res-usage`` (registers, stack: spills) and ``cuobjdump -sass`` (HMMA/HGMMA). CUDA kernels: every
+``kernels/cuda/*.cu`` through ``nvcc -Xptxas -v``. Must run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_PTXAS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers")
+
+
+def _ptxas_stats(text: str) -> dict:
+    spills = [tuple(map(int, m.groups())) for m in _PTXAS_RE.finditer(text)]
+    regs = [int(m.group(1)) for m in _REGS_RE.finditer(text)]
+    return {
+        "stack_bytes": max((s[0] for s in spills), default=0),
+        "spill_store_bytes": sum(s[1] for s in spills),
+        "spill_load_bytes": sum(s[2] for s in spills),
+        "max_registers": max(regs, default=0),
+    }
+
+
+def _launches():
+    """(name, JITFunction, args, kwargs) for every Triton kernel, from its launcher."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    captured = []
+
+    class _Stop(Exception):
+        pass
+
+    def fake_run(self, *args, grid, warmup, **kwargs):
+        captured.append((self, args, kwargs))
+        raise _Stop
+
+    JITFunction.run = fake_run
+
+    def grab(name, call):
+        before = len(captured)
+        try:
+            call()
+        except _Stop:
+            pass
+        if len(captured) == before:
+            raise RuntimeError(f"{name}: the launcher launched nothing")
+        fn, args, kwargs = captured[-1]
+        return name, fn, args, kwargs
+
+    from fastattr.triton_kernels import contraction, influence, threshold, topk_edges
+
+    A = torch.rand(300, 300)
+    m8 = torch.ones(300, dtype=torch.uint8)
+    vec = torch.rand(300)
+    out = [
+        grab("hist_1d_level0", lambda: threshold.hist_1d(torch.rand(5000), 0, 0)),
+        grab("hist_1d_level1", lambda: threshold.hist_1d(torch.rand(5000), 1, 5)),
+        grab("edge_hist", lambda: threshold.EdgeKernels.hist(A, m8, vec, vec, 0, 0)),
+        grab("edge_mask", lambda: threshold.EdgeKernels.mask(A, m8, vec, vec, 0.5)),
+        grab("row_abs_sum", lambda: influence.row_abs_sum(A, m8)),
+        grab("matvec", lambda: influence.matvec(A, torch.rand(300, dtype=torch.float64), m8, True)),
+        grab("topk_count", lambda: topk_edges.topk_count(A, 8)),
+        grab("topk_fill", lambda: topk_edges.topk_fill(A, 8, torch.arange(0, 301 * 8, 8), 300 * 8)),
+    ]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        B, P, D, S = 64, 8, 256, 128
+        grads = torch.rand(B, P, D, dtype=dtype)
+        vectors = torch.rand(S, D, dtype=dtype)
+        rows = torch.arange(S, dtype=torch.int32)
+        tiles = torch.arange(2, dtype=torch.int32)
+        res = torch.zeros(S, B)
+        out.append(grab(f"contract_{str(dtype).replace('torch.', '')}", lambda: contraction.contract(
+            grads, vectors, rows, tiles, tiles * 64, tiles * 64 + 64, res, res.stride(0), res.stride(1),
+            block_s=64, atomic=False, interpret=False, n_out_rows=S)))
+    return out
+
+
+def _signature(fn, args, kwargs):
+    import torch
+
+    types = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+             torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1"}
+    values = dict(zip([p.name for p in fn.params], args))
+    values.update(kwargs)
+    sig, const = {}, {}
+    for i, p in enumerate(fn.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            const[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = types[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
+    return sig, const
+
+
+def tool(name: str) -> str | None:
+    """A CUDA binary utility: the copy Triton's NVIDIA backend ships (it reads the PTX version that
+    Triton emits, which an older toolkit's ptxas rejects), else the one on PATH."""
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return shutil.which(name)
+    bundled = Path(nv.__file__).parent / "bin" / name
+    return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def triton_report(archs: list[int], tmp: Path) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = tool("cuobjdump")
+    report = {}
+    for name, fn, args, kwargs in _launches():
+        sig, const = _signature(fn, args, kwargs)
+        for arch in archs:
+            k = triton.compile(ASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
+            entry = {"kernel": fn.__name__, "triton_spills": getattr(k.metadata, "n_spills", None)}
+            cubin = tmp / f"{name}_{arch}.cubin"
+            cubin.write_bytes(k.asm["cubin"])
+            # The cubin Triton built with its own ptxas: its resource usage (a spill needs a stack
+            # frame, STACK:0 means none) and its SASS.
+            res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+            if m is None:
+                entry["cuobjdump_error"] = res[-400:]
+            else:
+                entry.update(max_registers=int(m.group(1)), stack_bytes=int(m.group(2)),
+                             shared_bytes=int(m.group(3)), local_bytes=int(m.group(4)))
+            sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+            entry["hmma"] = len(re.findall(r"\bHMMA\b", sass))
+            entry["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
+            entry["ffma"] = len(re.findall(r"\bFFMA\b", sass))
+            report[f"{name}/sm_{arch}"] = entry
+    return report
+
+
+def cuda_report(archs: list[int]) -> dict:
+    report = {}
+    for cu in sorted((ROOT / "kernels" / "cuda").glob("*.cu")):
+        for arch in archs:
+            cmd = ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DFASTATTR_WITH_CUDA=1",
+                   f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels' / 'cuda'}", f"-arch=sm_{arch}", "-Xptxas", "-v",
+                   "-c", str(cu), "-o", os.devnull]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            entry = _ptxas_stats(r.stderr)
+            if r.returncode != 0:
+                entry["nvcc_error"] = r.stderr[-800:]
+            report[f"{cu.name}/sm_{arch}"] = entry
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default="80,90")
+    ap.add_argument("--only", choices=["triton", "cuda"], default=None)
+    ns = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("kernel_report: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+    archs = [int(a) for a in ns.archs.split(",")]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if ns.only in (None, "triton"):
+            out["triton"] = triton_report(archs, Path(tmp))
+        if ns.only in (None, "cuda"):
+            out["cuda"] = cuda_report(archs)
+    json.dump(out, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
