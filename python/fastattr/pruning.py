@@ -375,7 +375,9 @@ def compute_graph_scores(graph: Any, *, backend: str | None = None) -> tuple[flo
     """(replacement score, completeness score), as circuit-tracer's ``compute_graph_scores``."""
     A, n_tokens, n_logits, n_features = _check_graph(graph)
     if not hasattr(graph, "cfg") or not hasattr(graph.cfg, "n_layers"):
-        raise TypeError("graph: expected .cfg.n_layers (the model's number of layers)")
+        raise TypeError(
+            f"graph: expected .cfg.n_layers (the model's number of layers), got a {type(graph).__name__} without it"
+        )
     error_start = n_features
     error_end = error_start + n_tokens * int(graph.cfg.n_layers)
     token_end = error_end + n_tokens
@@ -477,9 +479,12 @@ def prune_graph_sparse(
     sparse_input = edges is not None
     recorded_influence = None
     if edges is not None:
-        if logit_probabilities is None or n_tokens is None or n_features is None:
+        missing = [k for k, v in (("logit_probabilities", logit_probabilities), ("n_tokens", n_tokens),
+                                  ("n_features", n_features)) if v is None]  # fmt: skip
+        if missing:
             raise TypeError(
-                "prune_graph_sparse: with a sparse matrix, pass logit_probabilities, n_tokens and n_features"
+                f"{missing[0]}: expected a value when graph is a sparse matrix (pass logit_probabilities, n_tokens and "
+                f"n_features), got None for {', '.join(missing)}"
             )
         probs = logit_probabilities
     else:
