@@ -3,7 +3,8 @@
     python tools/kernel_report.py [--archs 80,90] > report.json
 
 Triton kernels: each launcher is called on small CPU tensors with ``JITFunction.run`` intercepted,
-which gives the exact argument types and constexprs of a real launch; that signature is compiled
+which gives the exact argument types, constexprs and launch options of a real launch; that signature,
+specialised as Triton specialises a launch on a GPU (alignment, multiples of 16, integers equal to 1), is compiled
 with ``triton.compile`` for each ``GPUTarget("cuda", arch, 32)``; its cubin goes through
 ``cuobjdump -res-usage`` (registers, stack: spills) and ``cuobjdump -sass`` (HMMA/HGMMA). CUDA kernels: every
 ``kernels/cuda/*.cu`` through ``nvcc -Xptxas -v``. Must run without TRITON_INTERPRET.
@@ -89,33 +90,40 @@ def _launches():
         out.append(grab(f"contract_{str(dtype).replace('torch.', '')}", lambda: contraction.contract(
             grads, vectors, rows, tiles, tiles * 64, tiles * 64 + 64, res, res.stride(0), res.stride(1),
             block_s=64, atomic=False, interpret=False, n_out_rows=S)))
+    # The other compiled variants: D not a multiple of the D step, repeated rows (atomics).
+    grads, vectors = torch.rand(64, 8, 300), torch.rand(128, 300)
+    out.append(grab("contract_float32_odd_d_atomic", lambda: contraction.contract(
+        grads, vectors, rows, tiles, tiles * 64, tiles * 64 + 64, res, res.stride(0), res.stride(1),
+        block_s=64, atomic=True, interpret=False, n_out_rows=S)))
     return out
 
 
-def _signature(fn, args, kwargs):
-    import torch
+def _signature(fn, args, kwargs, arch: int):
+    """signature, constexprs and attrs as a launch on a CUDA device would specialise them: 16-byte
+    aligned pointers and multiples of 16 get ``tt.divisibility`` (that decides vectorised loads),
+    an integer 1 becomes a constant, except for ``do_not_specialize`` parameters."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime import jit
 
-    types = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-             torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8", torch.bool: "*i1"}
+    backend = CUDABackend(GPUTarget("cuda", arch, 32))
     values = dict(zip([p.name for p in fn.params], args))
     values.update(kwargs)
-    sig, const = {}, {}
+    sig, const, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         v = values[p.name]
         if p.is_constexpr:
             sig[p.name] = "constexpr"
             const[(i,)] = v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = types[v.dtype]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
-    return sig, const
+            continue
+        specialize = getattr(jit, "native_specialize_impl", None) or jit.specialize_impl
+        kind, spec = specialize(backend, v, p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
+        sig[p.name] = kind
+        if kind == "constexpr":
+            const[(i,)] = spec
+        elif isinstance(spec, str) and spec:
+            attrs[(i,)] = backend.parse_attr(spec)
+    return sig, const, attrs
 
 
 def tool(name: str) -> str | None:
@@ -129,7 +137,7 @@ def tool(name: str) -> str | None:
     return str(bundled) if bundled.exists() else shutil.which(name)
 
 
-def triton_report(archs: list[int], tmp: Path) -> dict:
+def triton_report(archs: list[int], tmp: Path, match: str | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -137,10 +145,15 @@ def triton_report(archs: list[int], tmp: Path) -> dict:
     cuobjdump = tool("cuobjdump")
     report = {}
     for name, fn, args, kwargs in _launches():
-        sig, const = _signature(fn, args, kwargs)
+        if match and match not in name:
+            continue
+        # The launch options the launcher chose (warps, pipeline stages) change registers and spills.
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         for arch in archs:
-            k = triton.compile(ASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
-            entry = {"kernel": fn.__name__, "triton_spills": getattr(k.metadata, "n_spills", None)}
+            sig, const, attrs = _signature(fn, args, kwargs, arch)
+            k = triton.compile(ASTSource(fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                               options=options)
+            entry = {"kernel": fn.__name__, "triton_spills": getattr(k.metadata, "n_spills", None), **options}
             cubin = tmp / f"{name}_{arch}.cubin"
             cubin.write_bytes(k.asm["cubin"])
             # The cubin Triton built with its own ptxas: its resource usage (a spill needs a stack
@@ -179,6 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--only", choices=["triton", "cuda"], default=None)
+    ap.add_argument("--match", default=None, help="only the Triton kernels whose report name contains this")
     ns = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernel_report: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
@@ -186,7 +200,7 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         if ns.only in (None, "triton"):
-            out["triton"] = triton_report(archs, Path(tmp))
+            out["triton"] = triton_report(archs, Path(tmp), ns.match)
         if ns.only in (None, "cuda"):
             out["cuda"] = cuda_report(archs)
     json.dump(out, sys.stdout, indent=1)
