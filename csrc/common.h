@@ -14,7 +14,7 @@
 namespace fastattr {
 
 // Must match fastattr/_ext.py DTYPE_CODES.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5 };
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5, kFloat64 = 6 };
 
 inline const char* dtype_name(int code) {
   switch (code) {
@@ -24,6 +24,7 @@ inline const char* dtype_name(int code) {
     case kInt32: return "int32";
     case kInt64: return "int64";
     case kUInt8: return "uint8";
+    case kFloat64: return "float64";
     default: return "unknown";
   }
 }
@@ -58,8 +59,8 @@ inline void check_matrix(std::uintptr_t ptr, int dtype, std::int64_t rows, std::
 }
 
 inline void check_float_dtype(int code, const char* arg) {
-  if (code != kFloat32 && code != kFloat16 && code != kBFloat16)
-    fail(arg, ": expected dtype float32, float16 or bfloat16, got ", dtype_name(code));
+  if (code != kFloat32 && code != kFloat16 && code != kBFloat16 && code != kFloat64)
+    fail(arg, ": expected dtype float32, float16, bfloat16 or float64, got ", dtype_name(code));
 }
 
 // Half-precision conversions for the CPU kernels (no dependency on compiler __fp16 support).

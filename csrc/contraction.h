@@ -1,6 +1,8 @@
 // The feature-to-feature Jacobian contraction, shared by the CPU and CUDA launchers.
 //
-//   out[rows[s], b] += sum_d grads[b, pos(s), d] * vectors[s, d]       (fp32 accumulation)
+//   out[rows[s], b] += sum_d grads[b, pos(s), d] * vectors[s, d]
+//
+// accumulated in fp32 for float32, float16 and bfloat16 inputs, and in fp64 for float64 inputs.
 //
 // Rows s are pre-sorted by position and cut into tiles that never straddle two positions, so each
 // tile is one small GEMM (tile rows x D) @ (D x B) against a single grads slice; nothing is

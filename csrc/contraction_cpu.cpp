@@ -2,11 +2,13 @@
 //
 // Host memory lets us check every index before touching memory, so out-of-range tiles or rows are
 // reported as ValueError instead of corrupting the heap. Half-precision inputs are widened once
-// per task into a scratch buffer so the micro-kernel only ever sees fp32.
+// per task into a scratch buffer so the micro-kernel sees fp32; float64 runs the same micro-kernel
+// in fp64.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -21,18 +23,20 @@ namespace {
 
 constexpr std::int64_t kBatchChunk = 32;
 
-// 4 rows x 2 batch columns per step: 8 accumulators reuse each loaded value 2-4 times.
-template <bool Dummy>
-inline __attribute__((always_inline)) void micro_kernel(const float* const* v, int nv, const float* g0,
-                                                         const float* g1, std::int64_t D, float acc[4][2]) {
-  float a00 = 0, a01 = 0, a10 = 0, a11 = 0, a20 = 0, a21 = 0, a30 = 0, a31 = 0;
-  const float* v0 = v[0];
-  const float* v1 = v[nv > 1 ? 1 : 0];
-  const float* v2 = v[nv > 2 ? 2 : 0];
-  const float* v3 = v[nv > 3 ? 3 : 0];
+// 4 rows x 2 batch columns per step: 8 accumulators reuse each loaded value 2-4 times. T is the
+// accumulation type: float for float32 and the widened half types, double for float64 (so a
+// float64 model contracts in float64, as circuit-tracer's einsum does).
+template <typename T>
+inline __attribute__((always_inline)) void micro_kernel(const T* const* v, int nv, const T* g0, const T* g1,
+                                                         std::int64_t D, T acc[4][2]) {
+  T a00 = 0, a01 = 0, a10 = 0, a11 = 0, a20 = 0, a21 = 0, a30 = 0, a31 = 0;
+  const T* v0 = v[0];
+  const T* v1 = v[nv > 1 ? 1 : 0];
+  const T* v2 = v[nv > 2 ? 2 : 0];
+  const T* v3 = v[nv > 3 ? 3 : 0];
 #pragma omp simd reduction(+ : a00, a01, a10, a11, a20, a21, a30, a31)
   for (std::int64_t d = 0; d < D; ++d) {
-    const float x0 = g0[d], x1 = g1[d];
+    const T x0 = g0[d], x1 = g1[d];
     a00 += v0[d] * x0; a01 += v0[d] * x1;
     a10 += v1[d] * x0; a11 += v1[d] * x1;
     a20 += v2[d] * x0; a21 += v2[d] * x1;
@@ -42,25 +46,28 @@ inline __attribute__((always_inline)) void micro_kernel(const float* const* v, i
   acc[2][0] = a20; acc[2][1] = a21; acc[3][0] = a30; acc[3][1] = a31;
 }
 
+template <typename T>
+using MicroKernel = void (*)(const T* const*, int, const T*, const T*, std::int64_t, T[4][2]);
+
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2,fma"))) void micro_kernel_avx2(const float* const* v, int nv, const float* g0,
-                                                          const float* g1, std::int64_t D, float acc[4][2]) {
-  micro_kernel<true>(v, nv, g0, g1, D, acc);
+template <typename T>
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2(const T* const* v, int nv, const T* g0, const T* g1,
+                                                          std::int64_t D, T acc[4][2]) {
+  micro_kernel<T>(v, nv, g0, g1, D, acc);
 }
 #endif
-void micro_kernel_generic(const float* const* v, int nv, const float* g0, const float* g1, std::int64_t D,
-                          float acc[4][2]) {
-  micro_kernel<false>(v, nv, g0, g1, D, acc);
+template <typename T>
+void micro_kernel_generic(const T* const* v, int nv, const T* g0, const T* g1, std::int64_t D, T acc[4][2]) {
+  micro_kernel<T>(v, nv, g0, g1, D, acc);
 }
 
-using MicroKernel = void (*)(const float* const*, int, const float*, const float*, std::int64_t, float[4][2]);
-
-MicroKernel pick_micro_kernel() {
+template <typename T>
+MicroKernel<T> pick_micro_kernel() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_kernel_avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_kernel_avx2<T>;
 #endif
-  return micro_kernel_generic;
+  return micro_kernel_generic<T>;
 }
 
 float load_float(const void* base, std::int64_t i, int dtype) {
@@ -122,6 +129,28 @@ void accumulate(void* out, std::int64_t idx, int dtype, float value, bool atomic
   }
 }
 
+// float64 inputs: out is float64, or float32 updated as torch updates a float32 tensor in place
+// with a float64 one (the sum taken in float64, then rounded).
+void accumulate(void* out, std::int64_t idx, int dtype, double value, bool atomic) {
+  if (dtype == kFloat64) {
+    double* p = static_cast<double*>(out) + idx;
+    if (atomic) {
+#pragma omp atomic
+      *p += value;
+    } else {
+      *p += value;
+    }
+    return;
+  }
+  float* p = static_cast<float*>(out) + idx;
+  if (atomic) {
+#pragma omp critical(fastattr_contract_f32_from_f64)
+    *p = static_cast<float>(static_cast<double>(*p) + value);
+  } else {
+    *p = static_cast<float>(static_cast<double>(*p) + value);
+  }
+}
+
 void validate_host_indices(const ContractionArgs& a) {
   const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
   const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
@@ -138,10 +167,12 @@ void validate_host_indices(const ContractionArgs& a) {
 
 }  // namespace
 
-void contract_cpu(const ContractionArgs& a) {
-  if (a.B == 0 || a.S == 0) return;
-  validate_host_indices(a);
-  static const MicroKernel kernel = pick_micro_kernel();
+namespace {
+
+// T: float (float32, and half types widened to it per task) or double (float64).
+template <typename T>
+void contract_cpu_impl(const ContractionArgs& a) {
+  static const MicroKernel<T> kernel = pick_micro_kernel<T>();
 
   const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
   const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
@@ -150,17 +181,17 @@ void contract_cpu(const ContractionArgs& a) {
   const void* G = reinterpret_cast<const void*>(a.grads);
   const void* V = reinterpret_cast<const void*>(a.vectors);
   void* out = reinterpret_cast<void*>(a.out);
-  const bool widen = a.grads_dtype != kFloat32;
+  const bool widen = a.grads_dtype == kFloat16 || a.grads_dtype == kBFloat16;
   const std::int64_t n_chunks = (a.B + kBatchChunk - 1) / kBatchChunk;
   const std::int64_t n_tasks = a.n_tiles * n_chunks;
   // Repeated rows race between tasks; fp32 uses atomic adds, half outputs run the tasks in order.
-  const bool serial = a.atomic && a.out_dtype != kFloat32;
+  const bool serial = a.atomic && (a.out_dtype == kFloat16 || a.out_dtype == kBFloat16);
   const std::int64_t D = a.D;
 
 #pragma omp parallel if (!serial && n_tasks > 1)
   {
-    std::vector<float> vbuf, gbuf;
-    std::vector<const float*> vrows;
+    std::vector<T> vbuf, gbuf;
+    std::vector<const T*> vrows;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t task = 0; task < n_tasks; ++task) {
       const std::int64_t t = task / n_chunks;
@@ -172,28 +203,30 @@ void contract_cpu(const ContractionArgs& a) {
 
       // Row pointers into vectors and grads, widened to fp32 when the inputs are half precision.
       vrows.resize(ns);
-      std::vector<const float*> grows(nb);
+      std::vector<const T*> grows(nb);
       if (widen) {
-        vbuf.resize(ns * D);
-        gbuf.resize(nb * D);
-        for (std::int64_t i = 0; i < ns; ++i) {
-          for (std::int64_t d = 0; d < D; ++d)
-            vbuf[i * D + d] = load_float(V, (s0 + i) * a.vectors_stride_s + d, a.vectors_dtype);
-          vrows[i] = vbuf.data() + i * D;
-        }
-        for (std::int64_t j = 0; j < nb; ++j) {
-          const std::int64_t base = (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
-          for (std::int64_t d = 0; d < D; ++d) gbuf[j * D + d] = load_float(G, base + d, a.grads_dtype);
-          grows[j] = gbuf.data() + j * D;
+        if constexpr (std::is_same_v<T, float>) {
+          vbuf.resize(ns * D);
+          gbuf.resize(nb * D);
+          for (std::int64_t i = 0; i < ns; ++i) {
+            for (std::int64_t d = 0; d < D; ++d)
+              vbuf[i * D + d] = load_float(V, (s0 + i) * a.vectors_stride_s + d, a.vectors_dtype);
+            vrows[i] = vbuf.data() + i * D;
+          }
+          for (std::int64_t j = 0; j < nb; ++j) {
+            const std::int64_t base = (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
+            for (std::int64_t d = 0; d < D; ++d) gbuf[j * D + d] = load_float(G, base + d, a.grads_dtype);
+            grows[j] = gbuf.data() + j * D;
+          }
         }
       } else {
         for (std::int64_t i = 0; i < ns; ++i)
-          vrows[i] = static_cast<const float*>(V) + (s0 + i) * a.vectors_stride_s;
+          vrows[i] = static_cast<const T*>(V) + (s0 + i) * a.vectors_stride_s;
         for (std::int64_t j = 0; j < nb; ++j)
-          grows[j] = static_cast<const float*>(G) + (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
+          grows[j] = static_cast<const T*>(G) + (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
       }
 
-      float acc[4][2];
+      T acc[4][2];
       for (std::int64_t i = 0; i < ns; i += 4) {
         const int nv = static_cast<int>(std::min<std::int64_t>(4, ns - i));
         for (std::int64_t j = 0; j < nb; j += 2) {
@@ -208,6 +241,17 @@ void contract_cpu(const ContractionArgs& a) {
       }
     }
   }
+}
+
+}  // namespace
+
+void contract_cpu(const ContractionArgs& a) {
+  if (a.B == 0 || a.S == 0) return;
+  validate_host_indices(a);
+  if (a.vectors_dtype == kFloat64)
+    contract_cpu_impl<double>(a);
+  else
+    contract_cpu_impl<float>(a);
 }
 
 }  // namespace fastattr

@@ -2,7 +2,8 @@
 //
 // Each block owns one plan tile (up to 64 vectors of a single position) and 64 batch columns.
 // Vectors and the grads slice stream through shared memory in 16-wide slices of D, widened to
-// fp32; each thread keeps a 4x4 register tile. The (B x S x D) gathered tensor of the reference
+// fp32 (float64 inputs stay float64 throughout, as circuit-tracer's einsum does); each thread keeps
+// a 4x4 register tile. The (B x S x D) gathered tensor of the reference
 // never exists: grads are read in place through their strides.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,6 +11,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 
 #include "common.h"
@@ -24,22 +26,52 @@ constexpr int kTileB = 64;                  // batch columns per block
 constexpr int kTileD = 16;                  // slice of D staged in shared memory
 constexpr int kThreads = 256;               // 16 x 16 threads, 4 x 4 outputs each
 
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+// The accumulation type: float for float32 and the half types, double for float64.
+template <typename T> using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T> __device__ __forceinline__ AccT<T> to_acc(T x);
+template <> __device__ __forceinline__ float to_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double to_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ float to_acc<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename OutT> __device__ __forceinline__ void atomic_accumulate(OutT* p, float v);
-template <> __device__ __forceinline__ void atomic_accumulate<float>(float* p, float v) { atomicAdd(p, v); }
-template <> __device__ __forceinline__ void atomic_accumulate<__half>(__half* p, float v) { atomicAdd(p, __float2half_rn(v)); }
-template <> __device__ __forceinline__ void atomic_accumulate<__nv_bfloat16>(__nv_bfloat16* p, float v) {
+// out[...] += v, with v in the accumulation type of the inputs (Acc), out in OutT.
+template <typename OutT, typename Acc> __device__ __forceinline__ void add_to(OutT* p, Acc v);
+template <> __device__ __forceinline__ void add_to<float, float>(float* p, float v) { *p += v; }
+template <> __device__ __forceinline__ void add_to<double, double>(double* p, double v) { *p += v; }
+// float64 inputs into a float32 buffer: the sum in float64, then rounded (torch's in-place add).
+template <> __device__ __forceinline__ void add_to<float, double>(float* p, double v) {
+  *p = static_cast<float>(static_cast<double>(*p) + v);
+}
+template <> __device__ __forceinline__ void add_to<__half, float>(__half* p, float v) {
+  *p = __float2half_rn(__half2float(*p) + v);
+}
+template <> __device__ __forceinline__ void add_to<__nv_bfloat16, float>(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16_rn(__bfloat162float(*p) + v);
+}
+
+template <typename OutT, typename Acc> __device__ __forceinline__ void atomic_accumulate(OutT* p, Acc v);
+template <> __device__ __forceinline__ void atomic_accumulate<float, float>(float* p, float v) { atomicAdd(p, v); }
+template <> __device__ __forceinline__ void atomic_accumulate<double, double>(double* p, double v) { atomicAdd(p, v); }
+template <> __device__ __forceinline__ void atomic_accumulate<float, double>(float* p, double v) {
+  // Compare-and-swap so the float32 result is the float64 sum rounded once, as without atomics.
+  auto* bits = reinterpret_cast<unsigned int*>(p);
+  unsigned int old = *bits, assumed;
+  do {
+    assumed = old;
+    const float updated = static_cast<float>(static_cast<double>(__uint_as_float(assumed)) + v);
+    old = atomicCAS(bits, assumed, __float_as_uint(updated));
+  } while (old != assumed);
+}
+template <> __device__ __forceinline__ void atomic_accumulate<__half, float>(__half* p, float v) {
+  atomicAdd(p, __float2half_rn(v));
+}
+template <> __device__ __forceinline__ void atomic_accumulate<__nv_bfloat16, float>(__nv_bfloat16* p, float v) {
   atomicAdd(p, __float2bfloat16_rn(v));
 }
+
+__device__ __forceinline__ float fused_madd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fused_madd(double a, double b, double c) { return fma(a, b, c); }
 
 template <typename T, typename OutT>
 __global__ void __launch_bounds__(kThreads) contract_kernel(
@@ -47,8 +79,9 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
     const int* __restrict__ tile_pos, const int* __restrict__ tile_start, const int* __restrict__ tile_end,
     OutT* __restrict__ out, std::int64_t B, std::int64_t P, std::int64_t D, std::int64_t gsb, std::int64_t gsp,
     std::int64_t vss, std::int64_t S, std::int64_t R, std::int64_t osr, std::int64_t osb, bool atomic) {
-  __shared__ float vs[kTileD][kTileS + 1];
-  __shared__ float gs[kTileD][kTileB + 1];
+  using Acc = AccT<T>;
+  __shared__ Acc vs[kTileD][kTileS + 1];
+  __shared__ Acc gs[kTileD][kTileB + 1];
 
   const int tile = blockIdx.x;
   const std::int64_t b0 = static_cast<std::int64_t>(blockIdx.y) * kTileB;
@@ -62,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
 
   const int tx = threadIdx.x % 16;  // batch direction
   const int ty = threadIdx.x / 16;  // vector direction
-  float acc[4][4] = {};
+  Acc acc[4][4] = {};
 
   const T* gbase = grads + static_cast<std::int64_t>(p) * gsp;
   for (std::int64_t d0 = 0; d0 < D; d0 += kTileD) {
@@ -72,22 +105,22 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
     for (int k = 0; k < (kTileS * kTileD) / kThreads; ++k) {
       const int idx = threadIdx.x + k * kThreads;
       const int s = idx / kTileD, d = idx % kTileD;
-      float v = 0.f;
-      if (s < ns && d0 + d < D) v = to_float(vectors[static_cast<std::int64_t>(s0 + s) * vss + d0 + d]);
+      Acc v = 0;
+      if (s < ns && d0 + d < D) v = to_acc(vectors[static_cast<std::int64_t>(s0 + s) * vss + d0 + d]);
       vs[d][s] = v;
     }
 #pragma unroll
     for (int k = 0; k < (kTileB * kTileD) / kThreads; ++k) {
       const int idx = threadIdx.x + k * kThreads;
       const int b = idx / kTileD, d = idx % kTileD;
-      float g = 0.f;
-      if (b < nb && d0 + d < D) g = to_float(gbase[(b0 + b) * gsb + d0 + d]);
+      Acc g = 0;
+      if (b < nb && d0 + d < D) g = to_acc(gbase[(b0 + b) * gsb + d0 + d]);
       gs[d][b] = g;
     }
     __syncthreads();
 #pragma unroll
     for (int d = 0; d < kTileD; ++d) {
-      float a[4], g[4];
+      Acc a[4], g[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) a[i] = vs[d][ty + 16 * i];
 #pragma unroll
@@ -95,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], g[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) acc[i][j] = fused_madd(a[i], g[j], acc[i][j]);
     }
     __syncthreads();
   }
@@ -112,9 +145,9 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
       if (b >= nb) continue;
       OutT* dst = out + static_cast<std::int64_t>(row) * osr + (b0 + b) * osb;
       if (atomic) {
-        atomic_accumulate(dst, acc[i][j]);
+        atomic_accumulate<OutT, Acc>(dst, acc[i][j]);
       } else {
-        *dst = from_float<OutT>(to_float(*dst) + acc[i][j]);
+        add_to<OutT, Acc>(dst, acc[i][j]);
       }
     }
   }
@@ -146,6 +179,7 @@ void contract_cuda(const ContractionArgs& a, std::uintptr_t stream_handle) {
     case kBFloat16:
       same ? launch<__nv_bfloat16, __nv_bfloat16>(a, stream) : launch<__nv_bfloat16, float>(a, stream);
       break;
+    case kFloat64: same ? launch<double, double>(a, stream) : launch<double, float>(a, stream); break;
     default: fail("vectors: unsupported dtype ", dtype_name(a.vectors_dtype));
   }
 }

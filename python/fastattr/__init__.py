@@ -5,6 +5,7 @@ takes ``backend=`` to force one of ``cuda``, ``triton``, ``cpu`` or ``torch``.
 """
 
 from fastattr._backends import (
+    BackendDtypeError,
     BackendUnavailableError,
     available_backends,
     last_backend,
@@ -26,6 +27,7 @@ from fastattr.attribute import attribute  # noqa: I001 - after the graph ops it 
 from fastattr.patch import patch_circuit_tracer
 
 __all__ = [
+    "BackendDtypeError",
     "BackendUnavailableError",
     "ContractionPlan",
     "PruneResult",

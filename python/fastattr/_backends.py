@@ -39,6 +39,30 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested that cannot run here; the message says why."""
 
 
+class BackendDtypeError(BackendUnavailableError, TypeError):
+    """A forced backend whose kernels do not take the inputs' dtype. Also a TypeError, the error a
+    wrong dtype gets everywhere else."""
+
+
+# (op, backend) -> the dtypes its kernels take; absent means any dtype the op accepts. An automatic
+# choice skips a backend that cannot take the inputs' dtype; a forced one raises BackendDtypeError
+# naming the dtype, before any kernel runs.
+_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}
+
+
+def declare_dtypes(op: str, backends: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+    """Record that each of ``backends`` runs ``op`` on ``dtypes`` only (see :func:`select`)."""
+    for name in backends:
+        _validate_name(name, "backends")
+        _DTYPES[(op, name)] = tuple(dtypes)
+
+
+def takes_dtype(op: str, backend: str, dtype: torch.dtype | None) -> bool:
+    """Whether ``backend`` can run ``op`` on ``dtype`` inputs (True when dtype is None)."""
+    allowed = _DTYPES.get((op, backend))
+    return dtype is None or allowed is None or dtype in allowed
+
+
 _local = threading.local()
 # Process-wide: an op run on autograd's device thread still reports to the caller's last_backend().
 _last_used: dict[str, str] = {}
@@ -174,10 +198,18 @@ def _device_ok(name: str, device: torch.device) -> str | None:
 
 
 def select(
-    op: str, device: torch.device, backend: str | None, implemented: dict[str, Callable], captured: str | None = None
+    op: str,
+    device: torch.device,
+    backend: str | None,
+    implemented: dict[str, Callable],
+    captured: str | None = None,
+    dtype: torch.dtype | None = None,
+    dtype_arg: str = "input",
 ) -> tuple[str, Callable]:
     """Pick the implementation of ``op`` for tensors on ``device``; ``captured`` is the choice that
-    deferred work recorded where it was built (see the module docstring)."""
+    deferred work recorded where it was built (see the module docstring). With ``dtype`` (that of
+    the argument ``dtype_arg``), backends declared unable to take it (:func:`declare_dtypes`) are
+    skipped by an automatic choice and refused when forced."""
     forced, source = backend, "backend="
     if forced is None:
         forced, source = forced_choice(), "use_backend()"
@@ -198,16 +230,31 @@ def select(
         bad = _device_ok(forced, device)
         if bad:
             raise BackendUnavailableError(f"{op}: backend {forced!r} (from {source}) cannot run here: {bad}")
+        if not takes_dtype(op, forced, dtype):
+            name = str(dtype).replace("torch.", "")
+            allowed = " or ".join(str(d).replace("torch.", "") for d in _DTYPES[(op, forced)])
+            can = ", ".join(n for n in implemented if takes_dtype(op, n, dtype))
+            raise BackendDtypeError(
+                f"{dtype_arg}: the {forced} backend expects dtype {allowed}, got {name} "
+                f"({op}, backend from {source}; backends that take {name}: {can})"
+            )
         chosen = forced
     else:
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         status = backend_status()
         chosen = next(
-            n for n in order if n in implemented and status[n][0] and _device_ok(n, device) is None
+            n
+            for n in order
+            if n in implemented and status[n][0] and _device_ok(n, device) is None and takes_dtype(op, n, dtype)
         )
         logger.debug("%s: automatic backend %r for tensors on %s", op, chosen, device)
         if chosen == "torch" and "torch" != order[0]:
-            logger.info("%s: using the torch reference on %s (%s unavailable)", op, device, order[0])
+            if status[order[0]][0] and not takes_dtype(op, order[0], dtype):
+                logger.info("%s: using the torch reference for %s %s (the %s backend takes %s only)", op,
+                            str(dtype).replace("torch.", ""), dtype_arg, order[0],
+                            " or ".join(str(d).replace("torch.", "") for d in _DTYPES[(op, order[0])]))
+            else:
+                logger.info("%s: using the torch reference on %s (%s unavailable)", op, device, order[0])
     _last_used[op] = chosen
     return chosen, implemented[chosen]
 

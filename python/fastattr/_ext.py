@@ -25,6 +25,7 @@ DTYPE_CODES = {
     torch.int64: 4,
     torch.uint8: 5,
     torch.bool: 5,
+    torch.float64: 6,
 }
 
 

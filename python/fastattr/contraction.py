@@ -28,6 +28,9 @@ from fastattr._checks import (
 )
 
 OP = "contract"
+# float64 too: circuit-tracer contracts in the model's dtype, and float64 models are how it checks
+# its backends against each other. The cpu and cuda kernels accumulate float64 in float64.
+DTYPES = (*FLOAT_DTYPES, torch.float64)
 _TRITON_BLOCK_S_INTERPRET = 32
 _TRITON_BLOCK_S = 64
 _CPU_BLOCK_S = 64
@@ -40,13 +43,13 @@ class ContractionPlan:
     call it with each batch's grads. Sorting by position and cutting tiles happen here, once.
 
     Args:
-        vectors: (S, D) float32, float16 or bfloat16, unit stride along D.
+        vectors: (S, D) float32, float16, bfloat16 or float64, unit stride along D.
         positions: (S,) int32/int64 position of each vector in grads' second dimension.
         rows: (S,) int32/int64 output row of each vector. Repeated rows accumulate.
     """
 
     def __init__(self, vectors: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
-        check_tensor(vectors, "vectors", ndim=2, dtypes=FLOAT_DTYPES, unit_last_stride=True)
+        check_tensor(vectors, "vectors", ndim=2, dtypes=DTYPES, unit_last_stride=True)
         check_tensor(positions, "positions", ndim=1, dtypes=INDEX_DTYPES)
         check_tensor(rows, "rows", ndim=1, dtypes=INDEX_DTYPES)
         check_same_device("vectors", vectors, "positions", positions)
@@ -126,7 +129,7 @@ class ContractionPlan:
         ``out`` is (R, B) for ``out_layout="rb"`` (circuit-tracer's buffer) or (B, R) for "br",
         float32 or the vectors' dtype, any strides.
         """
-        check_tensor(grads, "grads", ndim=3, dtypes=FLOAT_DTYPES, device=self.device, unit_last_stride=True)
+        check_tensor(grads, "grads", ndim=3, dtypes=DTYPES, device=self.device, unit_last_stride=True)
         if grads.dtype != self.dtype:
             raise TypeError(
                 f"grads: expected dtype {str(self.dtype).replace('torch.', '')} (the vectors' dtype), "
@@ -152,7 +155,8 @@ class ContractionPlan:
         _check_out_writable(out, grads)
         self._check_unchanged()
 
-        name, impl = _backends.select(OP, grads.device, backend, _IMPLS, captured=self.captured_backend)
+        name, impl = _backends.select(OP, grads.device, backend, _IMPLS, captured=self.captured_backend,
+                                      dtype=self.dtype, dtype_arg="grads")
         if name == "triton" and self.dtype == torch.bfloat16 and _backends.triton_interpret():
             raise TypeError(
                 "grads: the triton backend under TRITON_INTERPRET=1 cannot contract bfloat16 (the interpreter's "
@@ -248,8 +252,12 @@ def _contract_triton(plan, grads, out, R, stride_r, stride_b, layout):
 
 
 def _contract_torch(plan, grads, out, R, stride_r, stride_b, layout):
-    # fp32 like the kernels, so that backends agree to rounding on half-precision inputs too.
-    reference.contract(grads.float(), plan.vectors.float(), plan.positions, plan.rows, out, out_layout=layout)
+    # fp32 like the kernels, so that backends agree to rounding on half-precision inputs too; float64
+    # stays float64.
+    acc = torch.float64 if plan.dtype == torch.float64 else torch.float32
+    reference.contract(grads.to(acc), plan.vectors.to(acc), plan.positions, plan.rows, out, out_layout=layout)
 
 
 _IMPLS = {"cuda": _contract_cuda, "triton": _contract_triton, "cpu": _contract_cpu, "torch": _contract_torch}
+# The Triton kernel has no float64 tile path (it computes in float32).
+_backends.declare_dtypes(OP, ("triton",), FLOAT_DTYPES)

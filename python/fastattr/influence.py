@@ -114,16 +114,6 @@ def _row_major(a: torch.Tensor, name: str) -> torch.Tensor:
     return a
 
 
-def _needs_reference(name: str, A: torch.Tensor, backend: str | None, a_name: str) -> bool:
-    """Compiled backends run float32; other dtypes use the reference (its rounding is dtype-specific)."""
-    if name == "torch" or A.dtype == torch.float32:
-        return False
-    if backend is not None:
-        raise TypeError(f"{a_name}: the {name} backend expects dtype float32, got {_dt(A)}")
-    logger.info("%s: %s matrix; using the torch reference", a_name, _dt(A))
-    return True
-
-
 # ------------------------------------------------------------------------------------------------
 # Dense kernels per backend: each returns the float32 influence or raises.
 # ------------------------------------------------------------------------------------------------
@@ -350,9 +340,8 @@ def normalize_matrix(matrix: torch.Tensor, *, backend: str | None = None) -> tor
 
 def _dense_influence(A, w, *, normalize, max_iter, backend, op, a_name, node_mask=None):
     _check_dense(A, w, a_name)
-    name, _ = _backends.select(op, A.device, backend, {"cuda": None, "triton": None, "cpu": None, "torch": None})
-    if _needs_reference(name, A, backend, a_name):
-        name = "torch"
+    name, _ = _backends.select(op, A.device, backend, {"cuda": None, "triton": None, "cpu": None, "torch": None},
+                               dtype=A.dtype, dtype_arg=a_name)
     if name == "cpu":
         infl = influence_cpu(A, w, normalize=normalize, max_iter=max_iter, node_mask=node_mask, a_name=a_name)[0]
         return _check_result(infl, a_name)
@@ -451,9 +440,8 @@ def compute_partial_influences(
     logit_p = logit_p.to(dev, torch.float32)
     _checks.check_finite(logit_p, "logit_p", _checks.NonFiniteInfluenceError)
     name, _ = _backends.select("compute_partial_influences", dev, backend,
-                               {"cuda": None, "triton": None, "cpu": None, "torch": None})
-    if _needs_reference(name, edge_matrix, backend, "edge_matrix"):
-        name = "torch"
+                               {"cuda": None, "triton": None, "cpu": None, "torch": None},
+                               dtype=edge_matrix.dtype, dtype_arg="edge_matrix")
     if name == "cpu":
         e = _row_major(edge_matrix, "edge_matrix")
         idx = idx.contiguous()
@@ -487,3 +475,9 @@ def compute_partial_influences(
     _checks.check_finite(edge_matrix, "edge_matrix")
     infl = reference.compute_partial_influences(edge_matrix, logit_p, idx, max_iter=max_iter, device=dev)
     return _check_result(infl, "logit_p").to(out_device)
+
+
+# The compiled kernels reproduce circuit-tracer's float32 rounding step by step; other dtypes run
+# circuit-tracer's own math, the torch reference (exact in float64 and the half types alike).
+for _op in ("compute_influence", "compute_node_influence", "compute_edge_influence", "compute_partial_influences"):
+    _backends.declare_dtypes(_op, ("cuda", "triton", "cpu"), (torch.float32,))

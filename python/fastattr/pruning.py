@@ -340,15 +340,11 @@ def prune_graph(
         edge_mask = torch.zeros(A.shape, dtype=torch.bool, device=A.device)
         edge_mask[res.edges.row_indices(), res.edges.col_indices] = True
         return PruneResult(res.node_mask, edge_mask, res.cumulative_scores)
-    name, impl = _backends.select(
+    _, impl = _backends.select(
         "prune_graph", A.device, backend,
         {"cuda": _prune_cuda, "triton": _prune_triton, "cpu": _prune_cpu, "torch": _prune_torch},
+        dtype=A.dtype, dtype_arg="graph.adjacency_matrix",
     )
-    if name != "torch" and A.dtype != torch.float32:
-        if backend is not None:
-            raise TypeError(f"graph.adjacency_matrix: the {name} backend expects dtype float32, got {A.dtype}")
-        logger.info("prune_graph: %s adjacency; using the torch reference", A.dtype)
-        impl = _prune_torch
     return impl(graph, node_threshold, edge_threshold)
 
 
@@ -565,3 +561,7 @@ def prune_graph_sparse(
     crow[1:] = torch.cumsum(torch.bincount(er, minlength=n), 0)
     kept_edges = SparseEdges(crow, ec, vals, edges.row_abs_sum, edges.shape)
     return SparsePruneResult(node_mask, kept_edges, reference.cumulative_node_scores(infl))
+
+
+# The kernels reproduce circuit-tracer's float32 rounding; other dtypes run the torch reference.
+_backends.declare_dtypes("prune_graph", ("cuda", "triton", "cpu"), (torch.float32,))

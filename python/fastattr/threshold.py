@@ -348,7 +348,7 @@ def find_threshold(scores: torch.Tensor, threshold: float, *, backend: str | Non
     by radix select instead of a sort. ``scores`` must be 1-D and finite.
     """
     threshold = _check_scores(scores, threshold)
-    name, impl = _backends.select(
+    _, impl = _backends.select(
         "find_threshold",
         scores.device,
         backend,
@@ -358,14 +358,17 @@ def find_threshold(scores: torch.Tensor, threshold: float, *, backend: str | Non
             "cpu": _find_threshold_cpu,
             "torch": _find_threshold_torch,
         },
+        dtype=scores.dtype,
+        dtype_arg="scores",
     )
-    if name != "torch" and scores.dtype != torch.float32:
-        if backend is not None:
-            raise TypeError(f"scores: the {name} backend expects dtype float32, got {str(scores.dtype).replace('torch.', '')}")
-        return _fallback(scores, threshold, f"{str(scores.dtype).replace('torch.', '')} scores round differently")
     return impl(scores, threshold)
 
 
 def _find_threshold_torch(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     _checks.check_finite(scores, "scores")
     return reference.find_threshold(scores, threshold)
+
+
+# The radix select orders float32 bit patterns and reproduces float32 rounding; other dtypes round
+# differently and run the sorting reference.
+_backends.declare_dtypes("find_threshold", ("cuda", "triton", "cpu"), (torch.float32,))

@@ -267,17 +267,15 @@ def topk_edges(adjacency: torch.Tensor, k: int | None, *, backend: str | None = 
     order; ``row_abs_sum`` is the exact |A| sum of the full dense row.
     """
     k = _check_adjacency(adjacency, k)
-    name, impl = _backends.select(
+    _, impl = _backends.select(
         "topk_edges",
         adjacency.device,
         backend,
         {"cuda": _topk_cuda, "triton": _topk_triton, "cpu": _topk_cpu, "torch": _topk_torch},
+        dtype=adjacency.dtype,
+        dtype_arg="adjacency",
     )
-    if name != "torch" and adjacency.dtype != torch.float32:
-        if backend is not None:
-            raise TypeError(
-                f"adjacency: the {name} backend expects dtype float32, got {str(adjacency.dtype).replace('torch.', '')}"
-            )
-        logger.info("topk_edges: %s adjacency; using the torch reference", adjacency.dtype)
-        impl = _topk_torch
     return impl(adjacency, k)
+
+
+_backends.declare_dtypes("topk_edges", ("cuda", "triton", "cpu"), (torch.float32,))
