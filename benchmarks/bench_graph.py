@@ -31,7 +31,17 @@ import fastattr
 import benchutil
 from benchutil import BASELINE, DEVICE, impl_params, per_tier
 
-ctg = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
+try:
+    import circuit_tracer.graph as ctg
+
+    ORACLE = "circuit-tracer"
+except ImportError:
+    # Without circuit-tracer (a GPU image may lack it) the baseline column runs fastattr.reference:
+    # circuit-tracer's graph.py, the same operations in the same order (equal bit for bit where both
+    # are installed, tests/test_reference.py). Each row records which one ran as ``oracle``.
+    from fastattr import reference as ctg
+
+    ORACLE = "fastattr.reference"
 
 SIZES = per_tier(smoke=[600], cpu=[2048, 8192], full=[2048, 8192, 16384, 32768])
 N_LAYERS, N_POS, N_LOGITS = 16, 32, 10
@@ -103,6 +113,7 @@ def _cases(op_sizes=SIZES):
 
 
 def _per_element(benchmark, N: int) -> None:
+    benchmark.extra_info["oracle"] = ORACLE
     peak = benchmark.extra_info.get("peak_mem_bytes")
     if peak is not None:
         benchmark.extra_info["bytes_per_element"] = peak / N**2
@@ -199,6 +210,7 @@ def test_find_threshold(measure, benchmark, n, impl, which):
     measure(fn, op=f"find_threshold ({which})", case=f"N={graph.adjacency_matrix.shape[0]}, {scores.numel()} scores",
             impl=impl, size=scores.numel(), size_label="scores", family=f"find_threshold-{which}",
             check=lambda r: 0.0 if torch.equal(r, want) else 1.0)  # fmt: skip
+    benchmark.extra_info["oracle"] = ORACLE
     # Calls whose answer depended on torch.sum's rounding and were resolved by sorting.
     benchmark.extra_info["sorted_fallbacks"] = stats.fallbacks - before[1]
     benchmark.extra_info["calls"] = stats.calls - before[0]

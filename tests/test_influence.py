@@ -15,7 +15,13 @@ import fastattr
 from fastattr import _backends, _ext, influence, reference
 from fastattr.topk_edges import SparseEdges
 
-ctg = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
+try:
+    import circuit_tracer.graph as ctg
+except ImportError:
+    # A GPU machine may have no circuit-tracer; the graph-kernel tests must still run there.
+    # fastattr.reference is then the oracle: it equals circuit-tracer's graph.py bit for bit, which
+    # tests/test_reference.py asserts wherever circuit-tracer is installed.
+    ctg = reference
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -14,9 +14,8 @@ import torch
 import fastattr
 from fastattr import reference
 
-from test_influence import backend_device, backend_params, interpreted, logit_weights, random_graph, shuffle_features
-
-ctg = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
+# circuit-tracer's graph.py, or fastattr.reference where circuit-tracer is not installed
+from test_influence import backend_device, backend_params, ctg, interpreted, logit_weights, random_graph, shuffle_features
 
 THRESHOLDS = [(0.8, 0.98), (0.5, 0.5), (0.0, 0.8), (0.98, 0.0), (0.0, 0.0), (0.3, 0.95)]
 
