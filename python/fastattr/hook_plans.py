@@ -7,7 +7,7 @@ embeddings, read at ``hook_embed``. :func:`layer_plan` and :func:`token_plan` tu
 :class:`~fastattr.contraction.ContractionPlan`\\ s with circuit-tracer's row numbering
 (features, then errors layer by layer, then tokens).
 
-Both the patched hooks (:mod:`fastattr.patch`) and the linear engine
+Both the patched hooks (:mod:`fastattr.integrations.circuit_tracer`) and the linear engine
 (:mod:`fastattr.linear_engine`) use these plans. Where the hooks' scores go is a per-context
 *route*, held here in a weak map rather than on the context object, so that concurrent
 attributions on different contexts never see each other's buffers.
@@ -218,9 +218,12 @@ def _contexts_patched() -> bool:
     for modname in _CONTEXT_MODULES.values():
         module = sys.modules.get(modname)
         cls = getattr(module, "AttributionContext", None) if module else None
+        # A counting patch (patch_circuit_tracer(count_calls=True)) holds wrappers of these.
+        hooks = getattr(vars(cls).get("_make_attribution_hooks"), "__wrapped__", None) if cls is not None else None
+        feats = getattr(vars(cls).get("compute_feature_attributions"), "__wrapped__", None) if cls is not None else None
         if cls is not None and (
-            vars(cls).get("_make_attribution_hooks") is _patched_make_attribution_hooks
-            or vars(cls).get("compute_feature_attributions") is _patched_feature_attributions
+            _patched_make_attribution_hooks in (vars(cls).get("_make_attribution_hooks"), hooks)
+            or _patched_feature_attributions in (vars(cls).get("compute_feature_attributions"), feats)
         ):
             return True
     return False
