@@ -205,3 +205,15 @@ def test_reexports_keep_working():
     assert patch.patch_circuit_tracer is integ.patch_circuit_tracer is fastattr.patch_circuit_tracer is integ.apply
     assert patch.UnsupportedCircuitTracerError is integ.UnsupportedCircuitTracerError
     assert _circuit_tracer.run_forward is integ.run_forward and _circuit_tracer.graph_cfg is integ.graph_cfg
+
+
+def test_backend_contract_worked_example_runs(capsys):
+    """docs/backend_contract.md's worked example (an outside tracer's adapter) runs as written."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "backend_contract.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(doc), "exec"), {"__name__": "backend_contract_example"})
+    assert "agree" in capsys.readouterr().out
