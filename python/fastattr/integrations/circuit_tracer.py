@@ -424,9 +424,14 @@ def _patch_attribute(handle: PatchHandle, version: str) -> None:
             continue
         if callable(getattr(backend_module, "attribute", None)):
             originals.append(backend_module.attribute)
-    for modname in ("circuit_tracer.attribution", "circuit_tracer"):
-        importlib.import_module(modname)
     _replace_everywhere(handle, {id(fn): (fn, fast_attribute) for fn in originals})
+    # The packages export attribute lazily (a module __getattr__) and may not have bound it yet:
+    # bind it for the patch's duration (undo removes it again), so ``circuit_tracer.attribute`` is
+    # fastattr's without going through the lazy import.
+    for modname in ("circuit_tracer.attribution", "circuit_tracer"):
+        package = importlib.import_module(modname)
+        if "attribute" not in vars(package) and callable(getattr(package, "attribute", None)):
+            handle._set(package, "attribute", fast_attribute, f"{modname}.attribute", key=_qualname(originals[0]))
 
 
 def patch_circuit_tracer(
