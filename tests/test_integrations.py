@@ -184,19 +184,34 @@ def test_nnsight_08_transformers_model(monkeypatch):
         integ.check_nnsight_tracer(OldTracer())
 
 
-def test_nnsight_without_model_class_is_unsupported(monkeypatch):
-    monkeypatch.setitem(sys.modules, "nnsight", _fake_module("nnsight"))
-    monkeypatch.setitem(sys.modules, "circuit_tracer.attribution.context_nnsight", None)  # import fails
-    with pytest.raises(UnsupportedCircuitTracerError, match="nnsight.LanguageModel or nnsight.TransformersModel"):
+def _break_backends(monkeypatch, *, tl: bool, nn: bool) -> None:
+    """TransformerLens 4 (no HookedTransformer) and/or an nnsight with no HF model class, each
+    making circuit-tracer's modules for that backend fail to import."""
+    if tl:
+        monkeypatch.setitem(sys.modules, "transformer_lens", _fake_module("transformer_lens", TransformerBridge=object))
+        for name in integ._TL_MODULES:
+            monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    if nn:
+        monkeypatch.setitem(sys.modules, "nnsight", _fake_module("nnsight"))
+        for name in integ._NNSIGHT_MODULES:
+            monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_no_servable_backend_is_unsupported_naming_both(monkeypatch):
+    _break_backends(monkeypatch, tl=True, nn=True)
+    with pytest.raises(UnsupportedCircuitTracerError,
+                       match=r"transformer_lens.HookedTransformer \(TransformerLens 4 .*\); "
+                             r"nnsight.LanguageModel or nnsight.TransformersModel"):
         integ.check_structure("test", attribute=False)
 
 
-def test_transformerlens_4_without_hookedtransformer_is_unsupported(monkeypatch):
-    """TransformerLens 4 removed HookedTransformer (circuit-tracer's TL model subclasses it)."""
-    monkeypatch.setitem(sys.modules, "transformer_lens", _fake_module("transformer_lens", TransformerBridge=object))
-    monkeypatch.setitem(sys.modules, "circuit_tracer.attribution.context_transformerlens", None)
-    with pytest.raises(UnsupportedCircuitTracerError, match="transformer_lens.HookedTransformer"):
-        integ.check_structure("test", attribute=False)
+@pytest.mark.parametrize("broken", ["transformer_lens", "nnsight"])
+def test_one_broken_backend_is_logged_and_the_other_served(monkeypatch, caplog, broken):
+    _break_backends(monkeypatch, tl=broken == "transformer_lens", nn=broken == "nnsight")
+    with caplog.at_level("INFO", logger="fastattr"):
+        integ.check_structure("test", attribute=True)
+    want = "transformer_lens.HookedTransformer" if broken == "transformer_lens" else "nnsight.LanguageModel or"
+    assert want in caplog.text
 
 
 def test_reexports_keep_working():

@@ -218,37 +218,26 @@ _GRAPH_FUNCTIONS = ("normalize_matrix", "compute_influence", "compute_node_influ
 
 def check_structure(version: str, *, attribute: bool) -> None:
     """Raise :class:`UnsupportedCircuitTracerError` naming what this circuit-tracer (or the
-    TransformerLens / nnsight it runs on) lacks that the patch relies on. Structure only."""
+    TransformerLens / nnsight it runs on) lacks that the patch relies on. Structure only.
+
+    A backend whose modules do not import is reported (logged) and skipped as long as the other
+    one works; with neither, the error names what each lacks.
+    """
     missing: list[str] = []
-    backends = 0
-    # TransformerLens backend: circuit-tracer's replacement model subclasses HookedTransformer,
-    # which TransformerLens 4 removed (for TransformerBridge).
-    if importlib.util.find_spec("transformer_lens") is not None:
+    usable, broken = [], []
+    for library, modules in (("transformer_lens", _TL_MODULES), ("nnsight", _NNSIGHT_MODULES)):
+        if importlib.util.find_spec(library) is None:
+            continue
         try:
-            importlib.import_module("circuit_tracer.attribution.context_transformerlens")
-            backends += 1
+            for modname in modules:
+                importlib.import_module(modname)
+            usable.append(library)
         except ImportError as exc:
-            tl = sys.modules.get("transformer_lens")
-            if tl is not None and "HookedTransformer" not in vars(tl) and not _lazy_has(tl, "HookedTransformer"):
-                missing.append("transformer_lens.HookedTransformer (TransformerLens 4 replaced it with "
-                               "TransformerBridge, which circuit-tracer's TransformerLens backend does not use)")
-            else:
-                missing.append(f"circuit_tracer.attribution.context_transformerlens ({exc})")
-    # nnsight backend: a model class (LanguageModel <= 0.7, TransformersModel >= 0.8) and the
-    # context; an nnsight without either cannot host circuit-tracer's nnsight model.
-    if importlib.util.find_spec("nnsight") is not None:
-        try:
-            importlib.import_module("circuit_tracer.attribution.context_nnsight")
-            backends += 1
-        except ImportError as exc:
-            importlib.import_module("nnsight")
-            if not _nnsight_model_classes():
-                missing.append("nnsight.LanguageModel or nnsight.TransformersModel")
-            else:
-                logger.debug("fastattr: circuit-tracer's nnsight backend does not import (%s)", exc)
-    if not backends and not missing:
-        missing.append("an attribution context (circuit_tracer.attribution.context_transformerlens or "
-                       "context_nnsight; neither TransformerLens nor nnsight is installed)")
+            broken.append(_backend_gap(library, modules, exc))
+    if not usable:
+        missing += broken or ["TransformerLens or nnsight (circuit-tracer's backends; neither is installed)"]
+    elif broken:
+        logger.info("fastattr: serving circuit-tracer's %s backend only; the other lacks %s", usable[0], broken[0])
     if attribute:
         # fastattr.attribute resolves targets through circuit-tracer's own AttributionTargets.
         targets = importlib.util.find_spec("circuit_tracer.attribution.targets")
@@ -263,6 +252,27 @@ def check_structure(version: str, *, attribute: bool) -> None:
             missing.append("a scan or scan_name parameter of circuit_tracer.graph.Graph")
     if missing:
         raise unsupported(version, "missing " + "; ".join(missing))
+
+
+_TL_MODULES = ("circuit_tracer.attribution.context_transformerlens",
+               "circuit_tracer.replacement_model.replacement_model_transformerlens")
+_NNSIGHT_MODULES = ("circuit_tracer.attribution.context_nnsight",
+                    "circuit_tracer.replacement_model.replacement_model_nnsight")
+
+
+def _backend_gap(library: str, modules: tuple[str, ...], exc: ImportError) -> str:
+    """What a backend whose modules fail to import lacks, by the library's structure."""
+    try:
+        lib = importlib.import_module(library)
+    except Exception:  # noqa: BLE001 - a library that does not import at all: the error says it
+        lib = None
+    if library == "transformer_lens" and lib is not None and not _lazy_has(lib, "HookedTransformer"):
+        # circuit-tracer's TransformerLens model subclasses HookedTransformer; TransformerLens 4
+        # replaced it with TransformerBridge.
+        return "transformer_lens.HookedTransformer (TransformerLens 4 replaced it with TransformerBridge)"
+    if library == "nnsight" and lib is not None and not _nnsight_model_classes():
+        return "nnsight.LanguageModel or nnsight.TransformersModel"
+    return f"an importable {' and '.join(modules)} ({type(exc).__name__}: {exc})"
 
 
 def _lazy_has(module: Any, name: str) -> bool:
