@@ -92,8 +92,6 @@ def test_topk_record_of_another_adjacency_is_refused(topk_graph, tmp_path):
         fastattr.prune_graph(loaded, 0.8, 0.98)
 
 
-@pytest.mark.xfail(strict=True, reason="fastattr.attribute sets graph.row_abs_sum but does not yet call "
-                   "fastattr.pruning.record_topk, so Graph.to_pt drops the sums (attribute.py is owned elsewhere)")
 def test_attribute_records_topk_sums_for_to_pt(tmp_path):
     model = tracer_model("transformerlens", "plt")
     graph = fastattr.attribute(tracer_prompt(6, seed=5), model, batch_size=32, edge_storage="topk", topk=3)

@@ -36,9 +36,9 @@ from typing import Any, Literal
 import torch
 
 from fastattr import _circuit_tracer as ct
-from fastattr import hook_plans
+from fastattr import _backends, hook_plans, pruning
 from fastattr.edge_store import DEFAULT_TOPK, DenseRows, RowStore, TopKRows
-from fastattr.linear_engine import TransformerLensEngine, unsupported_reason
+from fastattr.linear_engine import TransformerLensEngine, frozen_state_hooks, unsupported_reason
 
 logger = logging.getLogger("fastattr")
 
@@ -108,6 +108,7 @@ class _AutogradRows:
         self.ctx = ctx
         self.batch = batch
         self.route = hook_plans.route_for(ctx)
+        self.route.backend = _backends.forced_choice()
 
     def block_rows(self, n: int) -> int:
         return self.batch
@@ -188,11 +189,17 @@ def _setup(run: _Run, prompt: Any, *, chosen: str, batch_size: int, offload: str
     model = run.model
     t = time.perf_counter()
     input_ids = model.ensure_tokenized(prompt)
-    ctx = model.setup_attribution(input_ids)
-    device = ct.model_device(ctx)
     if chosen == "linear":
+        # The setup runs the model once over the prompt; the engine's frozen state is taken from it.
+        hooks, frozen = frozen_state_hooks(model)
+        with model.hooks(fwd_hooks=hooks):
+            ctx = model.setup_attribution(input_ids)
         # Before any offload: the engine reads the transcoders' skip path and the model's weights.
-        rows: _LinearRows | _AutogradRows = _LinearRows(TransformerLensEngine(model, ctx, input_ids))
+        rows: _LinearRows | _AutogradRows = _LinearRows(TransformerLensEngine(model, ctx, input_ids, frozen))
+        del frozen
+    else:
+        ctx = model.setup_attribution(input_ids)
+    device = ct.model_device(ctx)
     run.offload(offload, 0)
     run.timings["precompute"] = time.perf_counter() - t
 
@@ -300,6 +307,8 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
         store.select(pending)
         for i in range(0, len(pending), batch_size):
             idx = pending[i : i + batch_size]
+            # Upper layers first inside a batch: the linear engine then sweeps each row from its own layer.
+            idx = idx[torch.argsort(feat_layers[idx], descending=True, stable=True)]
             n_visited += len(idx)
             writer.write(idx, layers=feat_layers[idx], positions=feat_pos[idx], values=s.ctx.encoder_vecs[idx],
                          retain=n_visited < s.n_features, features=idx)  # fmt: skip
@@ -415,9 +424,9 @@ def attribute(
             scan=model.scan,
         )
         if edge_storage == "topk":
-            graph.row_abs_sum = row_abs_sum
-            if node_influence is not None:
-                graph.node_influence = node_influence
+            # Pruning a top-k graph needs its exact row sums; recorded so that they also survive
+            # circuit-tracer's Graph.to_pt / from_pt.
+            pruning.record_topk(graph, row_abs_sum, node_influence)
     finally:
         for reload in run.offload_handles:
             reload()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fastattr import _patching
+from fastattr import _backends
 from fastattr._circuit_tracer import check_method, circuit_tracer_version, unsupported
 from fastattr.contraction import ContractionPlan
 
@@ -93,10 +94,17 @@ class Route:
     def __init__(self) -> None:
         self.out: torch.Tensor | None = None
         self.plans: dict[tuple, ContractionPlan | None] = {}
+        # The attributing thread's use_backend choice: nnsight builds plans lazily on its own
+        # intervention thread, which must still run them on the caller's backend.
+        self.backend: str | None = None
 
     def plan(self, key: tuple, build: Callable[[], ContractionPlan | None]) -> ContractionPlan | None:
         if key not in self.plans:
-            self.plans[key] = build()
+            if self.backend is None:
+                self.plans[key] = build()
+            else:
+                with _backends.use_backend(self.backend):
+                    self.plans[key] = build()
         return self.plans[key]
 
 
@@ -182,7 +190,6 @@ _NNSIGHT_REPLACEMENTS = {
     "compute_error_attributions": _patched_error_attributions,
     "compute_token_attributions": _patched_token_attributions,
 }
-_REPLACEMENT_VALUES = (_patched_make_attribution_hooks, *_NNSIGHT_REPLACEMENTS.values())
 
 
 def patch_contexts(replace: Callable[[Any, str, Any, str], None], version: str) -> None:

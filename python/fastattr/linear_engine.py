@@ -38,8 +38,10 @@ _INPUT_HOOKS = ("hook_resid_mid", "ln2.hook_normalized", "mlp.hook_in")
 _OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
 # Position spans per contraction plan: enough that a truncated batch skips most of the plan,
 # few enough that the per-span launches stay negligible.
-_MAX_SPANS = 16
-_MIN_SPAN = 64
+_MAX_SPANS = 32
+_MIN_SPAN = 8
+# Key blocks of the causal pattern product: large enough for efficient matmuls.
+_MIN_KEY_BLOCK = 64
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -57,8 +59,8 @@ def unsupported_reason(model: Any) -> str | None:
             return f"cfg.{flag}=True is not expressed"
     if getattr(cfg, "original_architecture", None) in ("Olmo2ForCausalLM", "Olmo3ForCausalLM"):
         return f"{cfg.original_architecture} applies its norms after the sublayers, which is not expressed"
-    if getattr(cfg, "dtype", torch.float32) not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"model dtype {cfg.dtype} is not one of float32, float16, bfloat16"
+    if getattr(cfg, "dtype", torch.float32) not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        return f"model dtype {cfg.dtype} is not one of float64, float32, float16, bfloat16"
     in_hook = getattr(model, "feature_input_hook", None)
     out_hook = getattr(model, "original_feature_output_hook", None)
     if in_hook not in _INPUT_HOOKS:
@@ -76,6 +78,35 @@ def unsupported_reason(model: Any) -> str | None:
     if not isinstance(model.ln_final, norms):
         return f"ln_final is a {type(model.ln_final).__name__}, not a LayerNorm/RMSNorm"
     return None
+
+
+def _frozen_names(model: Any) -> list[str]:
+    """The hooks whose batch-1 values the transposed maps need: patterns and norm scales."""
+    cfg = model.cfg
+    post_norms = bool(getattr(cfg, "use_normalization_before_and_after", False))
+    names = ["ln_final.hook_scale"]
+    for i in range(cfg.n_layers):
+        names += [f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.ln1.hook_scale"]
+        if post_norms:
+            names += [f"blocks.{i}.ln1_post.hook_scale", f"blocks.{i}.ln2_post.hook_scale"]
+        if model.feature_input_hook != "hook_resid_mid":
+            names.append(f"blocks.{i}.ln2.hook_scale")
+    present = set(model.hook_dict)
+    return [name for name in names if name in present]
+
+
+def frozen_state_hooks(model: Any) -> tuple[list, dict[str, torch.Tensor]]:
+    """Forward hooks that record the frozen state into the returned dict.
+
+    Installed around the model's own attribution setup, they capture it from the forward pass
+    that setup runs anyway, so the engine needs no forward pass of its own.
+    """
+    cache: dict[str, torch.Tensor] = {}
+
+    def save(acts: torch.Tensor, hook: Any) -> None:
+        cache[hook.name] = acts.detach()
+
+    return [(name, save) for name in _frozen_names(model)], cache
 
 
 @dataclass
@@ -105,8 +136,8 @@ class _Layer:
     ln2: _Norm | None  # on the path only when the transcoder reads after ln2
     ln2_post: _Norm | None  # on the path only when the transcoder writes before ln2_post
     pattern: torch.Tensor  # (H, P, P), query x key, in the model's dtype
-    w_o: torch.Tensor  # (D, H * d_head): g_z = g @ w_o
-    w_v: torch.Tensor  # (H_kv * d_head, D): g_in = g_v @ w_v
+    w_o: torch.Tensor  # (H, D, d_head): head h's g_z = g @ w_o[h]
+    w_v: torch.Tensor  # (H_kv, d_head, D): kv head j's g_in = g_v @ w_v[j]
     n_heads: int
     n_kv_heads: int
     d_head: int
@@ -118,7 +149,9 @@ class TransformerLensEngine:
 
     name = "linear"
 
-    def __init__(self, model: Any, ctx: Any, input_ids: torch.Tensor):
+    def __init__(self, model: Any, ctx: Any, input_ids: torch.Tensor, frozen: dict[str, torch.Tensor] | None = None):
+        """``frozen``: what :func:`frozen_state_hooks` captured during the model's own forward pass
+        over the prompt (its attribution setup); a forward pass of its own otherwise."""
         from transformer_lens.components import LayerNorm, LayerNormPre
 
         cfg = model.cfg
@@ -130,8 +163,14 @@ class TransformerLensEngine:
         self.in_hook = model.feature_input_hook
         self.out_hook = model.original_feature_output_hook
         post_norms = bool(getattr(cfg, "use_normalization_before_and_after", False))
-
-        frozen = self._frozen_state(model, input_ids, post_norms)
+        names = _frozen_names(model)
+        complete = frozen is not None and all(
+            name in frozen and frozen[name].shape[0] == 1 and frozen[name].shape[-2] == self.n_pos for name in names
+        )
+        # Whether the setup's own forward pass supplied the frozen state (else one more pass).
+        self.own_forward = not complete
+        if not complete:
+            frozen = self._frozen_state(model, input_ids, names)
 
         def norm(module: Any, key: str) -> _Norm:
             if isinstance(module, torch.nn.Identity) or key not in frozen:
@@ -158,8 +197,8 @@ class TransformerLensEngine:
                     ln2=norm(block.ln2, f"blocks.{i}.ln2.hook_scale") if self.in_hook != "hook_resid_mid" else None,
                     ln2_post=norm(block.ln2_post, f"blocks.{i}.ln2_post.hook_scale") if post_norms and self.out_hook == "mlp.hook_out" else None,
                     pattern=pattern,
-                    w_o=attn.W_O.detach().reshape(n_heads * d_head, self.d_model).T.contiguous(),
-                    w_v=w_v.detach().permute(0, 2, 1).reshape(n_kv * d_head, self.d_model).contiguous(),
+                    w_o=attn.W_O.detach().transpose(1, 2).contiguous(),
+                    w_v=w_v.detach().transpose(1, 2).contiguous(),
                     n_heads=n_heads,
                     n_kv_heads=n_kv,
                     d_head=d_head,
@@ -178,58 +217,68 @@ class TransformerLensEngine:
             for layer in range(self.n_layers)
         ]
         self.token_plans = [hook_plans.token_plan(ctx, span=s) for s in self.spans]
-        self._pad: torch.Tensor | None = None
-        self._pad_dirty = 0
 
     @torch.no_grad()
-    def _frozen_state(self, model: Any, input_ids: torch.Tensor, post_norms: bool) -> dict[str, torch.Tensor]:
-        names = ["ln_final.hook_scale"]
-        for i, block in enumerate(model.blocks):
-            names += [f"blocks.{i}.attn.hook_pattern", f"blocks.{i}.ln1.hook_scale"]
-            if post_norms:
-                names += [f"blocks.{i}.ln1_post.hook_scale", f"blocks.{i}.ln2_post.hook_scale"]
-            if self.in_hook != "hook_resid_mid":
-                names.append(f"blocks.{i}.ln2.hook_scale")
-        present = set(model.hook_dict)
-        cache: dict[str, torch.Tensor] = {}
-
-        def save(acts: torch.Tensor, hook: Any) -> None:
-            cache[hook.name] = acts.detach()
-
-        hooks = [(name, save) for name in names if name in present]
+    def _frozen_state(self, model: Any, input_ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+        hooks, cache = frozen_state_hooks(model)
         model.run_with_hooks(input_ids.reshape(1, -1), fwd_hooks=hooks, return_type=None)
         return cache
 
     # ----------------------------------------------------------------------------------- sweep
 
-    def _contract(self, plans: list, g: torch.Tensor, out: torch.Tensor, n_pos: int) -> None:
-        """Contract the span plans that reach below ``n_pos`` with ``g`` (n_pos, B, D), zero-padded."""
-        P, B, D = g.shape
-        if self._pad is None or self._pad.shape[1] < B:
-            self._pad = torch.zeros(self.n_pos, B, D, device=self.device, dtype=self.dtype)
-            self._pad_dirty = 0
-        pad = self._pad[:, :B]
-        if self._pad_dirty > n_pos:
-            self._pad[n_pos : self._pad_dirty].zero_()
-        pad[:n_pos].copy_(g)
-        self._pad_dirty = n_pos
-        grads = pad.permute(1, 0, 2)  # (B, P, D) view: the plans read through strides
+    def _prefix(self, n_pos: int) -> int:
+        """The positions a batch must carry: up to the end of the span holding its last seed."""
+        if not self.causal:
+            return self.n_pos
+        for lo, hi in self.spans:
+            if hi >= n_pos:
+                return hi
+        return self.n_pos
+
+    def _contract(self, plans: list, g: torch.Tensor, out: torch.Tensor) -> None:
+        """Contract the span plans inside ``g``'s (P, n, D) prefix into ``out`` (rows x n)."""
+        grads = g.permute(1, 0, 2)  # (n, P, D): the plans read through strides
         for (lo, _), plan in zip(self.spans, plans):
-            if lo >= n_pos:
+            if lo >= g.shape[0]:
                 break
             if plan is not None:
                 plan(grads, out)
 
+    def _pattern_transpose(self, pattern: torch.Tensor, g_z: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+        """``out (+)= pattern[:P, :P]^T @ g_z``, skipping the zero upper triangle of a causal pattern:
+        key block [k0, k1) only hears queries >= k0."""
+        P = g_z.shape[0]
+        block = max(_MIN_KEY_BLOCK, P // 16)
+        if not self.causal or P <= 2 * block:
+            blocks = [(0, P, 0)]
+        else:
+            blocks = [(k0, min(k0 + block, P), k0) for k0 in range(0, P, block)]
+        for k0, k1, q0 in blocks:
+            a = pattern[q0:P, k0:k1].transpose(0, 1)
+            if accumulate:
+                out[k0:k1].addmm_(a, g_z[q0:P])
+            else:
+                torch.mm(a, g_z[q0:P], out=out[k0:k1])
+
     def _attention_transpose(self, g: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        P, B, D = g.shape
+        """Per head, with the (P, n, D) layout every product is a plain 2-D matmul, no permutes."""
+        P, n, D = g.shape
         H, Hkv, dh = layer.n_heads, layer.n_kv_heads, layer.d_head
-        g_z = (g.reshape(P * B, D) @ layer.w_o).view(P, B, H, dh).permute(2, 0, 1, 3).reshape(H, P, B * dh)
-        # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q].
-        g_v = torch.bmm(layer.pattern[:, :P, :P].transpose(1, 2), g_z)
-        if Hkv != H:  # grouped-query attention: each kv head serves H / Hkv consecutive heads
-            g_v = g_v.view(Hkv, H // Hkv, P, B * dh).sum(1)
-        g_v = g_v.view(Hkv, P, B, dh).permute(1, 2, 0, 3).reshape(P * B, Hkv * dh)
-        return (g_v @ layer.w_v).view(P, B, D)
+        x = g.reshape(P * n, D)
+        g_in = torch.empty(P * n, D, device=g.device, dtype=g.dtype)
+        g_v = torch.empty(P, n * dh, device=g.device, dtype=g.dtype)
+        per_kv = H // Hkv  # grouped-query attention: kv head j serves heads j * per_kv ... + per_kv - 1
+        for j in range(Hkv):
+            for r in range(per_kv):
+                h = j * per_kv + r
+                g_z = (x @ layer.w_o[h]).view(P, n * dh)
+                # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q].
+                self._pattern_transpose(layer.pattern[h], g_z, g_v, accumulate=r > 0)
+            if j == 0:
+                torch.mm(g_v.view(P * n, dh), layer.w_v[j], out=g_in)
+            else:
+                g_in.addmm_(g_v.view(P * n, dh), layer.w_v[j])
+        return g_in.view(P, n, D)
 
     @torch.no_grad()
     def run(self, out: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -237,43 +286,52 @@ class TransformerLensEngine:
 
         ``layers`` / ``positions`` (B,) say where each seed enters (layer ``n_layers`` means above
         the final norm, as circuit-tracer injects logit directions); ``values`` (B, D) are the seeds.
+        Rows sorted by descending layer are swept compacted: a row joins the matmuls only at its
+        own layer (its cotangent is zero above it).
         """
         B = len(layers)
         layers = layers.to("cpu", torch.int64)
         positions = positions.to("cpu", torch.int64)
-        n_pos = int(positions.max()) + 1 if self.causal else self.n_pos
-        batch_index = torch.arange(B)
         values = values.to(self.device, self.dtype)
-
-        def seeds(layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-            mask = layers == layer
-            if not bool(mask.any()):
-                return None
-            return positions[mask].to(self.device), batch_index[mask].to(self.device), values[mask.to(self.device)]
-
+        P = self._prefix(int(positions.max()) + 1)
+        compact = B < 2 or bool((layers[:-1] >= layers[1:]).all())
         top = int(layers.max())
-        g = torch.zeros(n_pos, B, self.d_model, device=self.device, dtype=self.dtype)
+
+        def grow(g: torch.Tensor | None, n: int) -> torch.Tensor:
+            if g is not None and g.shape[1] == n:
+                return g
+            bigger = torch.zeros(P, n, self.d_model, device=self.device, dtype=self.dtype)
+            if g is not None:
+                bigger[:, : g.shape[1]] = g
+            return bigger
+
+        def seed(target: torch.Tensor, layer: int) -> None:
+            # circuit-tracer overwrites the seeded gradient entries, which are zero before.
+            rows = torch.nonzero(layers == layer).flatten()
+            if len(rows):
+                target[positions[rows].to(self.device), rows.to(self.device)] = values[rows.to(self.device)]
+
+        g = None
         if top == self.n_layers:
-            logit = seeds(self.n_layers)
-            g[logit[0], logit[1]] = logit[2]
+            g = grow(None, int((layers == top).sum()) if compact else B)
+            seed(g, top)
             g = self.ln_final.transpose(g)
             top -= 1
         for i in range(top, -1, -1):
+            n = int((layers >= i).sum()) if compact else B
+            g = grow(g, n)
             layer = self.layers[i]
             g_out = g if layer.ln2_post is None else layer.ln2_post.transpose(g)
-            self._contract(self.layer_plans[i], g_out, out, n_pos)
+            self._contract(self.layer_plans[i], g_out, out[:, :n])
             g_in = None if layer.skip_t is None else g_out @ layer.skip_t
-            seed = seeds(i)
             if self.in_hook == "hook_resid_mid":
                 g_mid = g if g_in is None else g + g_in
-                if seed is not None:
-                    # circuit-tracer overwrites the seeded gradient entries; they are zero before.
-                    g_mid[seed[0], seed[1]] = seed[2]
+                seed(g_mid, i)
             else:
-                if seed is not None:
+                if bool((layers == i).any()):
                     g_in = torch.zeros_like(g) if g_in is None else g_in
-                    g_in[seed[0], seed[1]] = seed[2]
+                    seed(g_in, i)
                 g_mid = g if g_in is None else g + layer.ln2.transpose(g_in, affine=self.in_hook == "mlp.hook_in")
             g_attn = g_mid if layer.ln1_post is None else layer.ln1_post.transpose(g_mid)
             g = g_mid + layer.ln1.transpose(self._attention_transpose(g_attn, layer))
-        self._contract(self.token_plans, g, out, n_pos)
+        self._contract(self.token_plans, g, out)
