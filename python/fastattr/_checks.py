@@ -6,10 +6,13 @@ call fails loudly at the boundary instead of producing a silently wrong graph.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
+
+logger = logging.getLogger("fastattr")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -80,21 +83,70 @@ def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
         raise ValueError(f"{name_b}: expected a tensor on {a.device} (the device of {name_a}), got one on {b.device}")
 
 
+# Elements per isfinite pass: bounds the boolean temporary (16 MB) instead of one N x N mask.
+FINITE_CHUNK = 1 << 24
+
+
+def _row_chunks(t: torch.Tensor):
+    """(first row, block) over dim 0, each block at most FINITE_CHUNK elements (one row at least)."""
+    rows = max(1, FINITE_CHUNK // max(1, t[0].numel())) if t.shape[0] else 1
+    for r0 in range(0, t.shape[0], rows):
+        yield r0, t[r0 : r0 + rows]
+
+
 def check_finite(t: torch.Tensor, name: str, error: type[Exception] = ValueError) -> None:
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        raise error(f"{name}: expected finite values, got {describe_nonfinite(t, bad)}")
+    if t.layout != torch.strided or t.dim() == 0 or t.numel() == 0:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise error(f"{name}: expected finite values, got {describe_nonfinite(t, bad)}")
+        return
+    ok = None
+    for _, block in _row_chunks(t):  # one device flag, read once: no sync per block
+        block_ok = torch.isfinite(block).all()
+        ok = block_ok if ok is None else ok & block_ok
+    if not bool(ok):
+        raise error(f"{name}: expected finite values, got {describe_nonfinite(t)}")
 
 
 def describe_nonfinite(t: torch.Tensor, bad: torch.Tensor | None = None) -> str:
     """How many NaN and Inf entries ``t`` has, and the first one (index and value)."""
-    bad = ~torch.isfinite(t) if bad is None else bad
-    n_nan = int(torch.isnan(t).sum())
-    n_inf = int(torch.isinf(t).sum())
-    first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist()) if bool(bad.any()) else ()
+    if bad is None and t.layout == torch.strided and t.dim() > 0:
+        n_nan = n_inf = 0
+        first = ()
+        for r0, block in _row_chunks(t):
+            n_nan += int(torch.isnan(block).sum())
+            n_inf += int(torch.isinf(block).sum())
+            if not first:
+                hits = torch.nonzero(~torch.isfinite(block))
+                if hits.shape[0]:
+                    first = (int(hits[0, 0]) + r0, *(int(i) for i in hits[0, 1:].tolist()))
+    else:
+        bad = ~torch.isfinite(t) if bad is None else bad
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist()) if bool(bad.any()) else ()
     where = first[0] if len(first) == 1 else first
     value = float(t[first]) if first else float("nan")
     return f"{n_nan} NaN and {n_inf} Inf entries (first: {value} at index {where})"
+
+
+# Largest matrix copied to row-major without being asked (256 MB of float32). The kernels read
+# rows; a transposed N x N adjacency would otherwise be copied whole (16 GB at N = 63k).
+ROW_MAJOR_COPY_LIMIT = 1 << 26
+
+
+def row_major(a: torch.Tensor, name: str) -> torch.Tensor:
+    """``a`` if its rows are unit-stride, else a row-major copy, refused above ROW_MAJOR_COPY_LIMIT."""
+    if a.dim() == 2 and a.shape[1] > 1 and a.stride(1) != 1:
+        if a.numel() > ROW_MAJOR_COPY_LIMIT:
+            raise ValueError(
+                f"{name}: expected a row-major matrix (unit stride along rows), got strides {a.stride()} for shape "
+                f"{tuple(a.shape)}; the kernels read rows, and a row-major copy would take "
+                f"{a.numel() * a.element_size() / 2**30:.1f} GiB more: pass {name}.contiguous() to accept that copy"
+            )
+        logger.info("%s has strides %s; making a row-major copy", name, a.stride())
+        return a.contiguous()
+    return a
 
 
 def check_number(x, name: str, *, integer: bool = False, expected: str | None = None):

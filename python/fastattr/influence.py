@@ -108,10 +108,7 @@ def _check_max_iter(max_iter) -> int:
 
 
 def _row_major(a: torch.Tensor, name: str) -> torch.Tensor:
-    if a.dim() == 2 and a.shape[1] > 1 and a.stride(1) != 1:
-        logger.info("%s has strides %s; making a row-major copy", name, a.stride())
-        return a.contiguous()
-    return a
+    return _checks.row_major(a, name)
 
 
 # ------------------------------------------------------------------------------------------------

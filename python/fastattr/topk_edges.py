@@ -169,10 +169,7 @@ def _check_adjacency(adjacency, k) -> int | None:
 
 
 def _row_major(a: torch.Tensor) -> torch.Tensor:
-    if a.shape[1] > 1 and a.stride(1) != 1:
-        logger.info("adjacency has strides %s; making a row-major copy", a.stride())
-        return a.contiguous()
-    return a
+    return _checks.row_major(a, "adjacency")
 
 
 def _topk_torch(a: torch.Tensor, k: int | None) -> SparseEdges:
