@@ -259,3 +259,28 @@ def test_forced_unavailable_backend_raises():
     wrong = "cpu" if DEVICE.type == "cuda" else "cuda"
     with pytest.raises(BackendUnavailableError, match=f"contract: backend '{wrong}'"):
         fastattr.contract(grads, vectors, positions, rows, out, backend=wrong)
+
+
+@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("below", [0, 1, 3, 7])
+def test_positions_below_contracts_only_a_prefix(backend, below):
+    # A truncated sweep passes grads for the first `below` positions only: the vectors at later
+    # positions must be skipped (their rows keep whatever out held), the earlier ones contracted.
+    B, P, D, S, R = 5, 7, 40, 90, 120
+    _, vectors, positions, rows = _case(B, P, D, S, R, seed=4)
+    plan = ContractionPlan(vectors, positions, rows)
+    grads = torch.randn(B, max(below, 1), D, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out, touched = _poisoned_out(R, B, rows, seed=3)
+    keep = positions < below
+    expected = out.clone().float()
+    if below:
+        reference.contract(grads.float(), vectors[keep].float(), positions[keep], rows[keep], expected, out_layout="rb")
+    before = out.clone()
+    plan(grads, out, backend=backend, positions_below=below)
+    owned = torch.zeros(R, dtype=torch.bool, device=out.device)
+    owned[rows[keep].long().to(out.device)] = True
+    torch.testing.assert_close(out[owned], expected[owned], rtol=1e-5, atol=1e-4)
+    # Rows of vectors at later positions, and rows of no vector (NaN), are left exactly as they were.
+    assert torch.equal(out[~owned].nan_to_num(7.0), before[~owned].nan_to_num(7.0))
+    with pytest.raises(ValueError, match="positions_below: expected a non-negative integer"):
+        plan(grads, out, positions_below=-1)

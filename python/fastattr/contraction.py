@@ -17,11 +17,12 @@ import math
 
 import torch
 
-from fastattr import _backends, _checks, _device, _ext, reference
+from fastattr import _backends, _device, _ext, reference
 from fastattr._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_index_range,
+    check_number,
     check_same_device,
     check_shape,
     check_tensor,
@@ -73,6 +74,10 @@ class ContractionPlan:
         self.min_rows = int(self._rows.max()) + 1 if n else 0
         self.unique_rows = n == 0 or int(torch.unique(self._rows).numel()) == n
         self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Host copies of the sorted positions and tile positions, so that a position prefix is
+        # found without a device round trip.
+        self._positions_cpu = self._positions.cpu()
+        self._tile_positions: dict[int, torch.Tensor] = {}
         self._tile_versions: dict[int, tuple[int, int, int]] = {}
         # The bounds above are what every launch relies on; an in-place write to the index tensors
         # bumps their version counters, which each call compares (no device work, no sync).
@@ -123,12 +128,25 @@ class ContractionPlan:
             self._tile_versions[block_s] = tuple(t._version for t in self._tiles[block_s])
         return self._tiles[block_s]
 
-    def __call__(self, grads: torch.Tensor, out: torch.Tensor, *, out_layout: str = "rb", backend: str | None = None) -> torch.Tensor:
+    def tiles_below(self, positions_below: int, block_s: int) -> int:
+        """How many of :meth:`tiles` lie at positions < ``positions_below`` (a prefix: they are sorted)."""
+        if block_s not in self._tile_positions:
+            self._tile_positions[block_s] = self.tiles(block_s)[0].cpu()
+        return int(torch.searchsorted(self._tile_positions[block_s], positions_below))
+
+    def __call__(self, grads: torch.Tensor, out: torch.Tensor, *, out_layout: str = "rb", backend: str | None = None,
+                 positions_below: int | None = None) -> torch.Tensor:  # fmt: skip
         """Accumulate this plan's scores for ``grads`` (B, P, D) into ``out`` and return ``out``.
 
         ``out`` is (R, B) for ``out_layout="rb"`` (circuit-tracer's buffer) or (B, R) for "br",
-        float32 or the vectors' dtype, any strides.
+        float32 or the vectors' dtype, any strides. ``positions_below``: contract only the vectors at
+        positions below it (grads then needs only that many positions), for a caller that knows the
+        later positions' gradients are zero.
         """
+        if positions_below is not None:
+            positions_below = check_number(positions_below, "positions_below", integer=True)
+            if positions_below < 0:
+                raise ValueError(f"positions_below: expected a non-negative integer or None, got {positions_below}")
         check_tensor(grads, "grads", ndim=3, dtypes=DTYPES, device=self.device, unit_last_stride=True)
         if grads.dtype != self.dtype:
             raise TypeError(
@@ -138,8 +156,9 @@ class ContractionPlan:
         B, P, D = grads.shape
         if D != self.d_model:
             raise ValueError(f"grads: expected last dimension {self.d_model} (the vectors' D), got shape {tuple(grads.shape)}")
-        if P < self.min_positions:
-            raise ValueError(f"grads: expected at least {self.min_positions} positions (max position + 1), got shape {tuple(grads.shape)}")
+        need = self.min_positions if positions_below is None else min(self.min_positions, positions_below)
+        if P < need:
+            raise ValueError(f"grads: expected at least {need} positions (max position + 1, or positions_below), got shape {tuple(grads.shape)}")
         if out_layout not in ("rb", "br"):
             raise ValueError(f"out_layout: expected 'rb' or 'br', got {out_layout!r}")
         check_tensor(out, "out", ndim=2, device=self.device)
@@ -162,9 +181,10 @@ class ContractionPlan:
                 "grads: the triton backend under TRITON_INTERPRET=1 cannot contract bfloat16 (the interpreter's "
                 "numpy dot has no bfloat16 and returns wrong values); use backend='cpu' or 'torch', or float32"
             )
-        if self.n_vectors and B:
+        below = self.min_positions if positions_below is None else min(positions_below, self.min_positions)
+        if self.n_vectors and B and below:
             with _device.current(grads.device):
-                impl(self, grads, out, R, stride_r, stride_b, out_layout)
+                impl(self, grads, out, R, stride_r, stride_b, out_layout, below)
         return out
 
 
@@ -228,34 +248,44 @@ def _raw_args(plan: ContractionPlan, grads: torch.Tensor, tiles, out: torch.Tens
     )  # fmt: skip
 
 
-def _contract_cpu(plan, grads, out, R, stride_r, stride_b, layout):
-    _ext.ext.contract_cpu(*_raw_args(plan, grads, plan.tiles(_CPU_BLOCK_S), out, R, stride_r, stride_b))
+def _tiles_below(plan: ContractionPlan, block_s: int, below: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plan's tiles at positions < ``below`` (a prefix: tiles are sorted by position)."""
+    tiles = plan.tiles(block_s)
+    if below >= plan.min_positions:
+        return tiles
+    n_tiles = plan.tiles_below(below, block_s)
+    return tiles[0][:n_tiles], tiles[1][:n_tiles], tiles[2][:n_tiles]
 
 
-def _contract_cuda(plan, grads, out, R, stride_r, stride_b, layout):
-    tiles = plan.tiles(int(_ext.ext.contract_cuda_tile_s))
+def _contract_cpu(plan, grads, out, R, stride_r, stride_b, layout, below):
+    _ext.ext.contract_cpu(*_raw_args(plan, grads, _tiles_below(plan, _CPU_BLOCK_S, below), out, R, stride_r, stride_b))
+
+
+def _contract_cuda(plan, grads, out, R, stride_r, stride_b, layout, below):
+    tiles = _tiles_below(plan, int(_ext.ext.contract_cuda_tile_s), below)
     args = _raw_args(plan, grads, tiles, out, R, stride_r, stride_b)
     with torch.cuda.device(grads.device):
         _ext.ext.contract_cuda(*args, _ext.cuda_stream(grads.device))
 
 
-def _contract_triton(plan, grads, out, R, stride_r, stride_b, layout):
+def _contract_triton(plan, grads, out, R, stride_r, stride_b, layout, below):
     from fastattr.triton_kernels import contraction as kernels
 
     interpret = _backends.triton_interpret()
     block_s = _TRITON_BLOCK_S_INTERPRET if interpret else _TRITON_BLOCK_S
-    tile_pos, tile_start, tile_end = plan.tiles(block_s)
+    tile_pos, tile_start, tile_end = _tiles_below(plan, block_s, below)
     kernels.contract(
         grads, plan.vectors, plan.rows, tile_pos, tile_start, tile_end, out, stride_r, stride_b,
         block_s=block_s, atomic=not plan.unique_rows, interpret=interpret, n_out_rows=R,
     )  # fmt: skip
 
 
-def _contract_torch(plan, grads, out, R, stride_r, stride_b, layout):
+def _contract_torch(plan, grads, out, R, stride_r, stride_b, layout, below):
     # fp32 like the kernels, so that backends agree to rounding on half-precision inputs too; float64
     # stays float64.
     acc = torch.float64 if plan.dtype == torch.float64 else torch.float32
-    reference.contract(grads.to(acc), plan.vectors.to(acc), plan.positions, plan.rows, out, out_layout=layout)
+    n = plan.n_vectors if below >= plan.min_positions else int(torch.searchsorted(plan._positions_cpu, below))
+    reference.contract(grads.to(acc), plan.vectors[:n].to(acc), plan.positions[:n], plan.rows[:n], out, out_layout=layout)
 
 
 _IMPLS = {"cuda": _contract_cuda, "triton": _contract_triton, "cpu": _contract_cpu, "torch": _contract_torch}

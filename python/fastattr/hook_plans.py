@@ -46,42 +46,28 @@ def _plan_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return ContractionPlan(vectors, positions, rows)
 
 
-def _position_mask(positions: torch.Tensor, span: tuple[int, int] | None) -> torch.Tensor | None:
-    if span is None:
-        return None
-    return (positions >= span[0]) & (positions < span[1])
-
-
-def layer_plan(ctx: Any, layer: int, *, features: bool, errors: bool, span: tuple[int, int] | None = None) -> ContractionPlan | None:
-    """The feature decoder rows and/or error nodes that write at ``layer`` (positions in ``span``)."""
+def layer_plan(ctx: Any, layer: int, *, features: bool, errors: bool) -> ContractionPlan | None:
+    """The feature decoder rows and/or error nodes that write at ``layer``."""
     n_layers, n_pos, _ = ctx.activation_matrix.shape
     n_features = ctx.activation_matrix._nnz()
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if features:
         nnz_layers, nnz_positions = ctx.decoder_locations
         mask = nnz_layers == layer
-        in_span = _position_mask(nnz_positions, span)
-        if in_span is not None:
-            mask = mask & in_span
         if bool(mask.any()):
             parts.append((ctx.decoder_vecs[mask], nnz_positions[mask], torch.as_tensor(ctx.encoder_to_decoder_map)[mask]))
     if errors:
-        lo, hi = span or (0, n_pos)
-        if hi > lo:
-            positions = torch.arange(lo, hi, device=ctx.error_vectors.device)
-            parts.append((ctx.error_vectors[layer][lo:hi], positions, n_features + layer * n_pos + positions))
+        positions = torch.arange(n_pos, device=ctx.error_vectors.device)
+        parts.append((ctx.error_vectors[layer], positions, n_features + layer * n_pos + positions))
     return _plan_from_parts(parts)
 
 
-def token_plan(ctx: Any, span: tuple[int, int] | None = None) -> ContractionPlan | None:
-    """The token-embedding nodes (positions in ``span``)."""
+def token_plan(ctx: Any) -> ContractionPlan | None:
+    """The token-embedding nodes."""
     n_layers, n_pos, _ = ctx.activation_matrix.shape
-    lo, hi = span or (0, n_pos)
-    if hi <= lo:
-        return None
-    positions = torch.arange(lo, hi, device=ctx.token_vectors.device)
+    positions = torch.arange(n_pos, device=ctx.token_vectors.device)
     start = ctx.activation_matrix._nnz() + n_layers * n_pos
-    return _plan_from_parts([(ctx.token_vectors[lo:hi], positions, start + positions)])
+    return _plan_from_parts([(ctx.token_vectors, positions, start + positions)])
 
 
 # ------------------------------------------------------------------------------------- routing

@@ -17,7 +17,7 @@ norm scales), and each batch of B seeds sweeps down through the layers as batche
   working set O(B x P x d_model).
 
 Causal truncation: a batch whose largest seeded position is p only touches positions <= p, so the
-sweep runs on that prefix. The contraction plans are cut into position spans for the same reason.
+sweep runs on that prefix, and the contraction reads only the plans' vectors at those positions.
 
 Only TransformerLens models are expressed (see :func:`unsupported_reason` for what is checked);
 the caller runs circuit-tracer's autograd path for anything else and logs why.
@@ -25,7 +25,6 @@ the caller runs circuit-tracer's autograd path for anything else and logs why.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +35,6 @@ from fastattr import hook_plans
 # Where the transcoders read and write, as circuit-tracer's TransformerLens backend names them.
 _INPUT_HOOKS = ("hook_resid_mid", "ln2.hook_normalized", "mlp.hook_in")
 _OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
-# Position spans per contraction plan: enough that a truncated batch skips most of the plan,
-# few enough that the per-span launches stay negligible.
-_MAX_SPANS = 32
-_MIN_SPAN = 8
 # Key blocks of the causal pattern product: large enough for efficient matmuls.
 _MIN_KEY_BLOCK = 64
 
@@ -209,14 +204,9 @@ class TransformerLensEngine:
         self.ln_final = norm(model.ln_final, "ln_final.hook_scale")
 
 
-        # Contraction plans per layer and position span, so that a truncated sweep skips the rest.
-        span = max(_MIN_SPAN, math.ceil(self.n_pos / _MAX_SPANS)) if self.causal else self.n_pos
-        self.spans = [(lo, min(lo + span, self.n_pos)) for lo in range(0, self.n_pos, span)]
-        self.layer_plans = [
-            [hook_plans.layer_plan(ctx, layer, features=True, errors=True, span=s) for s in self.spans]
-            for layer in range(self.n_layers)
-        ]
-        self.token_plans = [hook_plans.token_plan(ctx, span=s) for s in self.spans]
+        # One contraction plan per layer; a truncated sweep contracts only its position prefix.
+        self.layer_plans = [hook_plans.layer_plan(ctx, layer, features=True, errors=True) for layer in range(self.n_layers)]
+        self.token_plan = hook_plans.token_plan(ctx)
 
     @torch.no_grad()
     def _frozen_state(self, model: Any, input_ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -226,23 +216,12 @@ class TransformerLensEngine:
 
     # ----------------------------------------------------------------------------------- sweep
 
-    def _prefix(self, n_pos: int) -> int:
-        """The positions a batch must carry: up to the end of the span holding its last seed."""
-        if not self.causal:
-            return self.n_pos
-        for lo, hi in self.spans:
-            if hi >= n_pos:
-                return hi
-        return self.n_pos
-
-    def _contract(self, plans: list, g: torch.Tensor, out: torch.Tensor) -> None:
-        """Contract the span plans inside ``g``'s (P, n, D) prefix into ``out`` (rows x n)."""
-        grads = g.permute(1, 0, 2)  # (n, P, D): the plans read through strides
-        for (lo, _), plan in zip(self.spans, plans):
-            if lo >= g.shape[0]:
-                break
-            if plan is not None:
-                plan(grads, out)
+    @staticmethod
+    def _contract(plan: Any, g: torch.Tensor, out: torch.Tensor) -> None:
+        """Contract ``plan``'s vectors at the positions ``g`` (P, n, D) covers into ``out`` (rows x n)."""
+        if plan is not None:
+            # (n, P, D) view: the plan reads through strides; later positions' gradients are zero.
+            plan(g.permute(1, 0, 2), out, positions_below=g.shape[0])
 
     def _pattern_transpose(self, pattern: torch.Tensor, g_z: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
         """``out (+)= pattern[:P, :P]^T @ g_z``, skipping the zero upper triangle of a causal pattern:
@@ -293,7 +272,7 @@ class TransformerLensEngine:
         layers = layers.to("cpu", torch.int64)
         positions = positions.to("cpu", torch.int64)
         values = values.to(self.device, self.dtype)
-        P = self._prefix(int(positions.max()) + 1)
+        P = int(positions.max()) + 1 if self.causal else self.n_pos
         compact = B < 2 or bool((layers[:-1] >= layers[1:]).all())
         top = int(layers.max())
 
@@ -334,4 +313,4 @@ class TransformerLensEngine:
                 g_mid = g if g_in is None else g + layer.ln2.transpose(g_in, affine=self.in_hook == "mlp.hook_in")
             g_attn = g_mid if layer.ln1_post is None else layer.ln1_post.transpose(g_mid)
             g = g_mid + layer.ln1.transpose(self._attention_transpose(g_attn, layer))
-        self._contract(self.token_plans, g, out)
+        self._contract(self.token_plan, g, out)
