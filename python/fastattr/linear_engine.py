@@ -104,24 +104,39 @@ def frozen_state_hooks(model: Any) -> tuple[list, dict[str, torch.Tensor]]:
     return [(name, save) for name in _frozen_names(model)], cache
 
 
-@dataclass
 class _Norm:
-    """A norm with its scale frozen: y = center(x) / scale * w (+ b)."""
+    """A norm with its scale frozen, transposed: g_x = center(g_y * w / scale).
 
-    center: bool
-    weight: torch.Tensor | None
-    scale: torch.Tensor | None  # (P, 1, 1), the norm's compute dtype; None for an identity
+    ``affine=False`` is the map from the norm's input to its ``hook_normalized`` output (before the
+    weight), where a transcoder may read. The per-position factor w / scale is formed once, so a
+    transpose is one multiply (plus the centring of a LayerNorm), in float32 for half-precision
+    models as TransformerLens normalises.
+    """
 
-    def transpose(self, g: torch.Tensor, *, affine: bool = True) -> torch.Tensor:
-        if self.scale is None:
+    def __init__(self, center: bool = False, weight: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 affine: bool = True):  # fmt: skip
+        self.center = center
+        self.factor = None  # (P, 1, D) or (P, 1, 1); None for an identity
+        if scale is not None:  # scale: (P, 1), the norm's compute dtype
+            w = weight.detach().to(scale.dtype) if affine and weight is not None else torch.ones(1, dtype=scale.dtype, device=scale.device)
+            self.factor = (w / scale)[:, None, :]
+
+    def transpose(self, g: torch.Tensor) -> torch.Tensor:
+        """g: (P', n, D) at positions 0..P'-1."""
+        if self.factor is None:
             return g
-        if affine and self.weight is not None:
-            g = g * self.weight
-        # TransformerLens normalises in float32 for half-precision models; so does the transpose.
-        u = g.to(self.scale.dtype) / self.scale[: g.shape[0]]
+        return self._finish(g.to(self.factor.dtype) * self.factor[: g.shape[0]], g.dtype)
+
+    def transpose_at(self, g: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """g: (k, D) vectors at ``positions`` (k,)."""
+        if self.factor is None:
+            return g
+        return self._finish(g.to(self.factor.dtype) * self.factor[positions, 0], g.dtype)
+
+    def _finish(self, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.center:
             u = u - u.mean(-1, keepdim=True)
-        return u.to(g.dtype)
+        return u.to(dtype)
 
 
 @dataclass
@@ -131,8 +146,8 @@ class _Layer:
     ln2: _Norm | None  # on the path only when the transcoder reads after ln2
     ln2_post: _Norm | None  # on the path only when the transcoder writes before ln2_post
     pattern: torch.Tensor  # (H, P, P), query x key, in the model's dtype
-    w_o: torch.Tensor  # (H, D, d_head): head h's g_z = g @ w_o[h]
-    w_v: torch.Tensor  # (H_kv, d_head, D): kv head j's g_in = g_v @ w_v[j]
+    w_o: torch.Tensor  # (D, H * d_head): g_z = g @ w_o
+    w_v: torch.Tensor  # (H_kv * d_head, D): g_in = g_v @ w_v
     n_heads: int
     n_kv_heads: int
     d_head: int
@@ -167,11 +182,11 @@ class TransformerLensEngine:
         if not complete:
             frozen = self._frozen_state(model, input_ids, names)
 
-        def norm(module: Any, key: str) -> _Norm:
+        def norm(module: Any, key: str, affine: bool = True) -> _Norm:
             if isinstance(module, torch.nn.Identity) or key not in frozen:
-                return _Norm(False, None, None)
+                return _Norm()
             scale = frozen[key][0]  # (P, 1)
-            return _Norm(isinstance(module, (LayerNorm, LayerNormPre)), getattr(module, "w", None), scale[:, :, None])
+            return _Norm(isinstance(module, (LayerNorm, LayerNormPre)), getattr(module, "w", None), scale, affine)
 
         skip = bool(getattr(model, "skip_transcoder", False))
         eye = torch.eye(self.d_model, device=self.device, dtype=self.dtype)
@@ -189,11 +204,13 @@ class TransformerLensEngine:
                 _Layer(
                     ln1=norm(block.ln1, f"blocks.{i}.ln1.hook_scale"),
                     ln1_post=norm(block.ln1_post, f"blocks.{i}.ln1_post.hook_scale") if post_norms else None,
-                    ln2=norm(block.ln2, f"blocks.{i}.ln2.hook_scale") if self.in_hook != "hook_resid_mid" else None,
+                    # ln2.hook_normalized is read before ln2's weight, mlp.hook_in after it.
+                    ln2=norm(block.ln2, f"blocks.{i}.ln2.hook_scale", affine=self.in_hook == "mlp.hook_in")
+                    if self.in_hook != "hook_resid_mid" else None,
                     ln2_post=norm(block.ln2_post, f"blocks.{i}.ln2_post.hook_scale") if post_norms and self.out_hook == "mlp.hook_out" else None,
                     pattern=pattern,
-                    w_o=attn.W_O.detach().transpose(1, 2).contiguous(),
-                    w_v=w_v.detach().transpose(1, 2).contiguous(),
+                    w_o=attn.W_O.detach().reshape(n_heads * d_head, self.d_model).T.contiguous(),
+                    w_v=w_v.detach().permute(0, 2, 1).reshape(n_kv * d_head, self.d_model).contiguous(),
                     n_heads=n_heads,
                     n_kv_heads=n_kv,
                     d_head=d_head,
@@ -223,41 +240,25 @@ class TransformerLensEngine:
             # (n, P, D) view: the plan reads through strides; later positions' gradients are zero.
             plan(g.permute(1, 0, 2), out, positions_below=g.shape[0])
 
-    def _pattern_transpose(self, pattern: torch.Tensor, g_z: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-        """``out (+)= pattern[:P, :P]^T @ g_z``, skipping the zero upper triangle of a causal pattern:
-        key block [k0, k1) only hears queries >= k0."""
-        P = g_z.shape[0]
-        block = max(_MIN_KEY_BLOCK, P // 16)
-        if not self.causal or P <= 2 * block:
-            blocks = [(0, P, 0)]
-        else:
-            blocks = [(k0, min(k0 + block, P), k0) for k0 in range(0, P, block)]
-        for k0, k1, q0 in blocks:
-            a = pattern[q0:P, k0:k1].transpose(0, 1)
-            if accumulate:
-                out[k0:k1].addmm_(a, g_z[q0:P])
-            else:
-                torch.mm(a, g_z[q0:P], out=out[k0:k1])
-
     def _attention_transpose(self, g: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """Per head, with the (P, n, D) layout every product is a plain 2-D matmul, no permutes."""
+        """g_in = sum_h pattern_h^T g W_O[h]^T W_V[h]^T: three large products, all heads at once."""
         P, n, D = g.shape
         H, Hkv, dh = layer.n_heads, layer.n_kv_heads, layer.d_head
-        x = g.reshape(P * n, D)
-        g_in = torch.empty(P * n, D, device=g.device, dtype=g.dtype)
-        g_v = torch.empty(P, n * dh, device=g.device, dtype=g.dtype)
-        per_kv = H // Hkv  # grouped-query attention: kv head j serves heads j * per_kv ... + per_kv - 1
-        for j in range(Hkv):
-            for r in range(per_kv):
-                h = j * per_kv + r
-                g_z = (x @ layer.w_o[h]).view(P, n * dh)
-                # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q].
-                self._pattern_transpose(layer.pattern[h], g_z, g_v, accumulate=r > 0)
-            if j == 0:
-                torch.mm(g_v.view(P * n, dh), layer.w_v[j], out=g_in)
-            else:
-                g_in.addmm_(g_v.view(P * n, dh), layer.w_v[j])
-        return g_in.view(P, n, D)
+        g_z = (g.reshape(P * n, D) @ layer.w_o).view(P, n, H, dh).permute(2, 0, 1, 3).reshape(H, P, n * dh)
+        # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q]. With a causal
+        # pattern, key block [k0, k1) only hears queries >= k0: about half of the P^2 term is skipped.
+        block = max(_MIN_KEY_BLOCK, P // 16)
+        if not self.causal or P <= 2 * block:
+            g_v = torch.bmm(layer.pattern[:, :P, :P].transpose(1, 2), g_z)
+        else:
+            g_v = torch.empty_like(g_z)
+            for k0 in range(0, P, block):
+                k1 = min(k0 + block, P)
+                g_v[:, k0:k1] = torch.bmm(layer.pattern[:, k0:P, k0:k1].transpose(1, 2), g_z[:, k0:P])
+        if Hkv != H:  # grouped-query attention: kv head j serves heads j * H / Hkv ... (j + 1) * H / Hkv - 1
+            g_v = g_v.view(Hkv, H // Hkv, P, n * dh).sum(1)
+        g_v = g_v.view(Hkv, P, n, dh).permute(1, 2, 0, 3).reshape(P * n, Hkv * dh)
+        return (g_v @ layer.w_v).view(P, n, D)
 
     @torch.no_grad()
     def run(self, out: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
@@ -274,43 +275,45 @@ class TransformerLensEngine:
         values = values.to(self.device, self.dtype)
         P = int(positions.max()) + 1 if self.causal else self.n_pos
         compact = B < 2 or bool((layers[:-1] >= layers[1:]).all())
-        top = int(layers.max())
+        # Seeds per layer: (positions, rows, values) on the device.
+        seeds = {}
+        for layer in torch.unique(layers).tolist():
+            rows = torch.nonzero(layers == layer).flatten()
+            seeds[layer] = (positions[rows].to(self.device), rows.to(self.device), values[rows.to(self.device)])
+        active = {layer: int((layers >= layer).sum()) if compact else B for layer in seeds}
+        top = max(seeds)
 
         def grow(g: torch.Tensor | None, n: int) -> torch.Tensor:
             if g is not None and g.shape[1] == n:
                 return g
-            bigger = torch.zeros(P, n, self.d_model, device=self.device, dtype=self.dtype)
-            if g is not None:
-                bigger[:, : g.shape[1]] = g
+            bigger = torch.empty(P, n, self.d_model, device=self.device, dtype=self.dtype)
+            done = 0 if g is None else g.shape[1]
+            if done:
+                bigger[:, :done] = g
+            bigger[:, done:].zero_()
             return bigger
 
-        def seed(target: torch.Tensor, layer: int) -> None:
-            # circuit-tracer overwrites the seeded gradient entries, which are zero before.
-            rows = torch.nonzero(layers == layer).flatten()
-            if len(rows):
-                target[positions[rows].to(self.device), rows.to(self.device)] = values[rows.to(self.device)]
-
+        # circuit-tracer overwrites the seeded gradient entries; they are zero before (a row's
+        # cotangent is zero above its seed), so each seed is written, transposed through whatever
+        # lies between its hook and the residual stream, at its own (position, row) entry.
         g = None
         if top == self.n_layers:
-            g = grow(None, int((layers == top).sum()) if compact else B)
-            seed(g, top)
-            g = self.ln_final.transpose(g)
+            g = grow(None, active[top])
+            pos, rows, vals = seeds[top]
+            g[pos, rows] = self.ln_final.transpose_at(vals, pos)
             top -= 1
         for i in range(top, -1, -1):
-            n = int((layers >= i).sum()) if compact else B
-            g = grow(g, n)
+            g = grow(g, active.get(i, g.shape[1] if g is not None else B) if compact else B)
+            n = g.shape[1]
             layer = self.layers[i]
             g_out = g if layer.ln2_post is None else layer.ln2_post.transpose(g)
             self._contract(self.layer_plans[i], g_out, out[:, :n])
-            g_in = None if layer.skip_t is None else g_out @ layer.skip_t
-            if self.in_hook == "hook_resid_mid":
-                g_mid = g if g_in is None else g + g_in
-                seed(g_mid, i)
-            else:
-                if bool((layers == i).any()):
-                    g_in = torch.zeros_like(g) if g_in is None else g_in
-                    seed(g_in, i)
-                g_mid = g if g_in is None else g + layer.ln2.transpose(g_in, affine=self.in_hook == "mlp.hook_in")
-            g_attn = g_mid if layer.ln1_post is None else layer.ln1_post.transpose(g_mid)
-            g = g_mid + layer.ln1.transpose(self._attention_transpose(g_attn, layer))
+            if layer.skip_t is not None:
+                g_in = g_out @ layer.skip_t
+                g.add_(g_in if layer.ln2 is None else layer.ln2.transpose(g_in))
+            if i in seeds:
+                pos, rows, vals = seeds[i]
+                g[pos, rows] = vals if layer.ln2 is None else layer.ln2.transpose_at(vals, pos)
+            g_attn = g if layer.ln1_post is None else layer.ln1_post.transpose(g)
+            g.add_(layer.ln1.transpose(self._attention_transpose(g_attn, layer)))
         self._contract(self.token_plan, g, out)
