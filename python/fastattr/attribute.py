@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from fastattr import _circuit_tracer as ct
+from fastattr.integrations import circuit_tracer as ct
 from fastattr import _backends, hook_plans, pruning
 from fastattr.edge_store import DEFAULT_TOPK, DenseRows, RowStore, TopKRows
 from fastattr.linear_engine import TransformerLensEngine, frozen_state_hooks, unsupported_reason
@@ -410,7 +410,8 @@ def attribute(
             node_influence = store.influence.float().to(adjacency.device) if stream_influence else None
             del store, writer
 
-        graph = Graph(
+        graph = Graph(**ct.graph_kwargs(
+            Graph, ct.model_scan(model),
             input_string=model.tokenizer.decode(s.input_ids),
             input_tokens=s.input_ids,
             logit_targets=s.targets.logit_targets,
@@ -421,8 +422,7 @@ def attribute(
             selected_features=selected,
             adjacency_matrix=adjacency.detach(),
             cfg=ct.graph_cfg(model),
-            scan=model.scan,
-        )
+        ))  # fmt: skip
         if edge_storage == "topk":
             # Pruning a top-k graph needs its exact row sums; recorded so that they also survive
             # circuit-tracer's Graph.to_pt / from_pt.

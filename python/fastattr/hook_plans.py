@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from fastattr import _patching
-from fastattr import _backends
-from fastattr._circuit_tracer import check_method, circuit_tracer_version, unsupported
+from fastattr import _backends, _patching
+from fastattr.integrations.circuit_tracer import check_method, circuit_tracer_version, unsupported
 from fastattr.contraction import ContractionPlan
 
 logger = logging.getLogger("fastattr")
