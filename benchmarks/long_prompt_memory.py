@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +71,8 @@ def main() -> None:
     kept = "" if pruned is None else f" kept={int(pruned.node_mask.sum())}"
     print(f"RES {a.path} storage={a.storage if a.path != 'ct' else 'dense'} tokens={a.tokens} layers={a.layers} "
           f"d_model={a.d_model} batch={a.batch} N={graph.adjacency_matrix.shape[0]} active={graph.active_features.shape[0]}"
-          f"{kept} time={dt:.1f}s peak_above_start={pm.peak_bytes / 2**20:.0f}MiB ({pm.method})", flush=True)  # fmt: skip
+          f"{kept} time={dt:.1f}s peak_above_start={pm.peak_bytes / 2**20:.0f}MiB ({pm.method}) "
+          f"process_peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
