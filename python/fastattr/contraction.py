@@ -158,7 +158,8 @@ class ContractionPlan:
             raise ValueError(f"grads: expected last dimension {self.d_model} (the vectors' D), got shape {tuple(grads.shape)}")
         need = self.min_positions if positions_below is None else min(self.min_positions, positions_below)
         if P < need:
-            raise ValueError(f"grads: expected at least {need} positions (max position + 1, or positions_below), got shape {tuple(grads.shape)}")
+            why = "max position + 1" if positions_below is None else "positions_below"
+            raise ValueError(f"grads: expected at least {need} positions ({why}), got shape {tuple(grads.shape)}")
         if out_layout not in ("rb", "br"):
             raise ValueError(f"out_layout: expected 'rb' or 'br', got {out_layout!r}")
         check_tensor(out, "out", ndim=2, device=self.device)
