@@ -180,7 +180,7 @@ class TransformerLensEngine:
         # Whether the setup's own forward pass supplied the frozen state (else one more pass).
         self.own_forward = not complete
         if not complete:
-            frozen = self._frozen_state(model, input_ids, names)
+            frozen = self._frozen_state(model, input_ids)
 
         def norm(module: Any, key: str, affine: bool = True) -> _Norm:
             if isinstance(module, torch.nn.Identity) or key not in frozen:
@@ -220,13 +220,12 @@ class TransformerLensEngine:
             )
         self.ln_final = norm(model.ln_final, "ln_final.hook_scale")
 
-
         # One contraction plan per layer; a truncated sweep contracts only its position prefix.
         self.layer_plans = [hook_plans.layer_plan(ctx, layer, features=True, errors=True) for layer in range(self.n_layers)]
         self.token_plan = hook_plans.token_plan(ctx)
 
     @torch.no_grad()
-    def _frozen_state(self, model: Any, input_ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    def _frozen_state(self, model: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         hooks, cache = frozen_state_hooks(model)
         model.run_with_hooks(input_ids.reshape(1, -1), fwd_hooks=hooks, return_type=None)
         return cache
