@@ -231,3 +231,25 @@ def test_concurrent_linear_and_autograd_calls():
         t.join(300)
     for got, want in zip(results, serial):
         assert _close(got.adjacency_matrix, want.adjacency_matrix)
+
+
+def test_a_users_hook_runs_the_autograd_engine(caplog):
+    # A hook of the user's (here one that scales the residual stream) changes the model in a way the
+    # linear engine does not see: the automatic choice takes circuit-tracer's path, and says why.
+    model = _model(transcoder="plt", architecture="gpt2")
+    prompt = tracer_prompt(8, seed=13)
+
+    def scale(acts, hook):
+        return acts * 0.5
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", scale)]):
+        g0 = ct.attribute(prompt, model, batch_size=16)
+        with caplog.at_level(logging.INFO, logger="fastattr"):
+            g1 = fastattr.attribute(prompt, model, batch_size=16)
+        assert attribute_module._LAST_RUN["engine"] == "autograd"
+        with pytest.raises(ValueError, match="blocks.0.hook_resid_post has hooks that circuit-tracer did not install"):
+            fastattr.attribute(prompt, model, engine="linear")
+    assert any("blocks.0.hook_resid_post" in r.getMessage() for r in caplog.records)
+    _assert_same_graph(g0, g1)
+    fastattr.attribute(prompt, model, batch_size=16)
+    assert attribute_module._LAST_RUN["engine"] == "linear"  # the hook is gone with its block

@@ -72,6 +72,28 @@ def unsupported_reason(model: Any) -> str | None:
                 return f"blocks.{i}.{name} is a {type(norm).__name__}, not a LayerNorm/RMSNorm"
     if not isinstance(model.ln_final, norms):
         return f"ln_final is a {type(model.ln_final).__name__}, not a LayerNorm/RMSNorm"
+    return _foreign_hooks(model, in_hook, out_hook)
+
+
+def _foreign_hooks(model: Any, in_hook: str, out_hook: str) -> str | None:
+    """A hook that circuit-tracer did not install changes the model in a way the engine cannot see.
+
+    circuit-tracer's own are permanent forward hooks: detaching patterns and norm scales, enabling
+    gradients at the embedding, caching the transcoder input and replacing the MLP output with the
+    skip path (and it registers ln_final's once per layer).
+    """
+    n_layers = model.cfg.n_layers
+    expected = {"hook_embed": 1, "ln_final.hook_scale": n_layers}
+    for i in range(n_layers):
+        for name in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "ln1_post.hook_scale",
+                     "ln2_post.hook_scale", in_hook, out_hook):  # fmt: skip
+            expected[f"blocks.{i}.{name}"] = 1
+    for name, point in model.hook_dict.items():
+        fwd, bwd = getattr(point, "fwd_hooks", []), getattr(point, "bwd_hooks", [])
+        temporary = [h for h in fwd if not getattr(h, "is_permanent", False)]
+        if bwd or temporary or len(fwd) > expected.get(name, 0):
+            return (f"{name} has hooks that circuit-tracer did not install ({len(fwd)} forward, {len(bwd)} backward); "
+                    "the engine would not apply them")  # fmt: skip
     return None
 
 
