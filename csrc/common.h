@@ -6,6 +6,7 @@
 // what the Python layer already validated: the C++ layer must stay safe on its own.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -56,6 +57,30 @@ inline void check_matrix(std::uintptr_t ptr, int dtype, std::int64_t rows, std::
   if (rows < 0 || cols < 0) fail(arg, ": expected non-negative sizes, got (", rows, ", ", cols, ")");
   if (rows > 0 && ld < cols) fail(arg, ": expected a row stride >= ", cols, ", got ", ld);
   check_nonnull(ptr, rows * cols, arg);
+}
+
+template <typename T>
+T* as_ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// A square matrix of graph nodes; node ids are int32 in the kernels.
+inline void check_square(std::int64_t n, std::int64_t lda, const char* arg) {
+  if (n < 0) fail(arg, ": expected a non-negative size, got ", n);
+  if (n > INT32_MAX - 1) fail(arg, ": expected fewer than 2^31 - 1 nodes, got ", n);
+  if (n > 0 && lda < n) fail(arg, ": expected a row stride >= ", n, ", got ", lda);
+}
+
+inline void check_eps(float eps) {
+  if (!(eps > 0.0f) || !std::isfinite(eps)) fail("eps: expected a positive finite value, got ", eps);
+}
+
+inline void check_max_iter(std::int64_t max_iter) {
+  if (max_iter < 0) fail("max_iter: expected a non-negative integer, got ", max_iter);
+}
+
+inline void check_threshold(double t) {
+  if (!std::isfinite(t)) fail("threshold: expected a finite number, got ", t);
 }
 
 inline void check_float_dtype(int code, const char* arg) {

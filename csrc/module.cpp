@@ -69,5 +69,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Facts about this build: CUDA version and archs, OpenMP, compiler.");
   m.def("cuda_probe", &cuda_probe, "(device_count, error_code, error_message, driver_version)");
   fastattr::register_contraction_ops(m);
-  fastattr::register_graph_ops(m);
+  fastattr::register_influence_ops(m);
+  fastattr::register_threshold_ops(m);
+  fastattr::register_prune_ops(m);
+  fastattr::register_topk_edges_ops(m);
 }

@@ -4,5 +4,8 @@
 
 namespace fastattr {
 void register_contraction_ops(pybind11::module_& m);
-void register_graph_ops(pybind11::module_& m);
+void register_influence_ops(pybind11::module_& m);
+void register_threshold_ops(pybind11::module_& m);
+void register_prune_ops(pybind11::module_& m);
+void register_topk_edges_ops(pybind11::module_& m);
 }  // namespace fastattr

@@ -1,6 +1,6 @@
 // Host launchers of the CUDA graph kernels (influence, threshold select, top-k edges).
 //
-// Called from csrc/graph_ops.cpp under FASTATTR_WITH_CUDA. All pointers are device pointers,
+// Called from the csrc/*_ops.cpp bindings under FASTATTR_WITH_CUDA. All pointers are device pointers,
 // matrices are float32 row-major with row stride `lda` (elements) and unit column stride, and every
 // launcher enqueues on `stream` (torch's current stream, passed as an integer) without
 // synchronising. Launch failures throw std::runtime_error.
