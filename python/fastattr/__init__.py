@@ -22,7 +22,8 @@ from fastattr.influence import (
 )
 from fastattr.pruning import PruneResult, compute_graph_scores, prune_graph, prune_graph_sparse
 from fastattr.threshold import find_threshold
-from fastattr.topk_edges import SparseEdges, topk_edges
+from fastattr.sparse_edges import SparseEdges
+from fastattr.topk_edges import topk_edges
 from fastattr.attribute import attribute  # noqa: I001 - after the graph ops it uses
 from fastattr.patch import patch_circuit_tracer
 

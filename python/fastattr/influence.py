@@ -16,7 +16,7 @@ the adjacency itself is ever read.
 Results agree with circuit-tracer to float32 rounding (relative differences ~1e-7: the order of
 the additions differs, and the double accumulation here is the more accurate one).
 
-Sparse inputs (:class:`~fastattr.topk_edges.SparseEdges` or torch sparse CSR/COO) use the stored
+Sparse inputs (:class:`~fastattr.SparseEdges` or torch sparse CSR/COO) use the stored
 entries and the recorded full-row |A| sums, by a power iteration over the non-zeros.
 """
 
@@ -28,7 +28,7 @@ import math
 import torch
 
 from fastattr import _backends, _checks, _device, _ext, reference
-from fastattr.topk_edges import SparseEdges, as_sparse_edges
+from fastattr.sparse_edges import SparseEdges, as_sparse_edges
 
 logger = logging.getLogger("fastattr")
 

@@ -45,7 +45,8 @@ from fastattr.influence import (
     power_influence_device,
 )
 from fastattr.reference import PruneResult
-from fastattr.topk_edges import SparseEdges, as_sparse_edges, topk_edges
+from fastattr.sparse_edges import SparseEdges, as_sparse_edges
+from fastattr.topk_edges import topk_edges
 
 logger = logging.getLogger("fastattr")
 
