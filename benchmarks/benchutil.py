@@ -63,7 +63,7 @@ def _skip_reason(name: str, device: torch.device) -> str | None:
     ok, why = _backends.backend_status()[name]
     if not ok:
         return f"fastattr {name} backend unavailable: {why}"
-    bad = _backends._device_ok(name, device)
+    bad = _backends.device_reason(name, device)
     if bad:
         return bad
     if name == "triton" and _backends.triton_interpret():

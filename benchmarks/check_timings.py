@@ -39,7 +39,7 @@ def _backend_ok(name: str, device: torch.device) -> str | None:
     ok, why = _backends.backend_status()[name]
     if not ok:
         return why
-    return _backends._device_ok(name, device)
+    return _backends.device_reason(name, device)
 
 
 def _free_bytes(device: torch.device) -> int:

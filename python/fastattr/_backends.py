@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,10 @@ class BackendUnavailableError(RuntimeError):
 class BackendDtypeError(BackendUnavailableError, TypeError):
     """A forced backend whose kernels do not take the inputs' dtype. Also a TypeError, the error a
     wrong dtype gets everywhere else."""
+
+
+class BackendLayoutError(BackendUnavailableError, TypeError):
+    """A forced backend whose kernels do not take the input's layout (dense or sparse)."""
 
 
 # (op, backend) -> the dtypes its kernels take; absent means any dtype the op accepts. An automatic
@@ -184,7 +189,7 @@ def available_backends() -> list[str]:
     return [name for name, (ok, _) in backend_status().items() if ok]
 
 
-def _device_ok(name: str, device: torch.device) -> str | None:
+def device_reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on tensors on ``device`` (None if it can)."""
     if name == "cuda" and device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got tensors on {device}"
@@ -197,66 +202,171 @@ def _device_ok(name: str, device: torch.device) -> str | None:
     return None
 
 
-def select(
-    op: str,
-    device: torch.device,
-    backend: str | None,
-    implemented: dict[str, Callable],
-    captured: str | None = None,
-    dtype: torch.dtype | None = None,
-    dtype_arg: str = "input",
-) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for tensors on ``device``; ``captured`` is the choice that
-    deferred work recorded where it was built (see the module docstring). With ``dtype`` (that of
-    the argument ``dtype_arg``), backends declared unable to take it (:func:`declare_dtypes`) are
-    skipped by an automatic choice and refused when forced."""
-    forced, source = backend, "backend="
-    if forced is None:
-        forced, source = forced_choice(), "use_backend()"
-    if forced is None and captured is not None:
-        forced, source = captured, "use_backend() where the plan was built"
-    if forced is None and os.environ.get("FASTATTR_BACKEND"):
-        forced, source = os.environ["FASTATTR_BACKEND"], "FASTATTR_BACKEND"
-    if forced is not None:
+# ------------------------------------------------------------------------------------------------
+# The dispatch registry: every op's implementations, with what each takes.
+# ------------------------------------------------------------------------------------------------
+
+LAYOUTS = ("strided", "sparse")  # dense tensors; SparseEdges or torch sparse CSR/COO
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of an op. ``dtypes=None`` takes every dtype the op accepts."""
+
+    backend: str
+    fn: Callable
+    dtypes: tuple[torch.dtype, ...] | None
+    layouts: tuple[str, ...]
+
+    def takes(self, dtype: torch.dtype | None, layout: str) -> bool:
+        return layout in self.layouts and (dtype is None or self.dtypes is None or dtype in self.dtypes)
+
+
+class Op:
+    """An op's implementations by backend; :meth:`select` picks one for a call (module docstring).
+
+    Register with ``@OP.register("cpu", dtypes=(torch.float32,))`` above the launch helper; what
+    :meth:`select` returns is what runs, and what :func:`last_backend` reports."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.impls: dict[str, Impl] = {}
+
+    def register(self, backend: str, *, dtypes: tuple[torch.dtype, ...] | None = None,
+                 layouts: tuple[str, ...] = ("strided",)) -> Callable[[Callable], Callable]:
+        _validate_name(backend, "register(backend)")
+        for layout in layouts:
+            if layout not in LAYOUTS:
+                raise ValueError(f"layouts: expected entries from {LAYOUTS}, got {layout!r}")
+        if backend in self.impls:
+            raise ValueError(f"{self.name}: backend {backend!r} is registered twice")
+
+        def add(fn: Callable) -> Callable:
+            self.impls[backend] = Impl(backend, fn, None if dtypes is None else tuple(dtypes), tuple(layouts))
+            return fn
+
+        return add
+
+    def takes(self, backend: str, dtype: torch.dtype | None, layout: str = "strided") -> bool:
+        impl = self.impls.get(backend)
+        return impl is not None and impl.takes(dtype, layout)
+
+    def select(
+        self,
+        device: torch.device,
+        backend: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        layout: str = "strided",
+        arg: str = "input",
+        captured: str | None = None,
+    ) -> Impl:
+        """The implementation to run on ``arg`` (dtype ``dtype``, layout ``layout``, on ``device``).
+        ``captured`` is the choice that deferred work recorded where it was built. A forced choice
+        that cannot run raises, naming why; an automatic one takes the first of the device's order
+        that can, and logs when that is the torch reference."""
+        forced, source = _forced(backend, captured)
+        if forced is not None:
+            chosen = self._check_forced(forced, source, device, dtype, layout, arg)
+        else:
+            chosen = self._automatic(device, dtype, layout, arg)
+        _last_used[self.name] = chosen
+        return self.impls[chosen]
+
+    def _check_forced(self, forced: str, source: str, device, dtype, layout: str, arg: str) -> str:
         _validate_name(forced, source)
-        if forced not in implemented:
+        if forced not in self.impls:
             raise BackendUnavailableError(
-                f"{op}: backend {forced!r} (from {source}) is not implemented for this op; "
-                f"implemented: {', '.join(implemented)}"
+                f"{self.name}: backend {forced!r} (from {source}) is not implemented for this op; "
+                f"implemented: {', '.join(self.impls)}"
             )
         ok, why = backend_status()[forced]
         if not ok:
-            raise BackendUnavailableError(f"{op}: backend {forced!r} (from {source}) is unavailable: {why}")
-        bad = _device_ok(forced, device)
+            raise BackendUnavailableError(f"{self.name}: backend {forced!r} (from {source}) is unavailable: {why}")
+        bad = device_reason(forced, device)
         if bad:
-            raise BackendUnavailableError(f"{op}: backend {forced!r} (from {source}) cannot run here: {bad}")
-        if not takes_dtype(op, forced, dtype):
-            name = str(dtype).replace("torch.", "")
-            allowed = " or ".join(str(d).replace("torch.", "") for d in _DTYPES[(op, forced)])
-            can = ", ".join(n for n in implemented if takes_dtype(op, n, dtype))
-            raise BackendDtypeError(
-                f"{dtype_arg}: the {forced} backend expects dtype {allowed}, got {name} "
-                f"({op}, backend from {source}; backends that take {name}: {can})"
+            raise BackendUnavailableError(f"{self.name}: backend {forced!r} (from {source}) cannot run here: {bad}")
+        impl = self.impls[forced]
+        if layout not in impl.layouts:
+            can = ", ".join(n for n, i in self.impls.items() if layout in i.layouts)
+            raise BackendLayoutError(
+                f"{arg}: the {forced} backend expects a dense (strided) tensor, got a {layout} one "
+                f"({self.name}, backend from {source}; backends that take {layout} {arg}: {can})"
             )
-        chosen = forced
-    else:
+        if not impl.takes(dtype, layout):
+            name = _dtype_name(dtype)
+            allowed = " or ".join(_dtype_name(d) for d in impl.dtypes)
+            can = ", ".join(n for n, i in self.impls.items() if i.takes(dtype, layout))
+            raise BackendDtypeError(
+                f"{arg}: the {forced} backend expects dtype {allowed}, got {name} "
+                f"({self.name}, backend from {source}; backends that take {name}: {can})"
+            )
+        return forced
+
+    def _automatic(self, device: torch.device, dtype, layout: str, arg: str) -> str:
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         status = backend_status()
-        chosen = next(
-            n
-            for n in order
-            if n in implemented and status[n][0] and _device_ok(n, device) is None and takes_dtype(op, n, dtype)
-        )
-        logger.debug("%s: automatic backend %r for tensors on %s", op, chosen, device)
-        if chosen == "torch" and "torch" != order[0]:
-            if status[order[0]][0] and not takes_dtype(op, order[0], dtype):
-                logger.info("%s: using the torch reference for %s %s (the %s backend takes %s only)", op,
-                            str(dtype).replace("torch.", ""), dtype_arg, order[0],
-                            " or ".join(str(d).replace("torch.", "") for d in _DTYPES[(op, order[0])]))
+        runnable = [n for n in order if n in self.impls and status[n][0] and device_reason(n, device) is None]
+        chosen = next((n for n in runnable if self.impls[n].takes(dtype, layout)), None)
+        if chosen is None:
+            raise BackendUnavailableError(
+                f"{arg}: no backend of {self.name} takes a {layout} {_dtype_name(dtype) if dtype else ''} input on "
+                f"{device}; implemented: " + ", ".join(
+                    f"{n} ({'/'.join(i.layouts)}, {'any dtype' if i.dtypes is None else '/'.join(map(_dtype_name, i.dtypes))})"
+                    for n, i in self.impls.items())
+            )
+        logger.debug("%s: automatic backend %r for %s tensors on %s", self.name, chosen, layout, device)
+        first = order[0]
+        if chosen != first:
+            if first in self.impls and status[first][0] and device_reason(first, device) is None:
+                impl = self.impls[first]
+                why = (f"{layout} {arg}" if layout not in impl.layouts
+                       else f"{_dtype_name(dtype)} {arg} (the {first} backend takes "
+                            f"{' or '.join(map(_dtype_name, impl.dtypes or ()))} only)")
+                logger.info("%s: using the %s backend for %s", self.name, chosen, why)
             else:
-                logger.info("%s: using the torch reference on %s (%s unavailable)", op, device, order[0])
-    _last_used[op] = chosen
-    return chosen, implemented[chosen]
+                logger.info("%s: using the %s backend on %s (%s unavailable)", self.name, chosen, device, first)
+        return chosen
+
+
+OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The registry entry of op ``name`` (created on first use)."""
+    entry = OPS.get(name)
+    if entry is None:
+        entry = OPS[name] = Op(name)
+    return entry
+
+
+def _forced(backend: str | None, captured: str | None) -> tuple[str | None, str]:
+    """The forced choice and where it came from, in precedence order (module docstring)."""
+    if backend is not None:
+        return backend, "backend="
+    inner = forced_choice()
+    if inner is not None:
+        return inner, "use_backend()"
+    if captured is not None:
+        return captured, "use_backend() where the plan was built"
+    env = os.environ.get("FASTATTR_BACKEND")
+    if env:
+        return env, "FASTATTR_BACKEND"
+    return None, ""
+
+
+def select(op_name, device, backend, implemented, captured=None, dtype=None, dtype_arg="input"):
+    """Transitional: the old table-per-call dispatch, on top of the registry. Removed once every op
+    registers its implementations with :func:`op`."""
+    tmp = Op(op_name)
+    for name, fn in implemented.items():
+        tmp.impls[name] = Impl(name, fn, _DTYPES.get((op_name, name)), ("strided",))
+    impl = tmp.select(device, backend, dtype=dtype, arg=dtype_arg, captured=captured)
+    return impl.backend, impl.fn
 
 
 def last_backend(op: str) -> str | None:
