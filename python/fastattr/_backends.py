@@ -369,6 +369,16 @@ def select(op_name, device, backend, implemented, captured=None, dtype=None, dty
     return impl.backend, impl.fn
 
 
+def deterministic(flag: bool | None) -> bool:
+    """Whether an op runs its fixed-order (run-to-run bitwise identical) kernels: ``flag`` when
+    given, else torch's global switch (``torch.use_deterministic_algorithms``)."""
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(flag, bool):
+        raise TypeError(f"deterministic: expected True, False or None, got {flag!r}")
+    return flag
+
+
 def last_backend(op: str) -> str | None:
     """The backend that the most recent call of ``op`` ran on."""
     return _last_used.get(op)
