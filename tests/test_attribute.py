@@ -8,7 +8,7 @@ import torch
 import fastattr
 from fastattr import reference
 
-from conftest import MODEL_KINDS, tracer_model, tracer_prompt
+from helpers import MODEL_KINDS, tracer_model, tracer_prompt
 
 ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed")
 

@@ -13,7 +13,7 @@ import fastattr
 from fastattr import _backends
 from fastattr._backends import BackendUnavailableError
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 
 def _tiny():

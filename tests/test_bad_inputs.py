@@ -17,7 +17,7 @@ import torch
 import fastattr
 from fastattr import _checks
 
-from test_influence import backend_device, backend_params
+from helpers import backend_device, backend_params
 
 BACKENDS = backend_params()
 

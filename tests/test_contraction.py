@@ -9,7 +9,7 @@ import fastattr
 from fastattr import ContractionPlan, reference
 from fastattr._backends import BackendUnavailableError, triton_interpret
 
-from conftest import DEVICE, all_backend_params
+from helpers import DEVICE, backend_params
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -64,7 +64,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 @pytest.mark.parametrize("layout", ["rb", "br"])
 def test_matches_reference(backend, shape, layout):
@@ -77,7 +77,7 @@ def test_matches_reference(backend, shape, layout):
     _check(out, expected, touched, layout, torch.float32)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("out_dtype", ["fp32", "same"])
 def test_half_precision(backend, dtype, out_dtype):
@@ -92,7 +92,7 @@ def test_half_precision(backend, dtype, out_dtype):
     _check(out, expected, touched, "rb", dtype)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 def test_many_rows_at_one_position(backend):
     B, P, D, S, R = 3, 6, 33, 200, 256
     positions = torch.full((S,), 4)
@@ -103,7 +103,7 @@ def test_many_rows_at_one_position(backend):
     _check(out, expected, touched, "rb", torch.float32)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 def test_repeated_rows_accumulate(backend):
     """Cross-layer decoder rows of one feature land in the same output row and must sum."""
     B, P, D, S, R = 4, 5, 24, 90, 12
@@ -114,7 +114,7 @@ def test_repeated_rows_accumulate(backend):
     _check(out, expected, touched, "rb", torch.float32)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 def test_strided_grads(backend):
     B, P, D, S, R = 4, 6, 20, 40, 50
     base = torch.randn(P * 2, B, D + 7, device=DEVICE)
@@ -127,7 +127,7 @@ def test_strided_grads(backend):
     _check(out, expected, touched, "rb", torch.float32)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 def test_strided_out(backend):
     B, P, D, S, R = 3, 4, 16, 25, 30
     grads, vectors, positions, rows = _case(B, P, D, S, R, seed=9)
@@ -141,7 +141,7 @@ def test_strided_out(backend):
     assert torch.isnan(big[:, 1::3]).all() and torch.isnan(big[:, 2::3]).all()
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 def test_empty_vectors_and_batch(backend):
     grads, vectors, positions, rows = _case(3, 4, 8, 0, 10, seed=1)
     out = torch.randn(10, 3, device=DEVICE)
@@ -153,7 +153,7 @@ def test_empty_vectors_and_batch(backend):
     fastattr.contract(grads, vectors, positions, rows, out, backend=backend)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 def test_plan_reused_across_batches(backend):
     B, P, D, S, R = 6, 5, 24, 60, 80
     _, vectors, positions, rows = _case(B, P, D, S, R, seed=2)
@@ -261,7 +261,7 @@ def test_forced_unavailable_backend_raises():
         fastattr.contract(grads, vectors, positions, rows, out, backend=wrong)
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 @pytest.mark.parametrize("below", [0, 1, 3, 7])
 def test_positions_below_contracts_only_a_prefix(backend, below):
     # A truncated sweep passes grads for the first `below` positions only: the vectors at later

@@ -14,7 +14,7 @@ import fastattr
 from fastattr import reference
 from fastattr._backends import backend_status, triton_interpret
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 TF32_DROPPED_BITS = 13  # fp32 has 23 explicit mantissa bits, TF32 10
 

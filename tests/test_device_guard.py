@@ -14,7 +14,7 @@ import torch
 import fastattr
 from fastattr import _device
 
-from test_influence import random_graph
+from helpers import random_graph
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from conftest import tracer_prompt
+from helpers import tracer_prompt
 
 import fastattr
 

@@ -14,10 +14,9 @@ from types import SimpleNamespace
 import fastattr
 import pytest
 import torch
-from conftest import DEVICE, all_backend_params
+from helpers import DEVICE, backend_params, logit_weights, random_graph
 from fastattr import _backends, contraction, reference
 from fastattr._backends import BackendDtypeError
-from test_influence import logit_weights, random_graph
 
 
 def _case(B=5, P=7, D=45, S=150, R=170, *, unique=True, seed=0):
@@ -29,7 +28,7 @@ def _case(B=5, P=7, D=45, S=150, R=170, *, unique=True, seed=0):
     return [t.to(DEVICE) for t in (grads, vectors, positions, rows)]
 
 
-@pytest.mark.parametrize("backend", all_backend_params())
+@pytest.mark.parametrize("backend", backend_params(DEVICE))
 @pytest.mark.parametrize("unique", [True, False], ids=["unique_rows", "repeated_rows"])
 @pytest.mark.parametrize("layout", ["rb", "br"])
 def test_contract_float64(backend, unique, layout):

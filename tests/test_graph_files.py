@@ -13,7 +13,7 @@ import torch
 import fastattr
 from fastattr import pruning
 
-from conftest import tracer_model, tracer_prompt
+from helpers import tracer_model, tracer_prompt
 
 ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed")
 from circuit_tracer.graph import Graph  # noqa: E402

@@ -1,12 +1,8 @@
-"""Influence kernels against circuit-tracer's graph.py (and the reference) on every backend.
-
-Also home of the random attribution-graph generator the other graph tests import.
-"""
+"""Influence kernels against circuit-tracer's graph.py (and the reference) on every backend."""
 
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,118 +11,7 @@ import fastattr
 from fastattr import _backends, _ext, influence, reference
 from fastattr.topk_edges import SparseEdges
 
-try:
-    import circuit_tracer.graph as ctg
-except ImportError:
-    # A GPU machine may have no circuit-tracer; the graph-kernel tests must still run there.
-    # fastattr.reference is then the oracle: it equals circuit-tracer's graph.py bit for bit, which
-    # tests/test_reference.py asserts wherever circuit-tracer is installed.
-    ctg = reference
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-def backend_params(small_triton: bool = True) -> list:
-    """Every backend, each skipped with its reason when it cannot run here; cuda is marked."""
-    status = _backends.backend_status()
-    params = []
-    for name in _backends.BACKENDS:
-        ok, why = status[name]
-        marks = [pytest.mark.cuda] if name == "cuda" else []
-        dev = backend_device(name)
-        if not ok:
-            marks.append(pytest.mark.skip(reason=f"{name} backend unavailable: {why}"))
-        elif _backends._device_ok(name, dev) is not None:
-            marks.append(pytest.mark.skip(reason=_backends._device_ok(name, dev)))
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-def backend_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "triton" and HAS_CUDA):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def interpreted(name: str) -> bool:
-    """Triton on the numpy interpreter: keep shapes small."""
-    return name == "triton" and not HAS_CUDA
-
-
-# ------------------------------------------------------------------------------------------------
-# Random graphs in circuit-tracer's layout
-# ------------------------------------------------------------------------------------------------
-
-
-def random_graph(n_layers=3, n_pos=5, feats_per=4, n_logits=3, density=0.5, seed=0, device="cpu", zero_rows=0):
-    """A Graph-like object with a random DAG adjacency in circuit-tracer's node order.
-
-    Nodes: features sorted by (layer, position), then errors (layer-major), tokens, logits. Rows
-    are targets: a feature at (l, p) reads features and errors of layers < l at positions <= p and
-    tokens at positions <= p; logits read every feature, error and token at the last position.
-    Weights are heavy-tailed and signed. ``zero_rows`` feature rows are zeroed (no inputs).
-    """
-    g = torch.Generator().manual_seed(seed)
-    feat_layer, feat_pos = [], []
-    for layer in range(n_layers):
-        for p in range(n_pos):
-            k = int(torch.randint(0, feats_per + 1, (1,), generator=g))
-            feat_layer += [layer] * k
-            feat_pos += [p] * k
-    nf, ne, nt = len(feat_layer), n_layers * n_pos, n_pos
-    n = nf + ne + nt + n_logits
-    layer = torch.full((n,), 10**6)
-    pos = torch.full((n,), -1)
-    layer[:nf] = torch.tensor(feat_layer, dtype=torch.long)
-    pos[:nf] = torch.tensor(feat_pos, dtype=torch.long)
-    layer[nf : nf + ne] = torch.arange(n_layers).repeat_interleave(n_pos)
-    pos[nf : nf + ne] = torch.arange(n_pos).repeat(n_layers)
-    layer[nf + ne : nf + ne + nt] = -1
-    pos[nf + ne : nf + ne + nt] = torch.arange(n_pos)
-    kind = torch.zeros(n, dtype=torch.long)  # 0 feature, 1 error, 2 token, 3 logit
-    kind[nf : nf + ne] = 1
-    kind[nf + ne : nf + ne + nt] = 2
-    kind[nf + ne + nt :] = 3
-    src_feat_err = (kind == 0) | (kind == 1)
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    tgt_feat = kind == 0
-    allowed |= tgt_feat[:, None] & src_feat_err[None, :] & (layer[None, :] < layer[:, None]) & (pos[None, :] <= pos[:, None])
-    allowed |= tgt_feat[:, None] & (kind == 2)[None, :] & (pos[None, :] <= pos[:, None])
-    allowed |= (kind == 3)[:, None] & (kind != 3)[None, :] & (pos[None, :] == n_pos - 1)
-    vals = torch.randn(n, n, generator=g) * torch.exp(torch.randn(n, n, generator=g))
-    keep = torch.rand(n, n, generator=g) < density
-    A = torch.where(allowed & keep, vals, torch.zeros(()))
-    if zero_rows:
-        A[torch.randperm(max(nf, 1), generator=g)[: min(zero_rows, nf)]] = 0.0
-    probs = torch.softmax(torch.randn(n_logits, generator=g), 0)
-    return SimpleNamespace(
-        adjacency_matrix=A.to(device),
-        input_tokens=torch.zeros(n_pos, dtype=torch.long),
-        logit_targets=list(range(n_logits)),
-        logit_probabilities=probs.to(device),
-        selected_features=torch.arange(nf),
-        active_features=torch.zeros(nf, 3, dtype=torch.long),
-        cfg=SimpleNamespace(n_layers=n_layers),
-    )
-
-
-def shuffle_features(graph, seed: int = 0):
-    """The same graph with its feature nodes in random order (still circuit-tracer's layout, but
-    no longer a topological order read backwards: the CPU kernels must fall back to Kahn's waves)."""
-    nf = len(graph.selected_features)
-    n = graph.adjacency_matrix.shape[0]
-    perm = torch.cat([torch.randperm(nf, generator=torch.Generator().manual_seed(seed)), torch.arange(nf, n)])
-    perm = perm.to(graph.adjacency_matrix.device)
-    out = SimpleNamespace(**vars(graph))
-    out.adjacency_matrix = graph.adjacency_matrix[perm][:, perm].contiguous()
-    return out
-
-
-def logit_weights(graph) -> torch.Tensor:
-    A = graph.adjacency_matrix
-    w = torch.zeros(A.shape[0], device=A.device)
-    w[-len(graph.logit_targets) :] = graph.logit_probabilities
-    return w
+from helpers import HAS_CUDA, backend_device, backend_params, ctg, graph_for, logit_weights, random_graph, shuffle_features
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,14 +26,6 @@ def float64_node_influence(A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 GRAPH_SEEDS = [0, 1, 2]
-
-
-def graph_for(name: str, seed: int, **kw):
-    if interpreted(name):
-        kw = {"n_layers": 2, "n_pos": 3, "feats_per": 3} | kw
-    else:
-        kw = {"n_layers": 4, "n_pos": 6, "feats_per": 6} | kw
-    return random_graph(seed=seed, device=backend_device(name), **kw)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from fastattr.patch import UnsupportedCircuitTracerError
 ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed")
 import circuit_tracer.graph as ct_graph
 from circuit_tracer.attribution import attribute as ct_attribute_module
-from test_influence import random_graph
+from helpers import random_graph
 
 EARLY = "fastattr_test_early_binder"
 

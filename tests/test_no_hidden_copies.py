@@ -9,7 +9,7 @@ import torch
 import fastattr
 from fastattr import _checks
 
-from test_influence import logit_weights, random_graph
+from helpers import logit_weights, random_graph
 
 
 def _unchunked(t: torch.Tensor) -> str:

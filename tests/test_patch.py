@@ -12,7 +12,7 @@ import torch
 import fastattr
 from fastattr.patch import UnsupportedCircuitTracerError
 
-from conftest import MODEL_KINDS, tracer_model, tracer_prompt
+from helpers import MODEL_KINDS, tracer_model, tracer_prompt
 
 ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed")
 from circuit_tracer.attribution import context_transformerlens  # noqa: E402

@@ -1,7 +1,7 @@
 """Property tests: every public op against fastattr.reference (circuit-tracer's arithmetic) on
 random shapes, strides, dtypes and values, adversarial ones included, on every backend here.
 
-Graphs are DAGs in circuit-tracer's node layout (``test_influence.random_graph``): features by
+Graphs are DAGs in circuit-tracer's node layout (``helpers.random_graph``): features by
 (layer, position), errors, tokens, logits; a target reads only earlier layers and positions.
 Value families stress the kernels: heavy tails, exact ties, zero rows, denormals, entries near the
 float32 range. Example counts are modest and derandomised so that CI runs the same few hundred
@@ -22,7 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 import fastattr  # noqa: E402
 from fastattr import _checks, reference  # noqa: E402
 
-from test_influence import backend_device, backend_params, interpreted, random_graph  # noqa: E402
+from helpers import backend_device, backend_params, interpreted, logit_weights, random_graph  # noqa: E402
 
 BACKENDS = backend_params()
 
@@ -93,13 +93,6 @@ def make_graph(spec: dict, device) -> types.SimpleNamespace:
     graph.adjacency_matrix = A.to(device)
     graph.logit_probabilities = graph.logit_probabilities.to(device)
     return graph
-
-
-def logit_weights(graph) -> torch.Tensor:
-    n = graph.adjacency_matrix.shape[0]
-    w = torch.zeros(n, device=graph.adjacency_matrix.device)
-    w[-len(graph.logit_targets):] = graph.logit_probabilities
-    return w
 
 
 def close(got: torch.Tensor, want: torch.Tensor, rtol: float = 2e-5) -> None:

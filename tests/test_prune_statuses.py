@@ -12,7 +12,7 @@ import torch
 import fastattr
 from fastattr import _ext, pruning, reference, threshold
 
-from test_influence import backend_device, backend_params, interpreted, random_graph
+from helpers import backend_device, backend_params, interpreted, random_graph
 
 
 def _graph(backend: str, seed: int = 0):

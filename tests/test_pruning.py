@@ -15,7 +15,7 @@ import fastattr
 from fastattr import reference
 
 # circuit-tracer's graph.py, or fastattr.reference where circuit-tracer is not installed
-from test_influence import backend_device, backend_params, ctg, interpreted, logit_weights, random_graph, shuffle_features
+from helpers import backend_device, backend_params, ctg, interpreted, logit_weights, random_graph, shuffle_features
 
 THRESHOLDS = [(0.8, 0.98), (0.5, 0.5), (0.0, 0.8), (0.98, 0.0), (0.0, 0.0), (0.3, 0.95)]
 
@@ -170,7 +170,7 @@ def real_graphs():
     except ImportError as exc:
         pytest.skip(f"fastattr.synthetic is not available ({exc})")
     ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed")
-    from conftest import tracer_model, tracer_prompt
+    from helpers import tracer_model, tracer_prompt
 
     graphs = []
     for transcoder, n_tokens, nodes in (("plt", 12, 160), ("clt", 10, 120)):

@@ -11,7 +11,7 @@ import torch
 
 from fastattr import reference
 
-from conftest import tracer_model, tracer_prompt
+from helpers import tracer_model, tracer_prompt
 
 ct_graph = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
 

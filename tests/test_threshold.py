@@ -9,7 +9,7 @@ import torch
 import fastattr
 from fastattr import _ext, reference, threshold
 
-from test_influence import backend_device, backend_params, interpreted
+from helpers import backend_device, backend_params, interpreted
 
 ctg = pytest.importorskip("circuit_tracer.graph", reason="circuit-tracer is not installed")
 

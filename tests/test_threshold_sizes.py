@@ -12,7 +12,7 @@ import torch
 import fastattr
 from fastattr import reference, threshold
 
-from test_influence import backend_device, backend_params, interpreted
+from helpers import backend_device, backend_params, interpreted
 
 
 def _exact_total_answer(x: torch.Tensor, t: float) -> float:

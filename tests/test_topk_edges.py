@@ -10,7 +10,7 @@ import torch
 import fastattr
 from fastattr import _ext
 
-from test_influence import backend_device, backend_params, interpreted, random_graph
+from helpers import backend_device, backend_params, interpreted, random_graph
 
 te = importlib.import_module("fastattr.topk_edges")  # the package re-exports the function under this name
 

@@ -6,6 +6,7 @@ takes ``backend=`` to force one of ``cuda``, ``triton``, ``cpu`` or ``torch``.
 
 from fastattr._backends import (
     BackendDtypeError,
+    BackendLayoutError,
     BackendUnavailableError,
     available_backends,
     last_backend,
@@ -29,6 +30,7 @@ from fastattr.patch import patch_circuit_tracer
 
 __all__ = [
     "BackendDtypeError",
+    "BackendLayoutError",
     "BackendUnavailableError",
     "ContractionPlan",
     "PruneResult",

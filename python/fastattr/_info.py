@@ -7,6 +7,7 @@ import platform
 import torch
 
 from fastattr import _ext
+from fastattr import _backends
 from fastattr._backends import backend_status
 
 __version__ = "0.1.0"
@@ -27,10 +28,23 @@ def info(print_report: bool = True) -> dict:
         "torch_cuda": torch.version.cuda,
         "build": build_info(),
         "backends": {name: {"available": ok, "reason": why} for name, (ok, why) in backend_status().items()},
+        "ops": ops_table(),
     }
     if print_report:
         print(format_info(report))
     return report
+
+
+def _dtype_names(dtypes) -> str:
+    return "any dtype" if dtypes is None else "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def ops_table() -> dict:
+    """op -> backend -> what its implementation takes, from the dispatch registry."""
+    return {
+        name: {b: {"dtypes": _dtype_names(i.dtypes), "layouts": list(i.layouts)} for b, i in op.impls.items()}
+        for name, op in sorted(_backends.OPS.items())
+    }
 
 
 def format_info(report: dict) -> str:
@@ -46,4 +60,9 @@ def format_info(report: dict) -> str:
     for name, st in report["backends"].items():
         mark = "yes" if st["available"] else "no "
         lines.append(f"  {name:<7} {mark}  {st['reason']}")
+    if report.get("ops"):
+        lines.append("ops (backend: dtypes, layouts):")
+        for name, impls in report["ops"].items():
+            parts = [f"{b}: {i['dtypes']}, {'+'.join(i['layouts'])}" for b, i in impls.items()]
+            lines.append(f"  {name:<27} " + "; ".join(parts))
     return "\n".join(lines)
