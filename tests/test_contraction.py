@@ -150,7 +150,13 @@ def test_empty_vectors_and_batch(backend):
     assert torch.equal(out, before)
     grads, vectors, positions, rows = _case(0, 4, 8, 5, 10, seed=1)
     out = torch.randn(10, 0, device=DEVICE)
-    fastattr.contract(grads, vectors, positions, rows, out, backend=backend)
+    assert fastattr.contract(grads, vectors, positions, rows, out, backend=backend) is out
+    assert out.shape == (10, 0)
+    # An empty batch inside a filled buffer: nothing beside it is written.
+    buffer = torch.randn(10, 3, device=DEVICE)
+    before = buffer.clone()
+    fastattr.contract(grads, vectors, positions, rows, buffer[:, 1:1], backend=backend)
+    assert torch.equal(buffer, before)
 
 
 @pytest.mark.parametrize("backend", backend_params(DEVICE))

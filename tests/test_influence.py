@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import fastattr
 from fastattr import _backends, _ext, influence, reference
+from fastattr._backends import BackendUnavailableError
 from fastattr.topk_edges import SparseEdges
 
 from helpers import HAS_CUDA, backend_device, backend_params, ctg, graph_for, logit_weights, random_graph, shuffle_features
@@ -283,8 +282,36 @@ def test_partial_influences_errors():
     assert out.device.type == "cpu"
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not HAS_CUDA, reason="needs triton on a GPU or the interpreter")
-def test_triton_reads_interpreter_flag_at_call_time():
-    # conftest sets TRITON_INTERPRET=1 before triton is imported on CPU-only machines; the backend
-    # check reads the variable at call time.
-    assert _backends.triton_interpret() == (os.environ.get("TRITON_INTERPRET") == "1")
+def test_triton_follows_interpreter_flag_at_call_time(monkeypatch):
+    """TRITON_INTERPRET as it is when a kernel is called decides where triton runs: off, CPU tensors
+    are refused (and without a GPU triton is unavailable); on, CPU tensors run the interpreted
+    kernels (or, on a GPU machine, CUDA tensors are refused)."""
+    pytest.importorskip("triton")
+    graph = random_graph(seed=13, n_layers=2, n_pos=3, feats_per=3)
+    A, w = graph.adjacency_matrix, logit_weights(graph)
+
+    def triton_status():
+        _backends._triton_status.cache_clear()  # the status is cached per process; re-read the flag
+        return _backends.backend_status()["triton"]
+
+    try:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        ok, why = triton_status()
+        assert ok == HAS_CUDA and "interpreter" not in why
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            fastattr.compute_node_influence(A, w, backend="triton")
+
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        ok, why = triton_status()
+        assert ok and "interpreter mode" in why
+        if HAS_CUDA:
+            # The kernels were compiled for the GPU at import; the interpreter flag turns them away.
+            with pytest.raises(BackendUnavailableError, match="runs triton on CPU tensors only"):
+                fastattr.compute_node_influence(A.cuda(), w.cuda(), backend="triton")
+        else:
+            got = fastattr.compute_node_influence(A, w, backend="triton")
+            assert _backends.last_backend("compute_node_influence") == "triton"
+            assert rel_err(got, ctg.compute_node_influence(A, w)) <= 1e-6
+    finally:
+        monkeypatch.undo()
+        _backends._triton_status.cache_clear()
