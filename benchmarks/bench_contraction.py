@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastattr import ContractionPlan, reference
+from fastattr import ContractionPlan, contraction, reference
 
 import benchutil
 from benchutil import BASELINE, DEVICE, impl_params, per_tier
@@ -138,14 +138,6 @@ def _workspace_bytes(case: Case, impl: str) -> int:
     return 0
 
 
-def _tile_s(impl: str) -> int:
-    from fastattr import _ext, contraction
-
-    if impl == "cuda":
-        return int(_ext.ext.contract_cuda_tile_s)
-    return contraction._TRITON_BLOCK_S if impl == "triton" else contraction._CPU_BLOCK_S
-
-
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * 0.9)
@@ -185,7 +177,8 @@ def test_contraction(measure, case: Case, impl: str):
         benchutil.sync(device)
         t0 = time.perf_counter()
         plan = ContractionPlan(vectors, positions, rows)
-        plan.tiles(_tile_s(impl))  # otherwise built lazily inside the first (untimed) call
+        if impl != "torch":  # otherwise built lazily inside the first (untimed) call
+            plan.tiles(contraction.tile_height(impl))
         benchutil.sync(device)
         extra["plan_s"] = time.perf_counter() - t0
 

@@ -26,7 +26,8 @@ struct ContractionArgs {
   std::int64_t vectors_stride_s;
   // rows: (S,) int32 output row of each vector (sorted order).
   std::uintptr_t rows;
-  // tiles: (T,) int32 each: position, first and one-past-last vector of the tile.
+  // tiles: (T,) int32 each: position, first and one-past-last vector of the tile, at most the
+  // backend's tile height (kCpuContractTileS, kCudaContractTileS) vectors long.
   std::uintptr_t tile_pos, tile_start, tile_end;
   std::int64_t n_tiles;
   // out: R rows by B columns addressed as out[r * out_stride_r + b * out_stride_b].
@@ -35,16 +36,24 @@ struct ContractionArgs {
   std::int64_t R;
   std::int64_t out_stride_r, out_stride_b;
   // Rows may repeat (several decoder rows of one feature in one call): accumulate atomically.
+  // Atomic float sums land in scheduling order; a caller that needs run-to-run identical results
+  // launches the tiles in passes whose rows are unique, with atomic false (the Python plan does).
   bool atomic;
 };
 
 // Checks everything that can be checked without reading device memory.
 void validate_contraction_args(const ContractionArgs& a);
 
+// Tile height of the CPU kernel (exported as _C.contract_cpu_tile_s; the Python plan cuts its tiles
+// with it). One tile and a chunk of batch columns are one OpenMP task: 64 rows amortise widening
+// a grads slice over enough dot products and leave many tasks for the threads.
+constexpr int kCpuContractTileS = 64;
 void contract_cpu(const ContractionArgs& a);
 
 #ifdef FASTATTR_WITH_CUDA
-// Tile height and width of the CUDA kernel; the Python plan cuts tiles of this height.
+// Tile height of the CUDA kernel: the vectors one thread block holds (exported as
+// _C.contract_cuda_tile_s; the Python plan cuts its tiles with it). The kernel derives its thread
+// layout from it (kernels/cuda/contraction.cu).
 constexpr int kCudaContractTileS = 64;
 void contract_cuda(const ContractionArgs& a, std::uintptr_t stream);
 #endif

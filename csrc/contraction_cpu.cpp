@@ -165,80 +165,99 @@ void validate_host_indices(const ContractionArgs& a) {
   }
 }
 
-}  // namespace
+// One task's operands as row pointers: the tile's vectors and its batch chunk's grads rows at the
+// tile's position, widened into the task's scratch buffers when the inputs are half precision.
+template <typename T>
+struct TaskRows {
+  std::vector<T> vbuf, gbuf;
+  std::vector<const T*> vrows, grows;
 
-namespace {
+  void stage(const ContractionArgs& a, std::int64_t s0, std::int64_t ns, std::int64_t b0, std::int64_t nb,
+             std::int64_t p) {
+    const void* G = reinterpret_cast<const void*>(a.grads);
+    const void* V = reinterpret_cast<const void*>(a.vectors);
+    const std::int64_t D = a.D;
+    vrows.resize(ns);
+    grows.resize(nb);
+    const bool widen = a.grads_dtype == kFloat16 || a.grads_dtype == kBFloat16;
+    if constexpr (std::is_same_v<T, float>) {
+      if (widen) {
+        vbuf.resize(ns * D);
+        gbuf.resize(nb * D);
+        for (std::int64_t i = 0; i < ns; ++i) {
+          for (std::int64_t d = 0; d < D; ++d)
+            vbuf[i * D + d] = load_float(V, (s0 + i) * a.vectors_stride_s + d, a.vectors_dtype);
+          vrows[i] = vbuf.data() + i * D;
+        }
+        for (std::int64_t j = 0; j < nb; ++j) {
+          const std::int64_t base = (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
+          for (std::int64_t d = 0; d < D; ++d) gbuf[j * D + d] = load_float(G, base + d, a.grads_dtype);
+          grows[j] = gbuf.data() + j * D;
+        }
+        return;
+      }
+    }
+    for (std::int64_t i = 0; i < ns; ++i) vrows[i] = static_cast<const T*>(V) + (s0 + i) * a.vectors_stride_s;
+    for (std::int64_t j = 0; j < nb; ++j)
+      grows[j] = static_cast<const T*>(G) + (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
+  }
+};
+
+// out[rows[s0 + i], b0 + j] += vrows[i] . grows[j] for the task's ns x nb block, 4 x 2 at a time.
+template <typename T>
+void accumulate_block(const ContractionArgs& a, MicroKernel<T> kernel, const TaskRows<T>& t, std::int64_t s0,
+                      std::int64_t b0) {
+  const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
+  void* out = reinterpret_cast<void*>(a.out);
+  const std::int64_t ns = static_cast<std::int64_t>(t.vrows.size());
+  const std::int64_t nb = static_cast<std::int64_t>(t.grows.size());
+  T acc[4][2];
+  for (std::int64_t i = 0; i < ns; i += 4) {
+    const int nv = static_cast<int>(std::min<std::int64_t>(4, ns - i));
+    for (std::int64_t j = 0; j < nb; j += 2) {
+      const int ng = (j + 1 < nb) ? 2 : 1;
+      kernel(t.vrows.data() + i, nv, t.grows[j], t.grows[j + ng - 1], a.D, acc);
+      for (int r = 0; r < nv; ++r) {
+        const std::int64_t row = rows[s0 + i + r];
+        for (int c = 0; c < ng; ++c)
+          accumulate(out, row * a.out_stride_r + (b0 + j + c) * a.out_stride_b, a.out_dtype, acc[r][c], a.atomic);
+      }
+    }
+  }
+}
 
 // T: float (float32, and half types widened to it per task) or double (float64).
+//
+// Run to run identical without atomics: every out element (row, b) belongs to one vector, so to one
+// tile and one task (tile x batch chunk), and is updated once, with a dot product whose order is
+// fixed by D alone (the micro-kernel's SIMD lanes take d mod width with unaligned loads, no
+// alignment peeling; tests/test_deterministic.py checks shifted buffers). The OpenMP schedule
+// decides which thread computes a value, never the order of a sum. With atomics (repeated rows)
+// the adds to one element arrive in scheduling order; the Python plan's deterministic mode runs
+// such plans as passes with unique rows and atomic false.
 template <typename T>
 void contract_cpu_impl(const ContractionArgs& a) {
   static const MicroKernel<T> kernel = pick_micro_kernel<T>();
 
-  const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
   const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
   const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
   const auto* te = reinterpret_cast<const std::int32_t*>(a.tile_end);
-  const void* G = reinterpret_cast<const void*>(a.grads);
-  const void* V = reinterpret_cast<const void*>(a.vectors);
-  void* out = reinterpret_cast<void*>(a.out);
-  const bool widen = a.grads_dtype == kFloat16 || a.grads_dtype == kBFloat16;
   const std::int64_t n_chunks = (a.B + kBatchChunk - 1) / kBatchChunk;
   const std::int64_t n_tasks = a.n_tiles * n_chunks;
   // Repeated rows race between tasks; fp32 uses atomic adds, half outputs run the tasks in order.
   const bool serial = a.atomic && (a.out_dtype == kFloat16 || a.out_dtype == kBFloat16);
-  const std::int64_t D = a.D;
 
 #pragma omp parallel if (!serial && n_tasks > 1)
   {
-    std::vector<T> vbuf, gbuf;
-    std::vector<const T*> vrows;
+    TaskRows<T> task_rows;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t task = 0; task < n_tasks; ++task) {
       const std::int64_t t = task / n_chunks;
       const std::int64_t b0 = (task % n_chunks) * kBatchChunk;
       const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
-      const std::int64_t s0 = ts[t], s1 = te[t], p = tp[t];
-      const std::int64_t ns = s1 - s0, nb = b1 - b0;
-      if (ns == 0) continue;
-
-      // Row pointers into vectors and grads, widened to fp32 when the inputs are half precision.
-      vrows.resize(ns);
-      std::vector<const T*> grows(nb);
-      if (widen) {
-        if constexpr (std::is_same_v<T, float>) {
-          vbuf.resize(ns * D);
-          gbuf.resize(nb * D);
-          for (std::int64_t i = 0; i < ns; ++i) {
-            for (std::int64_t d = 0; d < D; ++d)
-              vbuf[i * D + d] = load_float(V, (s0 + i) * a.vectors_stride_s + d, a.vectors_dtype);
-            vrows[i] = vbuf.data() + i * D;
-          }
-          for (std::int64_t j = 0; j < nb; ++j) {
-            const std::int64_t base = (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
-            for (std::int64_t d = 0; d < D; ++d) gbuf[j * D + d] = load_float(G, base + d, a.grads_dtype);
-            grows[j] = gbuf.data() + j * D;
-          }
-        }
-      } else {
-        for (std::int64_t i = 0; i < ns; ++i)
-          vrows[i] = static_cast<const T*>(V) + (s0 + i) * a.vectors_stride_s;
-        for (std::int64_t j = 0; j < nb; ++j)
-          grows[j] = static_cast<const T*>(G) + (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
-      }
-
-      T acc[4][2];
-      for (std::int64_t i = 0; i < ns; i += 4) {
-        const int nv = static_cast<int>(std::min<std::int64_t>(4, ns - i));
-        for (std::int64_t j = 0; j < nb; j += 2) {
-          const int ng = (j + 1 < nb) ? 2 : 1;
-          kernel(vrows.data() + i, nv, grows[j], grows[j + ng - 1], D, acc);
-          for (int r = 0; r < nv; ++r) {
-            const std::int64_t row = rows[s0 + i + r];
-            for (int c = 0; c < ng; ++c)
-              accumulate(out, row * a.out_stride_r + (b0 + j + c) * a.out_stride_b, a.out_dtype, acc[r][c], a.atomic);
-          }
-        }
-      }
+      if (te[t] == ts[t]) continue;
+      task_rows.stage(a, ts[t], te[t] - ts[t], b0, b1 - b0, tp[t]);
+      accumulate_block<T>(a, kernel, task_rows, ts[t], b0);
     }
   }
 }

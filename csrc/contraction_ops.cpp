@@ -1,5 +1,7 @@
-// Bindings and argument checks for the contraction op.
+// Bindings and argument checks for the contraction op. Python calls them by keyword only.
 #include <pybind11/pybind11.h>
+
+#include <tuple>
 
 #include "common.h"
 #include "contraction.h"
@@ -37,49 +39,68 @@ void validate_contraction_args(const ContractionArgs& a) {
 
 namespace {
 
-ContractionArgs make_args(std::uintptr_t grads, int grads_dtype, std::int64_t B, std::int64_t P, std::int64_t D,
-                          std::int64_t gsb, std::int64_t gsp, std::uintptr_t vectors, int vectors_dtype,
-                          std::int64_t S, std::int64_t vss, std::uintptr_t rows, std::uintptr_t tile_pos,
-                          std::uintptr_t tile_start, std::uintptr_t tile_end, std::int64_t n_tiles,
-                          std::uintptr_t out, int out_dtype, std::int64_t R, std::int64_t osr, std::int64_t osb,
-                          bool atomic) {
-  ContractionArgs a{grads, grads_dtype, B, P, D, gsb, gsp, vectors, vectors_dtype, S, vss, rows,
-                    tile_pos, tile_start, tile_end, n_tiles, out, out_dtype, R, osr, osb, atomic};
-  validate_contraction_args(a);
-  return a;
+// The keyword arguments shared by both bindings, in ContractionArgs order.
+auto contraction_kwargs() {
+  return std::make_tuple(py::arg("grads"), py::arg("grads_dtype"), py::arg("B"), py::arg("P"), py::arg("D"),
+                         py::arg("grads_stride_b"), py::arg("grads_stride_p"), py::arg("vectors"),
+                         py::arg("vectors_dtype"), py::arg("S"), py::arg("vectors_stride_s"), py::arg("rows"),
+                         py::arg("tile_pos"), py::arg("tile_start"), py::arg("tile_end"), py::arg("n_tiles"),
+                         py::arg("out"), py::arg("out_dtype"), py::arg("R"), py::arg("out_stride_r"),
+                         py::arg("out_stride_b"), py::arg("atomic"));
 }
+
+void contract_cpu_entry(std::uintptr_t grads, int grads_dtype, std::int64_t B, std::int64_t P, std::int64_t D,
+                        std::int64_t grads_stride_b, std::int64_t grads_stride_p, std::uintptr_t vectors,
+                        int vectors_dtype, std::int64_t S, std::int64_t vectors_stride_s, std::uintptr_t rows,
+                        std::uintptr_t tile_pos, std::uintptr_t tile_start, std::uintptr_t tile_end,
+                        std::int64_t n_tiles, std::uintptr_t out, int out_dtype, std::int64_t R,
+                        std::int64_t out_stride_r, std::int64_t out_stride_b, bool atomic) {
+  const ContractionArgs a{grads, grads_dtype, B, P, D, grads_stride_b, grads_stride_p,
+                          vectors, vectors_dtype, S, vectors_stride_s,
+                          rows, tile_pos, tile_start, tile_end, n_tiles,
+                          out, out_dtype, R, out_stride_r, out_stride_b, atomic};
+  validate_contraction_args(a);
+  py::gil_scoped_release nogil;
+  contract_cpu(a);
+}
+
+#ifdef FASTATTR_WITH_CUDA
+void contract_cuda_entry(std::uintptr_t grads, int grads_dtype, std::int64_t B, std::int64_t P, std::int64_t D,
+                         std::int64_t grads_stride_b, std::int64_t grads_stride_p, std::uintptr_t vectors,
+                         int vectors_dtype, std::int64_t S, std::int64_t vectors_stride_s, std::uintptr_t rows,
+                         std::uintptr_t tile_pos, std::uintptr_t tile_start, std::uintptr_t tile_end,
+                         std::int64_t n_tiles, std::uintptr_t out, int out_dtype, std::int64_t R,
+                         std::int64_t out_stride_r, std::int64_t out_stride_b, bool atomic, std::uintptr_t stream) {
+  const ContractionArgs a{grads, grads_dtype, B, P, D, grads_stride_b, grads_stride_p,
+                          vectors, vectors_dtype, S, vectors_stride_s,
+                          rows, tile_pos, tile_start, tile_end, n_tiles,
+                          out, out_dtype, R, out_stride_r, out_stride_b, atomic};
+  validate_contraction_args(a);
+  py::gil_scoped_release nogil;
+  contract_cuda(a, stream);
+}
+#endif
 
 }  // namespace
 
 void register_contraction_ops(py::module_& m) {
-  m.def(
-      "contract_cpu",
-      [](std::uintptr_t grads, int grads_dtype, std::int64_t B, std::int64_t P, std::int64_t D, std::int64_t gsb,
-         std::int64_t gsp, std::uintptr_t vectors, int vectors_dtype, std::int64_t S, std::int64_t vss,
-         std::uintptr_t rows, std::uintptr_t tile_pos, std::uintptr_t tile_start, std::uintptr_t tile_end,
-         std::int64_t n_tiles, std::uintptr_t out, int out_dtype, std::int64_t R, std::int64_t osr,
-         std::int64_t osb, bool atomic) {
-        ContractionArgs a = make_args(grads, grads_dtype, B, P, D, gsb, gsp, vectors, vectors_dtype, S, vss, rows,
-                                      tile_pos, tile_start, tile_end, n_tiles, out, out_dtype, R, osr, osb, atomic);
-        py::gil_scoped_release nogil;
-        contract_cpu(a);
+  m.attr("contract_cpu_tile_s") = kCpuContractTileS;
+  std::apply(
+      [&](auto... kwargs) {
+        m.def("contract_cpu", &contract_cpu_entry,
+              "out[rows[s], b] += grads[b, pos(s), :] . vectors[s, :] on host memory (see csrc/contraction.h)",
+              py::kw_only(), kwargs...);
       },
-      "out[rows[s], b] += grads[b, pos(s), :] . vectors[s, :] on host memory (see csrc/contraction.h)");
+      contraction_kwargs());
 #ifdef FASTATTR_WITH_CUDA
   m.attr("contract_cuda_tile_s") = kCudaContractTileS;
-  m.def(
-      "contract_cuda",
-      [](std::uintptr_t grads, int grads_dtype, std::int64_t B, std::int64_t P, std::int64_t D, std::int64_t gsb,
-         std::int64_t gsp, std::uintptr_t vectors, int vectors_dtype, std::int64_t S, std::int64_t vss,
-         std::uintptr_t rows, std::uintptr_t tile_pos, std::uintptr_t tile_start, std::uintptr_t tile_end,
-         std::int64_t n_tiles, std::uintptr_t out, int out_dtype, std::int64_t R, std::int64_t osr,
-         std::int64_t osb, bool atomic, std::uintptr_t stream) {
-        ContractionArgs a = make_args(grads, grads_dtype, B, P, D, gsb, gsp, vectors, vectors_dtype, S, vss, rows,
-                                      tile_pos, tile_start, tile_end, n_tiles, out, out_dtype, R, osr, osb, atomic);
-        py::gil_scoped_release nogil;
-        contract_cuda(a, stream);
+  std::apply(
+      [&](auto... kwargs) {
+        m.def("contract_cuda", &contract_cuda_entry,
+              "The contraction on device memory, launched on the given CUDA stream (see csrc/contraction.h)",
+              py::kw_only(), kwargs..., py::arg("stream"));
       },
-      "The contraction on device memory, launched on the given CUDA stream (see csrc/contraction.h)");
+      contraction_kwargs());
 #endif
 }
 

@@ -247,15 +247,18 @@ def test_compiled_layer_validates_on_its_own():
     rows = torch.tensor([0, 1, 2, 50], dtype=torch.int32)
     tiles = [torch.tensor(x, dtype=torch.int32) for x in ([0], [0], [4])]
     out = torch.zeros(10, 2)
-    args = (grads.data_ptr(), 0, 2, 3, 8, grads.stride(0), grads.stride(1), vectors.data_ptr(), 0, 4, 8,
-            rows.data_ptr(), tiles[0].data_ptr(), tiles[1].data_ptr(), tiles[2].data_ptr(), 1,
-            out.data_ptr(), 0, 10, 2, 1, False)  # fmt: skip
+    args = dict(grads=grads.data_ptr(), grads_dtype=0, B=2, P=3, D=8, grads_stride_b=grads.stride(0),
+                grads_stride_p=grads.stride(1), vectors=vectors.data_ptr(), vectors_dtype=0, S=4, vectors_stride_s=8,
+                rows=rows.data_ptr(), tile_pos=tiles[0].data_ptr(), tile_start=tiles[1].data_ptr(),
+                tile_end=tiles[2].data_ptr(), n_tiles=1, out=out.data_ptr(), out_dtype=0, R=10, out_stride_r=2,
+                out_stride_b=1, atomic=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"rows: expected indices in \[0, 10\), got 50 at 3"):
-        _ext.ext.contract_cpu(*args)
-    bad_dtype = list(args)
-    bad_dtype[1] = 1
+        _ext.ext.contract_cpu(**args)
     with pytest.raises(ValueError, match="grads: expected the dtype of vectors"):
-        _ext.ext.contract_cpu(*bad_dtype)
+        _ext.ext.contract_cpu(**(args | {"grads_dtype": 1}))
+    # Keyword only: a positional call cannot pass arguments in the wrong order.
+    with pytest.raises(TypeError):
+        _ext.ext.contract_cpu(*args.values())
     assert torch.equal(out, torch.zeros(10, 2))
 
 

@@ -38,8 +38,9 @@ def _ptxas_stats(text: str) -> dict:
     }
 
 
-def _launches():
-    """(name, JITFunction, args, kwargs) for every Triton kernel, from its launcher."""
+def _launches(match: str | None = None):
+    """(name, JITFunction, args, kwargs) for every Triton kernel whose name contains ``match`` (all
+    for None), from its launcher; the other launchers are not called."""
     import torch
     from triton.runtime.jit import JITFunction
 
@@ -55,6 +56,8 @@ def _launches():
     JITFunction.run = fake_run
 
     def grab(name, call):
+        if match and match not in name:
+            return None
         before = len(captured)
         try:
             call()
@@ -80,22 +83,25 @@ def _launches():
         grab("topk_count", lambda: topk_edges.topk_count(A, 8)),
         grab("topk_fill", lambda: topk_edges.topk_fill(A, 8, torch.arange(0, 301 * 8, 8), 300 * 8)),
     ]
+    h = contraction.tile_height(interpret=False)
+    tiles = torch.arange(2, dtype=torch.int32)
+    S = 2 * h
+    rows = torch.arange(S, dtype=torch.int32)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        B, P, D, S = 64, 8, 256, 128
+        B, P, D = 64, 8, 256
         grads = torch.rand(B, P, D, dtype=dtype)
         vectors = torch.rand(S, D, dtype=dtype)
-        rows = torch.arange(S, dtype=torch.int32)
-        tiles = torch.arange(2, dtype=torch.int32)
         res = torch.zeros(S, B)
         out.append(grab(f"contract_{str(dtype).replace('torch.', '')}", lambda: contraction.contract(
-            grads, vectors, rows, tiles, tiles * 64, tiles * 64 + 64, res, res.stride(0), res.stride(1),
-            block_s=64, atomic=False, interpret=False, n_out_rows=S)))
-    # The other compiled variants: D not a multiple of the D step, repeated rows (atomics).
-    grads, vectors = torch.rand(64, 8, 300), torch.rand(128, 300)
+            grads, vectors, rows, tiles, tiles * h, tiles * h + h, res, res.stride(0), res.stride(1),
+            atomic=False, interpret=False, n_out_rows=S)))
+    # The other compiled variants: D not a multiple of the D step, repeated rows (atomics). The
+    # deterministic mode launches the non-atomic variants above, once per pass.
+    grads, vectors = torch.rand(64, 8, 300), torch.rand(S, 300)
     out.append(grab("contract_float32_odd_d_atomic", lambda: contraction.contract(
-        grads, vectors, rows, tiles, tiles * 64, tiles * 64 + 64, res, res.stride(0), res.stride(1),
-        block_s=64, atomic=True, interpret=False, n_out_rows=S)))
-    return out
+        grads, vectors, rows, tiles, tiles * h, tiles * h + h, res, res.stride(0), res.stride(1),
+        atomic=True, interpret=False, n_out_rows=S)))
+    return [entry for entry in out if entry is not None]
 
 
 def _signature(fn, args, kwargs, arch: int):
@@ -144,9 +150,7 @@ def triton_report(archs: list[int], tmp: Path, match: str | None = None) -> dict
 
     cuobjdump = tool("cuobjdump")
     report = {}
-    for name, fn, args, kwargs in _launches():
-        if match and match not in name:
-            continue
+    for name, fn, args, kwargs in _launches(match):
         # The launch options the launcher chose (warps, pipeline stages) change registers and spills.
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         for arch in archs:

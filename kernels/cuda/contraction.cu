@@ -1,10 +1,14 @@
 // CUDA contraction: a grouped GEMM over positions, out[rows[s], b] += V[s, :] . G[b, pos(s), :].
 //
-// Each block owns one plan tile (up to 64 vectors of a single position) and 64 batch columns.
-// Vectors and the grads slice stream through shared memory in 16-wide slices of D, widened to
-// fp32 (float64 inputs stay float64 throughout, as circuit-tracer's einsum does); each thread keeps
-// a 4x4 register tile. The (B x S x D) gathered tensor of the reference
+// Each block owns one plan tile (up to kTileS vectors of a single position) and kTileB batch
+// columns. Vectors and the grads slice stream through shared memory in kTileD-wide slices of D,
+// widened to fp32 (float64 inputs stay float64 throughout, as circuit-tracer's einsum does); each
+// thread keeps a kMicroS x kMicroB register tile. The (B x S x D) gathered tensor of the reference
 // never exists: grads are read in place through their strides.
+//
+// Without atomics every out element is written by one thread of one block, after a sum in a fixed
+// order: run to run identical. With atomics (repeated rows) the order of the adds is the blocks'
+// scheduling order; the Python plan's deterministic mode launches passes with unique rows instead.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,7 +28,22 @@ namespace {
 constexpr int kTileS = kCudaContractTileS;  // vectors per block
 constexpr int kTileB = 64;                  // batch columns per block
 constexpr int kTileD = 16;                  // slice of D staged in shared memory
-constexpr int kThreads = 256;               // 16 x 16 threads, 4 x 4 outputs each
+constexpr int kThreads = 256;
+// Each thread accumulates kMicroS vectors x kMicroB batch columns; the threads form a
+// kThreadsS x kThreadsB grid whose strided register tiles cover the block's tile exactly.
+constexpr int kMicroS = 4;
+constexpr int kMicroB = 4;
+constexpr int kThreadsS = kTileS / kMicroS;
+constexpr int kThreadsB = kTileB / kMicroB;
+static_assert(kTileS % kMicroS == 0 && kTileB % kMicroB == 0,
+              "the register tiles must divide the block tile, or its last rows/columns get no thread");
+static_assert(kThreadsS * kThreadsB == kThreads,
+              "kThreads must be the thread grid that covers the kTileS x kTileB tile: with fewer threads "
+              "some outputs get none, with more some threads index past the tile");
+static_assert((kTileS * kTileD) % kThreads == 0 && (kTileB * kTileD) % kThreads == 0,
+              "each shared-memory stage must be loaded by whole rounds of all threads");
+constexpr int kLoadsS = kTileS * kTileD / kThreads;  // vector elements each thread stages per slice
+constexpr int kLoadsB = kTileB * kTileD / kThreads;  // grads elements each thread stages per slice
 
 // The accumulation type: float for float32 and the half types, double for float64.
 template <typename T> using AccT = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -93,16 +112,16 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
   if (p < 0 || p >= P || s0 < 0 || ns <= 0 || s0 + ns > S) return;
   const int nb = static_cast<int>(B - b0 < kTileB ? B - b0 : kTileB);
 
-  const int tx = threadIdx.x % 16;  // batch direction
-  const int ty = threadIdx.x / 16;  // vector direction
-  Acc acc[4][4] = {};
+  const int tx = threadIdx.x % kThreadsB;  // batch direction
+  const int ty = threadIdx.x / kThreadsB;  // vector direction
+  Acc acc[kMicroS][kMicroB] = {};
 
   const T* gbase = grads + static_cast<std::int64_t>(p) * gsp;
   for (std::int64_t d0 = 0; d0 < D; d0 += kTileD) {
     // Stage a kTileS x kTileD slice of vectors and a kTileB x kTileD slice of grads; each
-    // thread loads 4 of each, consecutive threads walking along D for coalescing.
+    // thread loads kLoadsS and kLoadsB of them, consecutive threads walking along D for coalescing.
 #pragma unroll
-    for (int k = 0; k < (kTileS * kTileD) / kThreads; ++k) {
+    for (int k = 0; k < kLoadsS; ++k) {
       const int idx = threadIdx.x + k * kThreads;
       const int s = idx / kTileD, d = idx % kTileD;
       Acc v = 0;
@@ -110,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
       vs[d][s] = v;
     }
 #pragma unroll
-    for (int k = 0; k < (kTileB * kTileD) / kThreads; ++k) {
+    for (int k = 0; k < kLoadsB; ++k) {
       const int idx = threadIdx.x + k * kThreads;
       const int b = idx / kTileD, d = idx % kTileD;
       Acc g = 0;
@@ -120,28 +139,28 @@ __global__ void __launch_bounds__(kThreads) contract_kernel(
     __syncthreads();
 #pragma unroll
     for (int d = 0; d < kTileD; ++d) {
-      Acc a[4], g[4];
+      Acc a[kMicroS], g[kMicroB];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = vs[d][ty + 16 * i];
+      for (int i = 0; i < kMicroS; ++i) a[i] = vs[d][ty + kThreadsS * i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) g[j] = gs[d][tx + 16 * j];
+      for (int j = 0; j < kMicroB; ++j) g[j] = gs[d][tx + kThreadsB * j];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kMicroS; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fused_madd(a[i], g[j], acc[i][j]);
+        for (int j = 0; j < kMicroB; ++j) acc[i][j] = fused_madd(a[i], g[j], acc[i][j]);
     }
     __syncthreads();
   }
 
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int s = ty + 16 * i;
+  for (int i = 0; i < kMicroS; ++i) {
+    const int s = ty + kThreadsS * i;
     if (s >= ns) continue;
     const int row = rows[s0 + s];
     if (row < 0 || row >= R) continue;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int b = tx + 16 * j;
+    for (int j = 0; j < kMicroB; ++j) {
+      const int b = tx + kThreadsB * j;
       if (b >= nb) continue;
       OutT* dst = out + static_cast<std::int64_t>(row) * osr + (b0 + b) * osb;
       if (atomic) {

@@ -117,27 +117,34 @@ def _contract_kernel(
         tl.store(dst, (prev + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def tile_height(interpret: bool) -> int:
+    """BLOCK_S, the vectors of one program: the height the plan cuts its tiles to for this kernel.
+    Small blocks keep the CPU interpreter quick; on a GPU, 64 rows feed the tensor cores."""
+    return 32 if interpret else 64
+
+
 def config(dtype_itemsize: int, interpret: bool) -> dict:
-    """Tile sizes and launch options. Small blocks keep the CPU interpreter quick; on a GPU, 64-wide
-    tiles feed the tensor cores, and fp32 (three products per step, twice the bytes) takes a
-    shallower D step so that its staged operands fit in shared memory."""
+    """Tile sizes and launch options. On a GPU fp32 (three products per step, twice the bytes) takes
+    a shallower D step than half precision, so that its staged operands fit in shared memory."""
     if interpret:
-        return {"BLOCK_B": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
-    if dtype_itemsize == 4:
-        return {"BLOCK_B": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_B": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_S": tile_height(True), "BLOCK_B": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
+    block_d = 32 if dtype_itemsize == 4 else 64
+    return {"BLOCK_S": tile_height(False), "BLOCK_B": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 3}
 
 
-def contract(grads, vectors, rows, tile_pos, tile_start, tile_end, out, stride_or, stride_ob, *, block_s, atomic, interpret,
+def contract(grads, vectors, rows, tile_pos, tile_start, tile_end, out, stride_or, stride_ob, *, atomic, interpret,
              n_out_rows=None):
-    """Launch over the plan's tiles; all index tensors are int32 on the tensors' device.
-    ``n_out_rows`` (out's rows, R) bounds the rows written; None means every plan row fits."""
+    """Launch over the plan's tiles, cut to at most ``tile_height(interpret)`` vectors each; all
+    index tensors are int32 on the tensors' device. ``atomic``: rows may repeat within the launch
+    (float atomics, whose order is the programs' scheduling order); without it every out element
+    is written by one program. ``n_out_rows`` (out's rows, R) bounds the rows written; None means
+    every plan row fits."""
     B, P, D = grads.shape
     n_tiles = tile_pos.numel()
     if n_tiles == 0 or B == 0:
         return
     cfg = config(vectors.dtype.itemsize, interpret)
-    block_b, block_d = cfg["BLOCK_B"], cfg["BLOCK_D"]
+    block_s, block_b, block_d = cfg["BLOCK_S"], cfg["BLOCK_B"], cfg["BLOCK_D"]
     d_span = triton.cdiv(D, block_d) * block_d
     wide = max(block_s * vectors.stride(0), block_b * grads.stride(0)) + d_span >= 2**31
     grid = (n_tiles, triton.cdiv(B, block_b))
