@@ -14,6 +14,7 @@ rows of a cross-layer transcoder feature, error nodes and token nodes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -28,13 +29,88 @@ from fastattr._checks import (
     check_tensor,
 )
 
-OP = "contract"
+OP = _backends.op("contract")
 # float64 too: circuit-tracer contracts in the model's dtype, and float64 models are how it checks
 # its backends against each other. The cpu and cuda kernels accumulate float64 in float64.
 DTYPES = (*FLOAT_DTYPES, torch.float64)
-_TRITON_BLOCK_S_INTERPRET = 32
-_TRITON_BLOCK_S = 64
-_CPU_BLOCK_S = 64
+
+
+def tile_height(backend: str) -> int:
+    """The most vectors one tile of ``backend``'s kernel holds: the height a plan cuts its tiles to.
+    Defined once where the kernel is (csrc/contraction.h for cpu and cuda, the Triton module's
+    ``tile_height``); the torch reference does not tile (0)."""
+    if backend == "cpu":
+        return int(_ext.ext.contract_cpu_tile_s)
+    if backend == "cuda":
+        return int(_ext.ext.contract_cuda_tile_s)
+    if backend == "triton":
+        from fastattr.triton_kernels import contraction as kernels
+
+        return kernels.tile_height(_backends.triton_interpret())
+    if backend == "torch":
+        return 0
+    raise ValueError(f"backend: expected one of {', '.join(_backends.BACKENDS)}, got {backend!r}")
+
+
+@dataclass(frozen=True)
+class Launches:
+    """How a plan's last call ran (:attr:`ContractionPlan.last_launches`).
+
+    ``launches``: kernel launches (the torch backend: reference calls); ``atomic``: whether any
+    used float atomics, whose order, and so the rounding, changes from run to run;
+    ``deterministic``: the resolved flag. A deterministic call on a plan with repeated rows runs
+    one launch per pass, none atomic."""
+
+    backend: str
+    deterministic: bool
+    launches: int
+    atomic: bool
+
+
+@dataclass(frozen=True)
+class _TileSet:
+    """A plan's tiles of one height, grouped into launches. ``bounds[k]:bounds[k + 1]`` are the
+    tiles of group k, sorted by position within it; ``pos_cpu`` is their positions on the host,
+    so that a position prefix is found without a device round trip."""
+
+    pos: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    pos_cpu: torch.Tensor
+    bounds: tuple[int, ...]
+    versions: tuple[int, int, int]
+
+    def below(self, positions_below: int | None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each group's tiles at positions < ``positions_below`` (all of them for None)."""
+        groups = []
+        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
+            if positions_below is not None:
+                hi = lo + int(torch.searchsorted(self.pos_cpu[lo:hi], positions_below))
+            groups.append((self.pos[lo:hi], self.start[lo:hi], self.end[lo:hi]))
+        return groups
+
+
+def _cut_tiles(keys: torch.Tensor, block_s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key, start, end) of each tile: runs of equal ``keys`` (sorted) cut to at most ``block_s``."""
+    key, counts = torch.unique_consecutive(keys, return_counts=True)
+    group_start = torch.cumsum(counts, 0) - counts
+    n_tiles = (counts + block_s - 1) // block_s
+    tile_group = torch.repeat_interleave(torch.arange(len(key), device=keys.device), n_tiles)
+    first_tile = torch.cumsum(n_tiles, 0) - n_tiles
+    within = torch.arange(int(n_tiles.sum()), device=keys.device) - first_tile[tile_group]
+    start = group_start[tile_group] + within * block_s
+    end = torch.minimum(start + block_s, (group_start + counts)[tile_group])
+    return key[tile_group], start, end
+
+
+def _occurrences(rows: torch.Tensor) -> torch.Tensor:
+    """For each entry, how many earlier entries hold the same row (0 for its first occurrence)."""
+    order = torch.argsort(rows, stable=True)
+    _, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    occ = torch.empty_like(order)
+    occ[order] = torch.arange(len(rows), device=rows.device) - first
+    return occ
 
 
 class ContractionPlan:
@@ -47,6 +123,12 @@ class ContractionPlan:
         vectors: (S, D) float32, float16, bfloat16 or float64, unit stride along D.
         positions: (S,) int32/int64 position of each vector in grads' second dimension.
         rows: (S,) int32/int64 output row of each vector. Repeated rows accumulate.
+
+    Repeated rows: the kernels add them with float atomics, whose order (and so the last bits of
+    the sums) changes from run to run. A deterministic call (``deterministic=True``, or torch's
+    ``use_deterministic_algorithms``) runs the plan in :attr:`n_passes` passes instead, pass k
+    holding each row's k-th vector (in position order), so that no row repeats within a launch,
+    and launches them in that order without atomics.
     """
 
     def __init__(self, vectors: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
@@ -65,26 +147,36 @@ class ContractionPlan:
         self.dtype = vectors.dtype
         self.n_vectors = n
         self.d_model = vectors.shape[1]
+        self.unique_rows = n == 0 or int(torch.unique(rows).numel()) == n
+        # Sorted by position, and within a position by pass (see the class docstring), so that
+        # both the plain tiles (runs of one position) and the pass tiles (runs of one position and
+        # pass) are contiguous vector ranges.
         order = torch.argsort(positions, stable=True)
+        passes = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.n_passes = 1
+        if not self.unique_rows:
+            passes = _occurrences(rows[order])
+            self.n_passes = int(passes.max()) + 1
+            within = torch.argsort(positions[order].to(torch.int64) * self.n_passes + passes, stable=True)
+            order, passes = order[within], passes[within]
         self.vectors = vectors[order].contiguous()
         self._positions = positions[order].to(torch.int32).contiguous()
         self._rows = rows[order].to(torch.int32).contiguous()
+        self._passes = passes.to(torch.int32).contiguous()
         # Bounds the grads and out shapes must cover, checked per call at no device cost.
         self.min_positions = int(self._positions.max()) + 1 if n else 0
         self.min_rows = int(self._rows.max()) + 1 if n else 0
-        self.unique_rows = n == 0 or int(torch.unique(self._rows).numel()) == n
-        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        # Host copies of the sorted positions and tile positions, so that a position prefix is
-        # found without a device round trip.
+        self._tile_sets: dict[tuple[int, bool], _TileSet] = {}
+        # A host copy of the sorted positions, so that a position prefix is found without a device
+        # round trip.
         self._positions_cpu = self._positions.cpu()
-        self._tile_positions: dict[int, torch.Tensor] = {}
-        self._tile_versions: dict[int, tuple[int, int, int]] = {}
         # The bounds above are what every launch relies on; an in-place write to the index tensors
         # bumps their version counters, which each call compares (no device work, no sync).
-        self._versions = (self._positions._version, self._rows._version)
+        self._versions = (self._positions._version, self._rows._version, self._passes._version)
         # The use_backend() choice in force here: the plan runs on it from any thread (autograd's
         # device threads call it from backward hooks) unless the calling thread chooses otherwise.
         self.captured_backend = _backends.forced_choice()
+        self.last_launches: Launches | None = None
 
     @property
     def positions(self) -> torch.Tensor:
@@ -96,57 +188,83 @@ class ContractionPlan:
         """(S,) int32 output rows in position order. Read-only, like :attr:`positions`."""
         return self._rows
 
+    @property
+    def passes(self) -> torch.Tensor:
+        """(S,) int32 pass of each vector (how many vectors of its row come before it). Read-only."""
+        return self._passes
+
     def _check_unchanged(self) -> None:
-        if (self._positions._version, self._rows._version) != self._versions or any(
-            tuple(t._version for t in self._tiles[block_s]) != v for block_s, v in self._tile_versions.items()
+        if (self._positions._version, self._rows._version, self._passes._version) != self._versions or any(
+            (t.pos._version, t.start._version, t.end._version) != t.versions for t in self._tile_sets.values()
         ):
             raise ValueError(
                 "plan: expected the ContractionPlan's positions, rows and tiles unchanged since construction "
                 "(its index bounds were validated then), got tensors modified in place; build a new ContractionPlan"
             )
 
-    def tiles(self, block_s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(position, start, end) int32 per tile: runs of at most ``block_s`` same-position vectors."""
-        if block_s not in self._tiles:
+    def _tile_set(self, block_s: int, by_pass: bool) -> _TileSet:
+        key = (block_s, by_pass)
+        if key not in self._tile_sets:
             if self.n_vectors == 0:
-                empty = torch.zeros(0, dtype=torch.int32, device=self.device)
-                self._tiles[block_s] = (empty, empty, empty)
+                pos = start = end = torch.zeros(0, dtype=torch.int64, device=self.device)
+                bounds: tuple[int, ...] = (0, 0)
+            elif not by_pass:
+                pos, start, end = _cut_tiles(self._positions, block_s)
+                bounds = (0, len(pos))
             else:
-                pos, counts = torch.unique_consecutive(self._positions, return_counts=True)
-                group_start = torch.cumsum(counts, 0) - counts
-                n_tiles = (counts + block_s - 1) // block_s
-                tile_group = torch.repeat_interleave(torch.arange(len(pos), device=self.device), n_tiles)
-                first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-                within = torch.arange(int(n_tiles.sum()), device=self.device) - first_tile[tile_group]
-                start = group_start[tile_group] + within * block_s
-                end = torch.minimum(start + block_s, (group_start + counts)[tile_group])
-                self._tiles[block_s] = (
-                    pos[tile_group].to(torch.int32).contiguous(),
-                    start.to(torch.int32).contiguous(),
-                    end.to(torch.int32).contiguous(),
-                )
-            self._tile_versions[block_s] = tuple(t._version for t in self._tiles[block_s])
-        return self._tiles[block_s]
+                tile_key, start, end = _cut_tiles(self._positions.to(torch.int64) * self.n_passes + self._passes, block_s)
+                tile_pass = tile_key % self.n_passes
+                # Pass-major: a stable sort keeps each pass's tiles in position order.
+                order = torch.argsort(tile_pass, stable=True)
+                pos, start, end = tile_key[order] // self.n_passes, start[order], end[order]
+                counts = torch.bincount(tile_pass, minlength=self.n_passes).cpu()
+                bounds = (0, *torch.cumsum(counts, 0).tolist())
+            pos, start, end = (t.to(torch.int32).contiguous() for t in (pos, start, end))
+            self._tile_sets[key] = _TileSet(pos, start, end, pos.cpu(), bounds, (pos._version, start._version, end._version))
+        return self._tile_sets[key]
 
-    def tiles_below(self, positions_below: int, block_s: int) -> int:
-        """How many of :meth:`tiles` lie at positions < ``positions_below`` (a prefix: they are sorted)."""
-        if block_s not in self._tile_positions:
-            self._tile_positions[block_s] = self.tiles(block_s)[0].cpu()
-        return int(torch.searchsorted(self._tile_positions[block_s], positions_below))
+    def tiles(self, block_s: int, *, by_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(position, start, end) int32 per tile: runs of at most ``block_s`` same-position vectors.
+        ``by_pass``: the deterministic mode's tiles, runs of one position and pass, pass by pass."""
+        t = self._tile_set(block_s, by_pass)
+        return t.pos, t.start, t.end
 
     def __call__(self, grads: torch.Tensor, out: torch.Tensor, *, out_layout: str = "rb", backend: str | None = None,
-                 positions_below: int | None = None) -> torch.Tensor:  # fmt: skip
+                 positions_below: int | None = None, deterministic: bool | None = None) -> torch.Tensor:  # fmt: skip
         """Accumulate this plan's scores for ``grads`` (B, P, D) into ``out`` and return ``out``.
 
         ``out`` is (R, B) for ``out_layout="rb"`` (circuit-tracer's buffer) or (B, R) for "br",
         float32 or the vectors' dtype, any strides. ``positions_below``: contract only the vectors at
         positions below it (grads then needs only that many positions), for a caller that knows the
-        later positions' gradients are zero.
+        later positions' gradients are zero. ``deterministic``: run-to-run identical sums with
+        repeated rows (class docstring); None follows ``torch.use_deterministic_algorithms``.
         """
-        if positions_below is not None:
-            positions_below = check_number(positions_below, "positions_below", integer=True)
-            if positions_below < 0:
-                raise ValueError(f"positions_below: expected a non-negative integer or None, got {positions_below}")
+        deterministic = _backends.deterministic(deterministic)
+        positions_below = self._check_positions_below(positions_below)
+        self._check_grads(grads, positions_below)
+        R, stride_r, stride_b = self._check_out(out, out_layout, grads.shape[0])
+        _check_out_writable(out, grads)
+        self._check_unchanged()
+
+        impl = OP.select(grads.device, backend, dtype=self.dtype, arg="grads", captured=self.captured_backend)
+        below = self.min_positions if positions_below is None else min(positions_below, self.min_positions)
+        call = _Call(self, grads, out, out_layout, R, stride_r, stride_b, below, deterministic)
+        if self.n_vectors and grads.shape[0] and below:
+            with _device.current(grads.device, "contract"):
+                impl.fn(call)
+        self.last_launches = Launches(impl.backend, deterministic, call.launches, call.atomic)
+        return out
+
+    @staticmethod
+    def _check_positions_below(positions_below: int | None) -> int | None:
+        if positions_below is None:
+            return None
+        positions_below = check_number(positions_below, "positions_below", integer=True)
+        if positions_below < 0:
+            raise ValueError(f"positions_below: expected a non-negative integer or None, got {positions_below}")
+        return positions_below
+
+    def _check_grads(self, grads: torch.Tensor, positions_below: int | None) -> None:
         check_tensor(grads, "grads", ndim=3, dtypes=DTYPES, device=self.device, unit_last_stride=True)
         if grads.dtype != self.dtype:
             raise TypeError(
@@ -160,6 +278,9 @@ class ContractionPlan:
         if P < need:
             why = "max position + 1" if positions_below is None else "positions_below"
             raise ValueError(f"grads: expected at least {need} positions ({why}), got shape {tuple(grads.shape)}")
+
+    def _check_out(self, out: torch.Tensor, out_layout: str, B: int) -> tuple[int, int, int]:
+        """(R, stride along R, stride along B) of a valid ``out``."""
         if out_layout not in ("rb", "br"):
             raise ValueError(f"out_layout: expected 'rb' or 'br', got {out_layout!r}")
         check_tensor(out, "out", ndim=2, device=self.device)
@@ -172,21 +293,7 @@ class ContractionPlan:
         if R < self.min_rows:
             raise ValueError(f"out: expected at least {self.min_rows} rows (max row + 1), got shape {tuple(out.shape)} with out_layout={out_layout!r}")
         stride_r, stride_b = out.stride() if out_layout == "rb" else out.stride()[::-1]
-        _check_out_writable(out, grads)
-        self._check_unchanged()
-
-        name, impl = _backends.select(OP, grads.device, backend, _IMPLS, captured=self.captured_backend,
-                                      dtype=self.dtype, dtype_arg="grads")
-        if name == "triton" and self.dtype == torch.bfloat16 and _backends.triton_interpret():
-            raise TypeError(
-                "grads: the triton backend under TRITON_INTERPRET=1 cannot contract bfloat16 (the interpreter's "
-                "numpy dot has no bfloat16 and returns wrong values); use backend='cpu' or 'torch', or float32"
-            )
-        below = self.min_positions if positions_below is None else min(positions_below, self.min_positions)
-        if self.n_vectors and B and below:
-            with _device.current(grads.device):
-                impl(self, grads, out, R, stride_r, stride_b, out_layout, below)
-        return out
+        return R, stride_r, stride_b
 
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
@@ -233,62 +340,113 @@ def contract(
     *,
     out_layout: str = "rb",
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
-    """One-shot contraction. For repeated calls with the same vectors build a :class:`ContractionPlan`."""
-    return ContractionPlan(vectors, positions, rows)(grads, out, out_layout=out_layout, backend=backend)
+    """One-shot contraction. For repeated calls with the same vectors build a :class:`ContractionPlan`
+    (its call documents ``deterministic``)."""
+    plan = ContractionPlan(vectors, positions, rows)
+    return plan(grads, out, out_layout=out_layout, backend=backend, deterministic=deterministic)
 
 
-def _raw_args(plan: ContractionPlan, grads: torch.Tensor, tiles, out: torch.Tensor, R: int, stride_r: int, stride_b: int) -> tuple:
+# ------------------------------------------------------------------------------ launch helpers
+
+
+@dataclass
+class _Call:
+    """One call's validated arguments, handed to the backend's launch helper; the helper records
+    how many launches it made and whether any was atomic."""
+
+    plan: ContractionPlan
+    grads: torch.Tensor
+    out: torch.Tensor
+    layout: str
+    R: int
+    stride_r: int
+    stride_b: int
+    below: int  # contract the vectors at positions < below (at most the plan's max position + 1)
+    deterministic: bool
+    launches: int = 0
+    atomic: bool = False
+
+    def schedule(self, block_s: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool]]:
+        """The (tiles, atomic) launches, in order: one launch, atomic when rows repeat, or with
+        repeated rows and ``deterministic`` one non-atomic launch per pass."""
+        plan = self.plan
+        prefix = None if self.below >= plan.min_positions else self.below
+        by_pass = self.deterministic and not plan.unique_rows
+        groups = plan._tile_set(block_s, by_pass).below(prefix)
+        atomic = not plan.unique_rows and not by_pass
+        launches = [(tiles, atomic) for tiles in groups if tiles[0].numel()]
+        self.launches, self.atomic = len(launches), atomic and bool(launches)
+        return launches
+
+
+def _kernel_kwargs(call: _Call, tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor], atomic: bool) -> dict:
+    """The keyword arguments of ``_C.contract_cpu`` / ``contract_cuda`` (csrc/contraction_ops.cpp)."""
+    plan, grads, out = call.plan, call.grads, call.out
     B, P, D = grads.shape
     tile_pos, tile_start, tile_end = tiles
-    return (
-        _ext.ptr(grads), _ext.dtype_code(grads), B, P, D, grads.stride(0), grads.stride(1),
-        _ext.ptr(plan.vectors), _ext.dtype_code(plan.vectors), plan.n_vectors, plan.vectors.stride(0),
-        _ext.ptr(plan.rows), _ext.ptr(tile_pos), _ext.ptr(tile_start), _ext.ptr(tile_end), tile_pos.numel(),
-        _ext.ptr(out), _ext.dtype_code(out), R, stride_r, stride_b, not plan.unique_rows,
+    return dict(
+        grads=_ext.ptr(grads), grads_dtype=_ext.dtype_code(grads), B=B, P=P, D=D,
+        grads_stride_b=grads.stride(0), grads_stride_p=grads.stride(1),
+        vectors=_ext.ptr(plan.vectors), vectors_dtype=_ext.dtype_code(plan.vectors), S=plan.n_vectors,
+        vectors_stride_s=plan.vectors.stride(0), rows=_ext.ptr(plan.rows),
+        tile_pos=_ext.ptr(tile_pos), tile_start=_ext.ptr(tile_start), tile_end=_ext.ptr(tile_end),
+        n_tiles=tile_pos.numel(),
+        out=_ext.ptr(out), out_dtype=_ext.dtype_code(out), R=call.R, out_stride_r=call.stride_r,
+        out_stride_b=call.stride_b, atomic=atomic,
     )  # fmt: skip
 
 
-def _tiles_below(plan: ContractionPlan, block_s: int, below: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The plan's tiles at positions < ``below`` (a prefix: tiles are sorted by position)."""
-    tiles = plan.tiles(block_s)
-    if below >= plan.min_positions:
-        return tiles
-    n_tiles = plan.tiles_below(below, block_s)
-    return tiles[0][:n_tiles], tiles[1][:n_tiles], tiles[2][:n_tiles]
+@OP.register("cuda", dtypes=DTYPES)
+def _contract_cuda(call: _Call) -> None:
+    stream = _ext.cuda_stream(call.grads.device)
+    for tiles, atomic in call.schedule(tile_height("cuda")):
+        _ext.ext.contract_cuda(**_kernel_kwargs(call, tiles, atomic), stream=stream)
 
 
-def _contract_cpu(plan, grads, out, R, stride_r, stride_b, layout, below):
-    _ext.ext.contract_cpu(*_raw_args(plan, grads, _tiles_below(plan, _CPU_BLOCK_S, below), out, R, stride_r, stride_b))
-
-
-def _contract_cuda(plan, grads, out, R, stride_r, stride_b, layout, below):
-    tiles = _tiles_below(plan, int(_ext.ext.contract_cuda_tile_s), below)
-    args = _raw_args(plan, grads, tiles, out, R, stride_r, stride_b)
-    with torch.cuda.device(grads.device):
-        _ext.ext.contract_cuda(*args, _ext.cuda_stream(grads.device))
-
-
-def _contract_triton(plan, grads, out, R, stride_r, stride_b, layout, below):
+# The Triton kernel has no float64 tile path (it computes in float32).
+@OP.register("triton", dtypes=FLOAT_DTYPES)
+def _contract_triton(call: _Call) -> None:
     from fastattr.triton_kernels import contraction as kernels
 
     interpret = _backends.triton_interpret()
-    block_s = _TRITON_BLOCK_S_INTERPRET if interpret else _TRITON_BLOCK_S
-    tile_pos, tile_start, tile_end = _tiles_below(plan, block_s, below)
-    kernels.contract(
-        grads, plan.vectors, plan.rows, tile_pos, tile_start, tile_end, out, stride_r, stride_b,
-        block_s=block_s, atomic=not plan.unique_rows, interpret=interpret, n_out_rows=R,
-    )  # fmt: skip
+    if interpret and call.plan.dtype == torch.bfloat16:
+        raise TypeError(
+            "grads: the triton backend under TRITON_INTERPRET=1 cannot contract bfloat16 (the interpreter's "
+            "numpy dot has no bfloat16 and returns wrong values); use backend='cpu' or 'torch', or float32"
+        )
+    plan = call.plan
+    for (tile_pos, tile_start, tile_end), atomic in call.schedule(kernels.tile_height(interpret)):
+        kernels.contract(
+            call.grads, plan.vectors, plan.rows, tile_pos, tile_start, tile_end, call.out, call.stride_r,
+            call.stride_b, atomic=atomic, interpret=interpret, n_out_rows=call.R,
+        )  # fmt: skip
 
 
-def _contract_torch(plan, grads, out, R, stride_r, stride_b, layout, below):
+@OP.register("cpu", dtypes=DTYPES)
+def _contract_cpu(call: _Call) -> None:
+    for tiles, atomic in call.schedule(tile_height("cpu")):
+        _ext.ext.contract_cpu(**_kernel_kwargs(call, tiles, atomic))
+
+
+@OP.register("torch", dtypes=DTYPES)
+def _contract_torch(call: _Call) -> None:
+    """The reference's gather and einsum, accumulated with index_add_. Repeated rows under
+    ``deterministic``: one call per pass, so that no index_add_ sees a row twice."""
+    plan = call.plan
     # fp32 like the kernels, so that backends agree to rounding on half-precision inputs too; float64
     # stays float64.
     acc = torch.float64 if plan.dtype == torch.float64 else torch.float32
-    n = plan.n_vectors if below >= plan.min_positions else int(torch.searchsorted(plan._positions_cpu, below))
-    reference.contract(grads.to(acc), plan.vectors[:n].to(acc), plan.positions[:n], plan.rows[:n], out, out_layout=layout)
-
-
-_IMPLS = {"cuda": _contract_cuda, "triton": _contract_triton, "cpu": _contract_cpu, "torch": _contract_torch}
-# The Triton kernel has no float64 tile path (it computes in float32).
-_backends.declare_dtypes(OP, ("triton",), FLOAT_DTYPES)
+    n = plan.n_vectors if call.below >= plan.min_positions else int(torch.searchsorted(plan._positions_cpu, call.below))
+    grads = call.grads.to(acc)
+    vectors, positions, rows = plan.vectors[:n].to(acc), plan.positions[:n], plan.rows[:n]
+    if not call.deterministic or plan.unique_rows:
+        reference.contract(grads, vectors, positions, rows, call.out, out_layout=call.layout)
+        # index_add_ adds a repeated row's entries with atomics on a GPU.
+        call.launches, call.atomic = 1, not plan.unique_rows and call.out.is_cuda
+        return
+    for k in range(plan.n_passes):
+        idx = torch.nonzero(plan.passes[:n] == k).flatten()
+        reference.contract(grads, vectors[idx], positions[idx], rows[idx], call.out, out_layout=call.layout)
+    call.launches, call.atomic = plan.n_passes, False
