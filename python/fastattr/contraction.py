@@ -446,7 +446,9 @@ def _contract_torch(call: _Call) -> None:
         # index_add_ adds a repeated row's entries with atomics on a GPU.
         call.launches, call.atomic = 1, not plan.unique_rows and call.out.is_cuda
         return
+    passes = plan.passes[:n]
     for k in range(plan.n_passes):
-        idx = torch.nonzero(plan.passes[:n] == k).flatten()
-        reference.contract(grads, vectors[idx], positions[idx], rows[idx], call.out, out_layout=call.layout)
-    call.launches, call.atomic = plan.n_passes, False
+        idx = torch.nonzero(passes == k).flatten()
+        if idx.numel():
+            reference.contract(grads, vectors[idx], positions[idx], rows[idx], call.out, out_layout=call.layout)
+            call.launches += 1

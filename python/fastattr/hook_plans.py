@@ -82,6 +82,9 @@ class Route:
         # The attributing thread's use_backend choice: nnsight builds plans lazily on its own
         # intervention thread, which must still run them on the caller's backend.
         self.backend: str | None = None
+        # attribute(deterministic=...) for the plans' calls; None follows torch's switch, read on
+        # the thread that runs the hook.
+        self.deterministic: bool | None = None
 
     def plan(self, key: tuple, build: Callable[[], ContractionPlan | None]) -> ContractionPlan | None:
         if key not in self.plans:
@@ -110,9 +113,10 @@ def run_plan(plan: ContractionPlan | None, grads: torch.Tensor, ctx: Any) -> Non
     """Accumulate ``plan``'s scores for ``grads`` into the context's route."""
     if plan is None:
         return
-    out = route_for(ctx).out
+    route = route_for(ctx)
+    out = route.out
     # circuit-tracer contracts in the vectors' dtype; so do we (accumulating in fp32).
-    plan(grads.to(plan.dtype), ctx._batch_buffer if out is None else out)
+    plan(grads.to(plan.dtype), ctx._batch_buffer if out is None else out, deterministic=route.deterministic)
 
 
 # ---------------------------------------------------- circuit-tracer's contexts, patched

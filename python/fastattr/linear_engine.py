@@ -25,6 +25,7 @@ the caller runs circuit-tracer's autograd path for anything else and logs why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,10 +182,16 @@ class TransformerLensEngine:
 
     name = "linear"
 
-    def __init__(self, model: Any, ctx: Any, input_ids: torch.Tensor, frozen: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: Any, ctx: Any, input_ids: torch.Tensor, frozen: dict[str, torch.Tensor] | None = None,
+                 *, deterministic: bool | None = None):  # fmt: skip
         """``frozen``: what :func:`frozen_state_hooks` captured during the model's own forward pass
-        over the prompt (its attribution setup); a forward pass of its own otherwise."""
+        over the prompt (its attribution setup); a forward pass of its own otherwise.
+        ``deterministic``: passed to every contraction (run-to-run identical sums; None follows
+        ``torch.use_deterministic_algorithms``). The sweep's own torch ops need no atomics: matmuls,
+        sums, and writes to distinct entries."""
         from transformer_lens.components import LayerNorm, LayerNormPre
+
+        self.deterministic = deterministic
 
         cfg = model.cfg
         self.dtype = cfg.dtype
@@ -211,40 +218,46 @@ class TransformerLensEngine:
             return _Norm(isinstance(module, (LayerNorm, LayerNormPre)), getattr(module, "w", None), scale, affine)
 
         skip = bool(getattr(model, "skip_transcoder", False))
-        eye = torch.eye(self.d_model, device=self.device, dtype=self.dtype)
-        self.layers: list[_Layer] = []
-        self.causal = True
-        for i, block in enumerate(model.blocks):
-            attn = block.attn
-            pattern = frozen[f"blocks.{i}.attn.hook_pattern"][0].to(self.dtype).contiguous()  # (H, P, P)
-            self.causal &= not bool(torch.triu(pattern, diagonal=1).any())
-            n_heads, d_head = cfg.n_heads, cfg.d_head
-            grouped = hasattr(attn, "_W_V") and not getattr(cfg, "ungroup_grouped_query_attention", False)
-            w_v = attn._W_V if grouped else attn.W_V  # (H_kv, D, d_head)
-            n_kv = w_v.shape[0]
-            self.layers.append(
-                _Layer(
-                    ln1=norm(block.ln1, f"blocks.{i}.ln1.hook_scale"),
-                    ln1_post=norm(block.ln1_post, f"blocks.{i}.ln1_post.hook_scale") if post_norms else None,
-                    # ln2.hook_normalized is read before ln2's weight, mlp.hook_in after it.
-                    ln2=norm(block.ln2, f"blocks.{i}.ln2.hook_scale", affine=self.in_hook == "mlp.hook_in")
-                    if self.in_hook != "hook_resid_mid" else None,
-                    ln2_post=norm(block.ln2_post, f"blocks.{i}.ln2_post.hook_scale") if post_norms and self.out_hook == "mlp.hook_out" else None,
-                    pattern=pattern,
-                    w_o=attn.W_O.detach().reshape(n_heads * d_head, self.d_model).T.contiguous(),
-                    w_v=w_v.detach().permute(0, 2, 1).reshape(n_kv * d_head, self.d_model).contiguous(),
-                    n_heads=n_heads,
-                    n_kv_heads=n_kv,
-                    d_head=d_head,
-                    # compute_skip is linear without bias: its matrix is its image of the identity.
-                    skip_t=model.transcoders.compute_skip(i, eye).detach().to(self.dtype).T.contiguous() if skip else None,
-                )
-            )
+        eye = torch.eye(self.d_model, device=self.device, dtype=self.dtype) if skip else None
+        self.layers = [self._layer(model, i, frozen, norm, eye, post_norms) for i in range(self.n_layers)]
+        self.causal = all(not bool(torch.triu(layer.pattern, diagonal=1).any()) for layer in self.layers)
         self.ln_final = norm(model.ln_final, "ln_final.hook_scale")
 
         # One contraction plan per layer; a truncated sweep contracts only its position prefix.
         self.layer_plans = [hook_plans.layer_plan(ctx, layer, features=True, errors=True) for layer in range(self.n_layers)]
         self.token_plan = hook_plans.token_plan(ctx)
+
+    def _layer(self, model: Any, i: int, frozen: dict[str, torch.Tensor], norm: Callable[..., _Norm],
+               eye: torch.Tensor | None, post_norms: bool) -> _Layer:  # fmt: skip
+        """Block ``i``'s transposed maps: its norms with frozen scales, pattern, W_O, W_V and the
+        transcoder's skip path (``eye`` given: its matrix is its image of the identity)."""
+        cfg, block = model.cfg, model.blocks[i]
+        attn = block.attn
+        n_heads, d_head = cfg.n_heads, cfg.d_head
+        grouped = hasattr(attn, "_W_V") and not getattr(cfg, "ungroup_grouped_query_attention", False)
+        w_v = attn._W_V if grouped else attn.W_V  # (H_kv, D, d_head)
+        n_kv = w_v.shape[0]
+        ln2 = None
+        if self.in_hook != "hook_resid_mid":
+            # ln2.hook_normalized is read before ln2's weight, mlp.hook_in after it.
+            ln2 = norm(block.ln2, f"blocks.{i}.ln2.hook_scale", affine=self.in_hook == "mlp.hook_in")
+        ln2_post = None
+        if post_norms and self.out_hook == "mlp.hook_out":
+            ln2_post = norm(block.ln2_post, f"blocks.{i}.ln2_post.hook_scale")
+        return _Layer(
+            ln1=norm(block.ln1, f"blocks.{i}.ln1.hook_scale"),
+            ln1_post=norm(block.ln1_post, f"blocks.{i}.ln1_post.hook_scale") if post_norms else None,
+            ln2=ln2,
+            ln2_post=ln2_post,
+            pattern=frozen[f"blocks.{i}.attn.hook_pattern"][0].to(self.dtype).contiguous(),  # (H, P, P)
+            w_o=attn.W_O.detach().reshape(n_heads * d_head, self.d_model).T.contiguous(),
+            w_v=w_v.detach().permute(0, 2, 1).reshape(n_kv * d_head, self.d_model).contiguous(),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            d_head=d_head,
+            # compute_skip is linear without bias.
+            skip_t=None if eye is None else model.transcoders.compute_skip(i, eye).detach().to(self.dtype).T.contiguous(),
+        )
 
     @torch.no_grad()
     def _frozen_state(self, model: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,12 +267,11 @@ class TransformerLensEngine:
 
     # ----------------------------------------------------------------------------------- sweep
 
-    @staticmethod
-    def _contract(plan: Any, g: torch.Tensor, out: torch.Tensor) -> None:
+    def _contract(self, plan: Any, g: torch.Tensor, out: torch.Tensor) -> None:
         """Contract ``plan``'s vectors at the positions ``g`` (P, n, D) covers into ``out`` (rows x n)."""
         if plan is not None:
             # (n, P, D) view: the plan reads through strides; later positions' gradients are zero.
-            plan(g.permute(1, 0, 2), out, positions_below=g.shape[0])
+            plan(g.permute(1, 0, 2), out, positions_below=g.shape[0], deterministic=self.deterministic)
 
     def _attention_transpose(self, g: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """g_in = sum_h pattern_h^T g W_O[h]^T W_V[h]^T: three large products, all heads at once."""

@@ -1,0 +1,211 @@
+"""Deterministic mode of the contraction and of fastattr.attribute: run-to-run bitwise identical.
+
+Repeated output rows (several vectors adding into one row) are summed with float atomics by
+default, in whatever order the threads or blocks run. ``deterministic=True`` (or torch's
+``use_deterministic_algorithms``) runs the plan pass by pass, no row repeated within a launch and
+no atomics. These tests check that the deterministic path is what ran (``plan.last_launches``),
+that it agrees with the reference, and that repeated calls give the same bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastattr
+from fastattr import ContractionPlan, reference
+
+from helpers import backend_params, interpreted, tracer_model, tracer_prompt
+
+BACKENDS = backend_params()
+
+
+def _repeated_case(B=6, P=5, D=40, S=150, R=9, *, dtype=torch.float32, seed=0, device="cpu"):
+    """Many vectors per row (S / R on average), spread over positions: atomics collide."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(B, P, D, generator=gen).to(dtype)
+    vectors = torch.randn(S, D, generator=gen).to(dtype)
+    positions = torch.randint(0, P, (S,), generator=gen)
+    rows = torch.randint(0, R, (S,), generator=gen)
+    return grads.to(device), vectors.to(device), positions.to(device), rows.to(device)
+
+
+def _device(backend):
+    from helpers import backend_device
+
+    return backend_device(backend)
+
+
+def _skip_bf16(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and interpreted("triton"):
+        pytest.skip("bf16 tl.dot returns garbage under TRITON_INTERPRET=1; bf16 Triton runs in the GPU suite")
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(on: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_passes_hold_each_row_once_and_cover_every_vector():
+    grads, vectors, positions, rows = _repeated_case(S=200, R=7, seed=3)
+    plan = ContractionPlan(vectors, positions, rows)
+    assert not plan.unique_rows
+    counts = torch.bincount(rows, minlength=7)
+    assert plan.n_passes == int(counts.max())
+    # Still sorted by position (prefixes and the plain tiles rely on it), and pass k holds the
+    # k-th vector of each row in position order.
+    assert bool((plan.positions[1:] >= plan.positions[:-1]).all())
+    for k in range(plan.n_passes):
+        in_pass = plan.rows[plan.passes == k]
+        assert in_pass.numel() == len(torch.unique(in_pass)) == int((counts > k).sum())
+    for block_s in (1, 4, 64):
+        pos, start, end = plan.tiles(block_s, by_pass=True)
+        covered = torch.cat([torch.arange(s, e) for s, e in zip(start.tolist(), end.tolist())])
+        assert torch.equal(covered.sort().values, torch.arange(200))
+        assert bool(((end - start) <= block_s).all()) and bool((end > start).all())
+        tile_pass = torch.stack([plan.passes[s] for s in start.tolist()])
+        assert bool((tile_pass[1:] >= tile_pass[:-1]).all()), "tiles are launched pass by pass"
+        for p, s, e, k in zip(pos.tolist(), start.tolist(), end.tolist(), tile_pass.tolist()):
+            assert bool((plan.positions[s:e] == p).all()) and bool((plan.passes[s:e] == k).all())
+
+
+def test_unique_rows_have_one_pass():
+    grads, vectors, positions, _ = _repeated_case(S=30, R=9)
+    plan = ContractionPlan(vectors, positions, torch.randperm(30))
+    assert plan.unique_rows and plan.n_passes == 1 and bool((plan.passes == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=["fp32", "fp16", "bf16", "fp64"])  # fmt: skip
+@pytest.mark.parametrize("layout", ["rb", "br"])
+def test_deterministic_matches_reference_and_repeats_bitwise(backend, dtype, layout):
+    _skip_bf16(backend, dtype)
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("the triton backend takes no float64 (tested in test_float64.py)")
+    dev = _device(backend)
+    grads, vectors, positions, rows = _repeated_case(dtype=dtype, seed=5, device=dev)
+    plan = ContractionPlan(vectors, positions, rows)
+    R, B = 9, grads.shape[0]
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    base = torch.randn(R, B, generator=torch.Generator().manual_seed(1)).to(dev, out_dtype)
+    base = base if layout == "rb" else base.T.contiguous()
+    expected = base.clone().double()
+    reference.contract(grads.double(), vectors.double(), positions, rows, expected, out_layout=layout)
+
+    results = []
+    for _ in range(4):
+        out = base.clone()
+        plan(out=out, grads=grads, out_layout=layout, backend=backend, deterministic=True)
+        assert fastattr.last_backend("contract") == backend
+        ran = plan.last_launches
+        assert ran.backend == backend and ran.deterministic and not ran.atomic
+        assert ran.launches == plan.n_passes > 1
+        results.append(out)
+    for out in results[1:]:
+        assert torch.equal(out, results[0]), "deterministic runs differ"
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(results[0].double(), expected, rtol=tol, atol=tol * 10)
+
+    default = base.clone()
+    plan(grads, default, out_layout=layout, backend=backend, deterministic=False)
+    assert not plan.last_launches.deterministic
+    assert plan.last_launches.launches == 1
+    assert plan.last_launches.atomic == (backend != "torch")
+    torch.testing.assert_close(results[0].double(), default.double(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_output_buffer(backend):
+    dev = _device(backend)
+    grads, vectors, positions, rows = _repeated_case(dtype=torch.float16, seed=8, device=dev)
+    plan = ContractionPlan(vectors, positions, rows)
+    base = torch.randn(9, grads.shape[0], generator=torch.Generator().manual_seed(2)).half().to(dev)
+    runs = [plan(grads, base.clone(), backend=backend, deterministic=True) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    expected = base.clone().float()
+    reference.contract(grads.float(), vectors.float(), positions, rows, expected)
+    # Each pass rounds its partial sum into the half buffer: a few half ulps per pass.
+    torch.testing.assert_close(runs[0].float(), expected, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("below", [0, 2, 4, 5])
+def test_deterministic_positions_below(backend, below):
+    dev = _device(backend)
+    grads, vectors, positions, rows = _repeated_case(P=5, seed=9, device=dev)
+    plan = ContractionPlan(vectors, positions, rows)
+    g = grads[:, : max(below, 1)].contiguous()
+    base = torch.randn(9, g.shape[0], generator=torch.Generator().manual_seed(4)).to(dev)
+    keep = positions < below
+    expected = base.clone().double()
+    reference.contract(g.double(), vectors[keep].double(), positions[keep], rows[keep], expected)
+    runs = [plan(g, base.clone(), backend=backend, positions_below=below, deterministic=True) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    torch.testing.assert_close(runs[0].double(), expected, rtol=1e-5, atol=1e-5)
+    if below:
+        # Only passes that have vectors below the bound launch.
+        in_prefix = plan.passes[plan.positions < below]
+        assert plan.last_launches.launches == len(torch.unique(in_prefix))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unique_rows_deterministic_is_the_default_path(backend):
+    dev = _device(backend)
+    grads, vectors, positions, _ = _repeated_case(S=60, seed=11, device=dev)
+    rows = torch.randperm(70, generator=torch.Generator().manual_seed(0))[:60].to(dev)
+    plan = ContractionPlan(vectors, positions, rows)
+    a = plan(grads, torch.zeros(70, grads.shape[0], device=dev), backend=backend, deterministic=True)
+    assert plan.last_launches.launches == 1 and not plan.last_launches.atomic
+    b = plan(grads, torch.zeros(70, grads.shape[0], device=dev), backend=backend, deterministic=False)
+    assert not plan.last_launches.atomic
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_switch_turns_it_on(backend):
+    dev = _device(backend)
+    grads, vectors, positions, rows = _repeated_case(seed=12, device=dev)
+    plan = ContractionPlan(vectors, positions, rows)
+    out = torch.zeros(9, grads.shape[0], device=dev)
+    with _deterministic_algorithms(True):
+        plan(grads, out, backend=backend)
+        assert plan.last_launches.deterministic and not plan.last_launches.atomic
+        # An explicit flag wins over torch's switch.
+        plan(grads, out, backend=backend, deterministic=False)
+        assert not plan.last_launches.deterministic
+    fastattr.contract(grads, vectors, positions, rows, out, backend=backend, deterministic=True)
+    with pytest.raises(TypeError, match="deterministic: expected True, False or None, got 'yes'"):
+        plan(grads, out, backend=backend, deterministic="yes")
+
+
+def test_cpu_kernel_sums_do_not_depend_on_alignment():
+    """The CPU kernel's dot products must not take their order from the buffers' addresses (a
+    vectoriser peeling to an aligned start would): the same values at shifted addresses give the
+    same bits."""
+    if "cpu" not in fastattr.available_backends():
+        pytest.skip("the compiled cpu backend is unavailable")
+    B, P, D, S = 5, 3, 67, 40
+    gen = torch.Generator().manual_seed(0)
+    grads0 = torch.randn(B, P, D, generator=gen)
+    vectors0 = torch.randn(S, D, generator=gen)
+    positions = torch.randint(0, P, (S,), generator=gen)
+    rows = torch.randperm(S, generator=gen)
+    results = []
+    for shift in range(8):
+        g = torch.empty(B * P * D + shift)[shift:].view(B, P, D)
+        g.copy_(grads0)
+        v = torch.empty(S * D + shift)[shift:].view(S, D)
+        v.copy_(vectors0)
+        out = torch.zeros(S, B)
+        fastattr.contract(g, v, positions, rows, out, backend="cpu")
+        results.append(out)
+    for shift, out in enumerate(results[1:], 1):
+        assert torch.equal(out, results[0]), f"shift {shift} changed the sums"
