@@ -295,14 +295,39 @@ def test_topk_agreement_at_the_documented_level(backend, transcoder):
 
 
 def test_long_prompt_with_topk_storage():
-    """About 1,000 positions on the CPU: the edge store is O(rows * k), not O(rows * nodes)."""
+    """About 1,000 positions on the CPU: the edge store is O(rows * k), not O(rows * nodes). Each
+    feature row keeps the dense graph's own values at its k strongest sources, and its full |A| sum."""
     model = tracer_model("transformerlens", "plt")
     prompt = tracer_prompt(999, seed=3)
-    graph = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=128, edge_storage="topk", topk=64)
-    n_pos = len(graph.input_tokens)
+    k, n_sel = 64, 128
+    top = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=n_sel, edge_storage="topk", topk=k)
+    dense = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=n_sel)
+    n_pos = len(top.input_tokens)
     assert n_pos == 1000
-    n_nodes = 128 + (model.cfg.n_layers + 1) * n_pos + len(graph.logit_targets)
-    assert graph.adjacency_matrix.shape == (n_nodes, n_nodes)
-    assert torch.isfinite(graph.adjacency_matrix).all()
-    assert int((graph.adjacency_matrix[:128] != 0).sum(1).max()) <= 64
-    assert graph.adjacency_matrix[:128].abs().sum() > 0
+    n_nodes = n_sel + (model.cfg.n_layers + 1) * n_pos + len(top.logit_targets)
+    assert top.adjacency_matrix.shape == dense.adjacency_matrix.shape == (n_nodes, n_nodes)
+    assert torch.isfinite(top.adjacency_matrix).all()
+    assert torch.equal(top.active_features, dense.active_features)
+
+    # Selection runs on top-k influence, so the two graphs may select different features: compare
+    # the features both selected, each mapped to its row and column in the dense graph.
+    at_dense = {int(f): i for i, f in enumerate(dense.selected_features)}
+    to_dense = torch.tensor([at_dense.get(int(f), -1) for f in top.selected_features] + list(range(n_sel, n_nodes)))
+    rows = torch.nonzero(to_dense[:n_sel] >= 0).flatten()
+    cols = torch.nonzero(to_dense >= 0).flatten()
+    assert len(rows) >= n_sel // 2
+    A = top.adjacency_matrix[rows][:, cols]
+    D = dense.adjacency_matrix[to_dense[rows]][:, to_dense[cols]]
+    kept = A != 0
+    assert int(kept.sum(1).max()) <= k and bool(kept.any(1).all())
+    scale = D.abs().amax(1, keepdim=True)
+    assert float(((A - D).abs() * kept / scale).max()) <= 1e-5  # the dense values, where kept
+    # The top k by magnitude: every source left out is no stronger than the weakest one kept.
+    weakest_kept = torch.where(kept, A.abs(), torch.inf).amin(1)
+    strongest_dropped = torch.where(kept, 0.0, D.abs()).amax(1)
+    assert bool((strongest_dropped <= weakest_kept * (1 + 1e-5)).all())
+    assert int((kept.sum(1) == k).sum()) >= len(rows) // 2  # most rows had more than k sources
+    # row_abs_sum: the row's |A| over the graph's columns, short only of dropped entries in columns
+    # selected after the row was written (TopKRows), so between the kept and the dense sums.
+    sums = top.row_abs_sum[rows]
+    assert bool((A.abs().sum(1) * (1 - 1e-5) <= sums).all()) and bool((sums <= D.abs().sum(1) * (1 + 1e-5)).all())
