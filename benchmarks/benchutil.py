@@ -9,8 +9,6 @@ because the folder has no ``__init__.py``); the fixtures that use it live in ``c
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import platform
 import time
@@ -172,22 +170,13 @@ def _peak_flops(roofline: dict, dtype: torch.dtype | None) -> float | None:
 # --------------------------------------------------------------------------------------- memory
 
 
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS so that the RSS at entry to a memory run holds live data
-    only; otherwise glibc reuses pages it kept from the warm-up and the peak reads low."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_memory(fn: Callable[[], Any], device: torch.device = DEVICE) -> tuple[int, str]:
     """(bytes above the level at entry, method) for one untimed run of ``fn``.
 
     A separate run: the CPU sampler is a thread, and on a small CPU it would slow the timed runs.
+    On the CPU, PeakMemory first hands the heap pages freed by the warm-up back to the OS, which
+    glibc would otherwise reuse, so that the peak does not read low.
     """
-    _release_freed_memory()
     with PeakMemory(device) as mem:
         result = fn()
         sync(device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +23,7 @@ import torch  # noqa: E402
 import circuit_tracer  # noqa: E402
 import fastattr  # noqa: E402
 from fastattr import synthetic  # noqa: E402
-from fastattr._memory import PeakMemory  # noqa: E402
+from fastattr._memory import PeakMemory, peak_resident_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +71,7 @@ def main() -> None:
     print(f"RES {a.path} storage={a.storage if a.path != 'ct' else 'dense'} tokens={a.tokens} layers={a.layers} "
           f"d_model={a.d_model} batch={a.batch} N={graph.adjacency_matrix.shape[0]} active={graph.active_features.shape[0]}"
           f"{kept} time={dt:.1f}s peak_above_start={pm.peak_bytes / 2**20:.0f}MiB ({pm.method}) "
-          f"process_peak_rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}GiB", flush=True)  # fmt: skip
+          f"process_peak_rss={peak_resident_bytes() / 2**30:.2f}GiB", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -244,9 +244,10 @@ def test_sparse_prune_top_k_keeps_a_subset_of_strong_edges():
 # a later allocation.
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, sys, threading, time, types
+    import json, sys, time, types
     import torch
     import fastattr
+    from fastattr._memory import PeakMemory
     which, n_layers, n_pos, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     n_logits = 5
     nf = n_layers * n_pos * per
@@ -266,42 +267,22 @@ MEMORY_SCRIPT = textwrap.dedent(
     graph = types.SimpleNamespace(adjacency_matrix=A, input_tokens=torch.zeros(n_pos), logit_targets=[0] * n_logits,
                                   logit_probabilities=torch.softmax(torch.randn(n_logits, generator=g), 0),
                                   selected_features=torch.arange(nf))
-    def rss():
-        # Anonymous resident memory only: file-backed pages (shared-library code, re-read after the
-        # kernel reclaimed them on a busy machine) are not allocations.
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no RssAnon in /proc/self/status")
-    if which != "circuit-tracer":
+    if which == "circuit-tracer":
+        import circuit_tracer.graph as ctg  # imported first: its import is heavier than the prune
+        prune = ctg.prune_graph
+    else:
         # One-off costs that do not grow with N (the backend probe imports triton, ~100 MB; code
         # pages; the thread pool) are paid on a tiny graph first.
         small = types.SimpleNamespace(adjacency_matrix=A[-40:, -40:].clone(), input_tokens=torch.zeros(2),
                                       logit_targets=[0] * n_logits, logit_probabilities=graph.logit_probabilities,
                                       selected_features=torch.arange(10))
         fastattr.prune_graph(small, backend=which)
-    base = rss()
-    peak = [base]
-    stop = [False]
-    def poll():
-        while not stop[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-    t = threading.Thread(target=poll)
-    t.start()
-    t0 = time.perf_counter()
-    if which == "circuit-tracer":
-        import circuit_tracer.graph as ctg  # imported first: its import is heavier than the prune
-        base = rss()
-        peak[0] = base
-        r = ctg.prune_graph(graph)
-    else:
-        r = fastattr.prune_graph(graph, backend=which)
-    dt = time.perf_counter() - t0
-    stop[0] = True
-    t.join()
-    print(json.dumps({"n": n, "base": base, "peak": max(peak[0], rss()), "seconds": dt,
+        prune = lambda g: fastattr.prune_graph(g, backend=which)
+    with PeakMemory("cpu") as mem:  # anonymous resident memory, sampled every millisecond
+        t0 = time.perf_counter()
+        r = prune(graph)
+        dt = time.perf_counter() - t0
+    print(json.dumps({"n": n, "base": mem.base_bytes, "peak": mem.base_bytes + mem.peak_bytes, "seconds": dt,
                       "nodes": int(r.node_mask.sum()), "edges": int(r.edge_mask.sum())}))
     """
 )
@@ -320,7 +301,7 @@ def measure_prune(which: str, n_layers: int, n_pos: int, per: int, timeout: floa
     return res
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="samples /proc/self/statm")
 def test_dense_prune_peak_memory():
     # N ~ 7.8k: large enough that the mask (61 MB) dwarfs one-off costs (code pages, ~30 MB).
     res = measure_prune("cpu", 8, 16, 60)
