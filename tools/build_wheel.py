@@ -415,7 +415,7 @@ def _sm(archs: list[int]) -> str:
     return ", ".join(f"sm_{a}" for a in archs) or "none"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cuda", required=True, help="'cpu' or the CUDA version MAJOR.MINOR, e.g. 13.0")
     p.add_argument("--out", type=Path, help="directory for the repaired manylinux wheel")
@@ -433,6 +433,103 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-source", type=Path, metavar="DIR", help="only write the renamed source tree to DIR and stop")
     p.add_argument("--report", type=Path, help="write a JSON summary (times, size, checks, auditwheel output)")
     p.add_argument("--keep-work", action="store_true", help="keep the temporary work directory")
+    return p
+
+
+def build_settings(args: argparse.Namespace, cuda: tuple[int, int] | None, archs: str, work: Path,
+                   report: dict) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
+    """The CMake defines and the environment of the build: CPU only, or the checked CUDA toolkit."""
+    # A CUDACXX or CMAKE_ARGS left in the caller's environment (conda sets CMAKE_ARGS) could
+    # point CMake at another compiler or toolkit than the one checked below.
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CMAKE_ARGS", "FASTATTR_CUDA_ARCHS")}
+    defines: dict[str, str] = {"FASTATTR_CUDA": "OFF" if cuda is None else "ON", "FASTATTR_CUDA_ARCHS": archs}
+    if cuda is not None:
+        nvcc = args.nvcc or find_local_nvcc(cuda)
+        if nvcc is None:
+            toolkit_dir = args.toolkit_dir or work / "toolkit"
+            nvcc = pip_toolkit(cuda, args.toolkit_pin, toolkit_dir.resolve())
+            report["toolkit"] = "PyPI: " + " ".join(toolkit_requirements(args.cuda, args.toolkit_pin))
+        nvcc, root = nvcc_layout(Path(nvcc), work)
+        if nvcc_release(nvcc) != cuda:
+            raise SystemExit(f"{nvcc} is CUDA {'.'.join(map(str, nvcc_release(nvcc)))}, not {args.cuda}")
+        tk = check_toolkit(nvcc, root, work)
+        report.setdefault("toolkit", str(root))
+        defines |= {
+            "CMAKE_CUDA_COMPILER": str(nvcc),
+            "CUDAToolkit_ROOT": str(root),
+            # Pin the static runtime to this toolkit; FindCUDAToolkit would also search $CUDA_PATH.
+            "CUDA_cudart_static_LIBRARY": str(tk["static_cudart"]),
+        }
+        libdir = tk["static_cudart"].parent
+        if not (libdir / "libcudart.so").exists():
+            # FindCUDAToolkit (CMake 3.25) requires a library named exactly libcudart.so and
+            # takes the library directory from it. PyPI's nvidia-cuda-runtime ships only
+            # libcudart.so.13, so name that file instead of adding a symlink to the toolkit.
+            shared = sorted(libdir.glob("libcudart.so.*"))
+            if shared:
+                defines["CUDA_CUDART"] = str(shared[0])
+        env["CUDACXX"] = str(nvcc)
+        env["CUDAToolkit_ROOT"] = str(root)
+        env["PATH"] = f"{nvcc.parent}{os.pathsep}{env.get('PATH', '')}"
+    # pyproject.toml maps these two from the environment; set them there too so that the
+    # value is the same whichever way scikit-build-core merges the settings.
+    env["FASTATTR_CUDA"] = defines["FASTATTR_CUDA"]
+    env["FASTATTR_CUDA_ARCHS"] = archs
+    return defines, env
+
+
+def build_raw_wheel(args: argparse.Namespace, name: str, version: str, defines: dict[str, str], env: dict[str, str],
+                    work: Path, report: dict) -> Path:  # fmt: skip
+    """pip's wheel of the renamed source tree (a linux_* tag, not yet repaired)."""
+    src = work / "src"
+    prepare_source(src, name, version)
+    raw = work / "raw"
+    cmd = [args.python, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", raw, src,
+           "-C", f"build-dir={work / 'build'}"]
+    cmd += [f"-Ccmake.define.{k}={v}" for k, v in defines.items()]
+    if args.no_isolation:
+        cmd.append("--no-build-isolation")
+    t0 = time.monotonic()
+    run(cmd, env=env)
+    report["build_s"] = round(time.monotonic() - t0, 1)
+    wheels = sorted(raw.glob("*.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"expected one wheel in {raw}, found {wheels}")
+    log(f"built {wheels[0].name} in {report['build_s']} s")
+    return wheels[0]
+
+
+def repair_wheel(whl: Path, plat: str | None, work: Path, report: dict) -> Path:
+    """auditwheel's manylinux wheel of ``whl``."""
+    repaired = work / "repaired"
+    # libcuda.so.1 is the driver: never bundled. (The static runtime dlopens it, so it is not a
+    # DT_NEEDED entry; the exclusion guards against a direct link.)
+    cmd = [sys.executable, "-m", "auditwheel", "repair", "--exclude", "libcuda.so.1", "-w", repaired, whl]
+    if plat:
+        cmd += ["--plat", plat]
+    run(cmd)
+    (whl,) = sorted(repaired.glob("*.whl"))
+    report["auditwheel_show"] = run([sys.executable, "-m", "auditwheel", "show", whl], capture=True).strip()
+    print(report["auditwheel_show"])
+    return whl
+
+
+def deliver(whl: Path, out: Path, report: dict, t_start: float) -> None:
+    """Copy the checked wheel to ``out`` and log what it is."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / whl.name
+    shutil.copy2(whl, final)
+    report["wheel"] = str(final)
+    report["size_bytes"] = final.stat().st_size
+    report["total_s"] = round(time.monotonic() - t_start, 1)
+    fb = report.get("fatbin")
+    log(f"{final.name}: {final.stat().st_size / 1e6:.2f} MB; needs {', '.join(report['needed'])}"
+        + (f"; SASS {_sm(fb['elf'])}; PTX {_sm(fb['ptx'])}" if fb else ""))
+    log(f"total {report['total_s']} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
 
     cuda = parse_cuda(args.cuda)
@@ -451,85 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"fastattr-wheel-{args.cuda}-"))
     report: dict = {"cuda": args.cuda, "name": name, "version": version}
     try:
-        # A CUDACXX or CMAKE_ARGS left in the caller's environment (conda sets CMAKE_ARGS) could
-        # point CMake at another compiler or toolkit than the one checked below.
-        env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CMAKE_ARGS", "FASTATTR_CUDA_ARCHS")}
-        defines: dict[str, str] = {"FASTATTR_CUDA": "OFF" if cuda is None else "ON", "FASTATTR_CUDA_ARCHS": archs}
-        if cuda is not None:
-            nvcc = args.nvcc or find_local_nvcc(cuda)
-            if nvcc is None:
-                toolkit_dir = args.toolkit_dir or work / "toolkit"
-                nvcc = pip_toolkit(cuda, args.toolkit_pin, toolkit_dir.resolve())
-                report["toolkit"] = "PyPI: " + " ".join(toolkit_requirements(args.cuda, args.toolkit_pin))
-            nvcc, root = nvcc_layout(Path(nvcc), work)
-            if nvcc_release(nvcc) != cuda:
-                raise SystemExit(f"{nvcc} is CUDA {'.'.join(map(str, nvcc_release(nvcc)))}, not {args.cuda}")
-            tk = check_toolkit(nvcc, root, work)
-            report.setdefault("toolkit", str(root))
-            defines |= {
-                "CMAKE_CUDA_COMPILER": str(nvcc),
-                "CUDAToolkit_ROOT": str(root),
-                # Pin the static runtime to this toolkit; FindCUDAToolkit would also search $CUDA_PATH.
-                "CUDA_cudart_static_LIBRARY": str(tk["static_cudart"]),
-            }
-            libdir = tk["static_cudart"].parent
-            if not (libdir / "libcudart.so").exists():
-                # FindCUDAToolkit (CMake 3.25) requires a library named exactly libcudart.so and
-                # takes the library directory from it. PyPI's nvidia-cuda-runtime ships only
-                # libcudart.so.13, so name that file instead of adding a symlink to the toolkit.
-                shared = sorted(libdir.glob("libcudart.so.*"))
-                if shared:
-                    defines["CUDA_CUDART"] = str(shared[0])
-            env["CUDACXX"] = str(nvcc)
-            env["CUDAToolkit_ROOT"] = str(root)
-            env["PATH"] = f"{nvcc.parent}{os.pathsep}{env.get('PATH', '')}"
-        # pyproject.toml maps these two from the environment; set them there too so that the
-        # value is the same whichever way scikit-build-core merges the settings.
-        env["FASTATTR_CUDA"] = defines["FASTATTR_CUDA"]
-        env["FASTATTR_CUDA_ARCHS"] = archs
+        defines, env = build_settings(args, cuda, archs, work, report)
         log(f"building {name} {version} for {'CPU only' if cuda is None else 'CUDA ' + args.cuda}"
             f"{', archs ' + archs if archs else ''}")
-
-        src = work / "src"
-        prepare_source(src, name, version)
-        raw = work / "raw"
-        cmd = [args.python, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", raw, src,
-               "-C", f"build-dir={work / 'build'}"]
-        cmd += [f"-Ccmake.define.{k}={v}" for k, v in defines.items()]
-        if args.no_isolation:
-            cmd.append("--no-build-isolation")
-        t0 = time.monotonic()
-        run(cmd, env=env)
-        report["build_s"] = round(time.monotonic() - t0, 1)
-        wheels = sorted(raw.glob("*.whl"))
-        if len(wheels) != 1:
-            raise SystemExit(f"expected one wheel in {raw}, found {wheels}")
-        whl = wheels[0]
-        log(f"built {whl.name} in {report['build_s']} s")
-
+        whl = build_raw_wheel(args, name, version, defines, env, work, report)
         if not args.no_repair:
-            repaired = work / "repaired"
-            # libcuda.so.1 is the driver: never bundled. (The static runtime dlopens it, so it is
-            # not even a DT_NEEDED entry today; the exclusion guards against a future direct link.)
-            cmd = [sys.executable, "-m", "auditwheel", "repair", "--exclude", "libcuda.so.1", "-w", repaired, whl]
-            if args.plat:
-                cmd += ["--plat", args.plat]
-            run(cmd)
-            (whl,) = sorted(repaired.glob("*.whl"))
-            report["auditwheel_show"] = run([sys.executable, "-m", "auditwheel", "show", whl], capture=True).strip()
-            print(report["auditwheel_show"])
+            whl = repair_wheel(whl, args.plat, work, report)
         # Checked before it is copied out, so that --out never receives a wheel that failed.
         report |= inspect_wheel(whl, work, args.python, cuda, archs)
-        args.out.mkdir(parents=True, exist_ok=True)
-        final = args.out / whl.name
-        shutil.copy2(whl, final)
-        report["wheel"] = str(final)
-        report["size_bytes"] = final.stat().st_size
-        report["total_s"] = round(time.monotonic() - t_start, 1)
-        fb = report.get("fatbin")
-        log(f"{final.name}: {final.stat().st_size / 1e6:.2f} MB; needs {', '.join(report['needed'])}"
-            + (f"; SASS {_sm(fb['elf'])}; PTX {_sm(fb['ptx'])}" if fb else ""))
-        log(f"total {report['total_s']} s")
+        deliver(whl, args.out, report, t_start)
         if args.report:
             args.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
         return 0
@@ -538,7 +565,6 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())
