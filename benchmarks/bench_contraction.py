@@ -38,6 +38,10 @@ class Case:
     B: int  # batch: source nodes per backward pass
     dtype: torch.dtype = torch.float32
     sources: int = 1  # source layers writing at this layer (CLT: all layers up to it)
+    # Vectors per buffer row: 1, or a CLT feature's decoder rows for ``sources`` layers contracted
+    # in one call (all at the feature's position, into its one row), which the kernels sum with
+    # atomics by default and in fixed-order passes when deterministic.
+    row_repeats: int = 1
 
     @property
     def S(self) -> int:
@@ -46,20 +50,24 @@ class Case:
     @property
     def name(self) -> str:
         """The label in the report."""
-        clt = f" x{self.sources} src" if self.sources > 1 else ""
-        return f"{self.model} P={self.P} L0={self.l0}{clt} B={self.B} {self.dt}"
+        return f"{self.model} P={self.P} L0={self.l0}{self._sources_label} B={self.B} {self.dt}"
 
     @property
     def id(self) -> str:
         """The pytest id: no spaces, so that ``-k`` can select it."""
         clt = f"-x{self.sources}" if self.sources > 1 else ""
-        return f"{self.model}-P{self.P}-L{self.l0}{clt}-B{self.B}-{self.dt}"
+        rep = f"-rep{self.row_repeats}" if self.row_repeats > 1 else ""
+        return f"{self.model}-P{self.P}-L{self.l0}{clt}{rep}-B{self.B}-{self.dt}"
 
     @property
     def family(self) -> str:
         """Cases that differ only in prompt length: one line in the report's plots."""
+        return f"{self.model} L0={self.l0}{self._sources_label} B={self.B} {self.dt}"
+
+    @property
+    def _sources_label(self) -> str:
         clt = f" x{self.sources} src" if self.sources > 1 else ""
-        return f"{self.model} L0={self.l0}{clt} B={self.B} {self.dt}"
+        return clt + (f", {self.row_repeats} vectors per row" if self.row_repeats > 1 else "")
 
     @property
     def dt(self) -> str:
@@ -75,6 +83,7 @@ CASES = per_tier(
     smoke=[
         Case("tiny-plt", D=64, P=16, l0=8, B=16),
         Case("tiny-clt", D=64, P=16, l0=4, B=16, sources=3),
+        Case("tiny-clt", D=64, P=16, l0=4, B=16, sources=3, row_repeats=3),
     ],
     cpu=[
         Case("gemma2-2b-plt", D=2304, P=8, l0=64, B=64),
@@ -82,6 +91,7 @@ CASES = per_tier(
         Case("gemma2-2b-plt", D=2304, P=64, l0=64, B=64),
         Case("llama3.2-1b-plt", D=2048, P=32, l0=64, B=64),
         Case("gemma2-2b-clt-last", D=2304, P=8, l0=16, B=64, sources=26),
+        Case("gemma2-2b-clt-all", D=2304, P=8, l0=16, B=64, sources=26, row_repeats=26),
         Case("long-prompt", D=2304, P=1024, l0=4, B=32),
     ],
     full=[
@@ -92,6 +102,8 @@ CASES = per_tier(
         Case("gemma2-2b-plt", D=2304, P=64, l0=100, B=256),
         Case("llama3.2-1b-plt", D=2048, P=64, l0=100, B=256, dtype=BF16),
         Case("gemma2-2b-clt-last", D=2304, P=32, l0=40, B=256, dtype=BF16, sources=26),
+        Case("gemma2-2b-clt-all", D=2304, P=32, l0=40, B=256, dtype=BF16, sources=26, row_repeats=26),
+        Case("gemma2-2b-clt-all", D=2304, P=32, l0=40, B=256, dtype=BF16, sources=26, row_repeats=4),
         Case("long-prompt", D=2304, P=1024, l0=40, B=256, dtype=BF16),
     ],
 )
@@ -121,6 +133,13 @@ def _draw_inputs(case: Case, device: torch.device, seed: int):
     n_sets = max(1, min(8, math.ceil(_ROTATE_BYTES / (case.B * case.P * case.D * _elt(case.dtype)))))
     grads = [torch.randn(case.B, case.P, case.D, generator=gen).to(device, case.dtype) for _ in range(n_sets)]
     vectors = (torch.randn(case.S, case.D, generator=gen) / math.sqrt(case.D)).to(device, case.dtype)
+    if case.row_repeats > 1:
+        # Each feature's decoder rows, at its position, into its row; listed feature by feature.
+        n_features = case.S // case.row_repeats
+        feature_pos = torch.randint(0, case.P, (n_features,), generator=gen).sort().values
+        positions = feature_pos.repeat_interleave(case.row_repeats)
+        rows = torch.randperm(n_features, generator=gen).repeat_interleave(case.row_repeats)
+        return grads, vectors, positions.to(device), rows.to(device)
     # circuit-tracer lists active features layer by layer, sorted by position within each layer.
     per_source = case.l0 * case.P
     positions = torch.cat([torch.randint(0, case.P, (per_source,), generator=gen).sort().values for _ in range(case.sources)])
@@ -152,15 +171,27 @@ def _check_rows(case, grads, vectors, positions, rows, run_once, device) -> floa
     base = torch.randn(case.S, case.B, generator=gen).to(device, case.dtype)
     out = base.clone()
     run_once(grads[0], out)
-    pick = torch.randperm(case.S, generator=gen)[:256].to(device)
-    g = grads[0][:, positions[pick]].double()  # (B, k, D): gather first, the full grads in fp64 can be GBs
-    expected = base[rows[pick]].double() + torch.einsum("bkd,kd->kb", g, vectors[pick].double())
-    return benchutil.rel_err(out[rows[pick]], expected)
+    used = torch.unique(rows)
+    pick = used[torch.randperm(len(used), generator=gen)[:256].to(device)]
+    sel = torch.isin(rows, pick)  # every vector adding into a picked row
+    g = grads[0][:, positions[sel]].double()  # (B, k, D): gather first, the full grads in fp64 can be GBs
+    expected = base.double().index_add(0, rows[sel], torch.einsum("bkd,kd->kb", g, vectors[sel].double()))
+    return benchutil.rel_err(out[pick], expected[pick])
+
+
+# deterministic=True only where rows repeat: with distinct rows it is the default path.
+_CASE_PARAMS = [pytest.param(c, False, id=c.id) for c in CASES] + [
+    pytest.param(c, True, id=f"{c.id}-deterministic") for c in CASES if c.row_repeats > 1
+]
 
 
 @pytest.mark.parametrize("impl", impl_params())
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_contraction(measure, case: Case, impl: str):
+@pytest.mark.parametrize("case,deterministic", _CASE_PARAMS)
+def test_contraction(measure, case: Case, deterministic: bool, impl: str):
+    """``deterministic``: fixed-order passes instead of atomics, reported as the implementation
+    "<backend> deterministic" beside the default in the same case (its cost)."""
+    if deterministic and impl == BASELINE:
+        pytest.skip("circuit-tracer has no deterministic switch of its own; its row is the default run's")
     device = DEVICE
     grads, vectors, positions, rows = _inputs(case, device)  # first: it frees the previous case's
     need, free = _workspace_bytes(case, impl), _free_bytes(device)
@@ -178,12 +209,14 @@ def test_contraction(measure, case: Case, impl: str):
         t0 = time.perf_counter()
         plan = ContractionPlan(vectors, positions, rows)
         if impl != "torch":  # otherwise built lazily inside the first (untimed) call
-            plan.tiles(contraction.tile_height(impl))
+            plan.tiles(contraction.tile_height(impl), by_pass=deterministic and not plan.unique_rows)
         benchutil.sync(device)
         extra["plan_s"] = time.perf_counter() - t0
+        extra["deterministic"] = deterministic
+        extra["passes"] = plan.n_passes
 
         def run_once(g, o):
-            plan(g, o, backend=impl)
+            plan(g, o, backend=impl, deterministic=deterministic)
 
     try:
         extra["max_rel_err"] = _check_rows(case, grads, vectors, positions, rows, run_once, device)
@@ -196,12 +229,14 @@ def test_contraction(measure, case: Case, impl: str):
         elt = _elt(case.dtype)
         used_positions = int(torch.unique(positions).numel())
         measure(
-            run, op="contraction", case=case.name, family=case.family, impl=impl, dtype=case.dtype,
+            run, op="contraction", case=case.name, family=case.family, dtype=case.dtype,
+            impl=f"{impl} deterministic" if deterministic else impl,
             size=case.S * case.B * case.D, size_label="S x B x D (multiply-adds)",
             flops=2 * case.S * case.B * case.D,
             min_bytes=(case.B * used_positions * case.D + case.S * case.D) * elt + 2 * case.S * case.B * out.element_size(),
             rounds=per_tier(smoke=3, cpu=3, full=20),
-            shape={"B": case.B, "P": case.P, "D": case.D, "S": case.S, "L0": case.l0, "sources": case.sources},
+            shape={"B": case.B, "P": case.P, "D": case.D, "S": case.S, "L0": case.l0, "sources": case.sources,
+                   "row_repeats": case.row_repeats},
             rotated_input_sets=len(grads), **extra,
         )  # fmt: skip
     except torch.OutOfMemoryError as exc:

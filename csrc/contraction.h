@@ -36,8 +36,9 @@ struct ContractionArgs {
   std::int64_t R;
   std::int64_t out_stride_r, out_stride_b;
   // Rows may repeat (several decoder rows of one feature in one call): accumulate atomically.
-  // Atomic float sums land in scheduling order; a caller that needs run-to-run identical results
-  // launches the tiles in passes whose rows are unique, with atomic false (the Python plan does).
+  // Atomic float sums land in scheduling order; for run-to-run identical results the CPU kernel
+  // takes ``deterministic``, and CUDA callers launch the tiles in passes whose rows are unique,
+  // with atomic false (the Python plan does both).
   bool atomic;
 };
 
@@ -48,7 +49,9 @@ void validate_contraction_args(const ContractionArgs& a);
 // with it). One tile and a chunk of batch columns are one OpenMP task: 64 rows amortise widening
 // a grads slice over enough dot products and leave many tasks for the threads.
 constexpr int kCpuContractTileS = 64;
-void contract_cpu(const ContractionArgs& a);
+// ``deterministic``: with repeated rows (a.atomic), threads own batch columns and add in tile
+// order instead of using atomics: run-to-run identical, in one launch.
+void contract_cpu(const ContractionArgs& a, bool deterministic);
 
 #ifdef FASTATTR_WITH_CUDA
 // Tile height of the CUDA kernel: the vectors one thread block holds (exported as

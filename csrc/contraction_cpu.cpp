@@ -22,6 +22,9 @@ namespace fastattr {
 namespace {
 
 constexpr std::int64_t kBatchChunk = 32;
+// Batch columns per task when tasks own columns (deterministic mode with repeated rows): narrower,
+// since only B / kOwnedChunk tasks share the threads.
+constexpr std::int64_t kOwnedChunk = 16;
 
 // 4 rows x 2 batch columns per step: 8 accumulators reuse each loaded value 2-4 times. T is the
 // accumulation type: float for float32 and the widened half types, double for float64 (so a
@@ -206,7 +209,7 @@ struct TaskRows {
 // out[rows[s0 + i], b0 + j] += vrows[i] . grows[j] for the task's ns x nb block, 4 x 2 at a time.
 template <typename T>
 void accumulate_block(const ContractionArgs& a, MicroKernel<T> kernel, const TaskRows<T>& t, std::int64_t s0,
-                      std::int64_t b0) {
+                      std::int64_t b0, bool atomic) {
   const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
   void* out = reinterpret_cast<void*>(a.out);
   const std::int64_t ns = static_cast<std::int64_t>(t.vrows.size());
@@ -220,7 +223,31 @@ void accumulate_block(const ContractionArgs& a, MicroKernel<T> kernel, const Tas
       for (int r = 0; r < nv; ++r) {
         const std::int64_t row = rows[s0 + i + r];
         for (int c = 0; c < ng; ++c)
-          accumulate(out, row * a.out_stride_r + (b0 + j + c) * a.out_stride_b, a.out_dtype, acc[r][c], a.atomic);
+          accumulate(out, row * a.out_stride_r + (b0 + j + c) * a.out_stride_b, a.out_dtype, acc[r][c], atomic);
+      }
+    }
+  }
+}
+
+// Repeated rows, deterministic: each task owns a chunk of batch columns and walks every tile in
+// order, so each out element takes its adds from one thread in tile order, without atomics.
+template <typename T>
+void contract_columns_owned(const ContractionArgs& a, MicroKernel<T> kernel) {
+  const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
+  const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
+  const auto* te = reinterpret_cast<const std::int32_t*>(a.tile_end);
+  const std::int64_t n_chunks = (a.B + kOwnedChunk - 1) / kOwnedChunk;
+#pragma omp parallel if (n_chunks > 1)
+  {
+    TaskRows<T> task_rows;
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const std::int64_t b0 = chunk * kOwnedChunk;
+      const std::int64_t b1 = std::min(a.B, b0 + kOwnedChunk);
+      for (std::int64_t t = 0; t < a.n_tiles; ++t) {
+        if (te[t] == ts[t]) continue;
+        task_rows.stage(a, ts[t], te[t] - ts[t], b0, b1 - b0, tp[t]);
+        accumulate_block<T>(a, kernel, task_rows, ts[t], b0, /*atomic=*/false);
       }
     }
   }
@@ -233,11 +260,16 @@ void accumulate_block(const ContractionArgs& a, MicroKernel<T> kernel, const Tas
 // fixed by D alone (the micro-kernel's SIMD lanes take d mod width with unaligned loads, no
 // alignment peeling; tests/test_deterministic.py checks shifted buffers). The OpenMP schedule
 // decides which thread computes a value, never the order of a sum. With atomics (repeated rows)
-// the adds to one element arrive in scheduling order; the Python plan's deterministic mode runs
-// such plans as passes with unique rows and atomic false.
+// the adds to one element arrive in scheduling order, unless ``deterministic`` has the tasks own
+// batch columns instead (contract_columns_owned). Repeated rows into a half-precision buffer run
+// the tasks in order, deterministic either way.
 template <typename T>
-void contract_cpu_impl(const ContractionArgs& a) {
+void contract_cpu_impl(const ContractionArgs& a, bool deterministic) {
   static const MicroKernel<T> kernel = pick_micro_kernel<T>();
+  if (a.atomic && deterministic) {
+    contract_columns_owned<T>(a, kernel);
+    return;
+  }
 
   const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
   const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
@@ -257,20 +289,20 @@ void contract_cpu_impl(const ContractionArgs& a) {
       const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
       if (te[t] == ts[t]) continue;
       task_rows.stage(a, ts[t], te[t] - ts[t], b0, b1 - b0, tp[t]);
-      accumulate_block<T>(a, kernel, task_rows, ts[t], b0);
+      accumulate_block<T>(a, kernel, task_rows, ts[t], b0, a.atomic);
     }
   }
 }
 
 }  // namespace
 
-void contract_cpu(const ContractionArgs& a) {
+void contract_cpu(const ContractionArgs& a, bool deterministic) {
   if (a.B == 0 || a.S == 0) return;
   validate_host_indices(a);
   if (a.vectors_dtype == kFloat64)
-    contract_cpu_impl<double>(a);
+    contract_cpu_impl<double>(a, deterministic);
   else
-    contract_cpu_impl<float>(a);
+    contract_cpu_impl<float>(a, deterministic);
 }
 
 }  // namespace fastattr

@@ -54,14 +54,14 @@ void contract_cpu_entry(std::uintptr_t grads, int grads_dtype, std::int64_t B, s
                         int vectors_dtype, std::int64_t S, std::int64_t vectors_stride_s, std::uintptr_t rows,
                         std::uintptr_t tile_pos, std::uintptr_t tile_start, std::uintptr_t tile_end,
                         std::int64_t n_tiles, std::uintptr_t out, int out_dtype, std::int64_t R,
-                        std::int64_t out_stride_r, std::int64_t out_stride_b, bool atomic) {
+                        std::int64_t out_stride_r, std::int64_t out_stride_b, bool atomic, bool deterministic) {
   const ContractionArgs a{grads, grads_dtype, B, P, D, grads_stride_b, grads_stride_p,
                           vectors, vectors_dtype, S, vectors_stride_s,
                           rows, tile_pos, tile_start, tile_end, n_tiles,
                           out, out_dtype, R, out_stride_r, out_stride_b, atomic};
   validate_contraction_args(a);
   py::gil_scoped_release nogil;
-  contract_cpu(a);
+  contract_cpu(a, deterministic);
 }
 
 #ifdef FASTATTR_WITH_CUDA
@@ -89,7 +89,7 @@ void register_contraction_ops(py::module_& m) {
       [&](auto... kwargs) {
         m.def("contract_cpu", &contract_cpu_entry,
               "out[rows[s], b] += grads[b, pos(s), :] . vectors[s, :] on host memory (see csrc/contraction.h)",
-              py::kw_only(), kwargs...);
+              py::kw_only(), kwargs..., py::arg("deterministic"));
       },
       contraction_kwargs());
 #ifdef FASTATTR_WITH_CUDA

@@ -251,7 +251,7 @@ def test_compiled_layer_validates_on_its_own():
                 grads_stride_p=grads.stride(1), vectors=vectors.data_ptr(), vectors_dtype=0, S=4, vectors_stride_s=8,
                 rows=rows.data_ptr(), tile_pos=tiles[0].data_ptr(), tile_start=tiles[1].data_ptr(),
                 tile_end=tiles[2].data_ptr(), n_tiles=1, out=out.data_ptr(), out_dtype=0, R=10, out_stride_r=2,
-                out_stride_b=1, atomic=False)  # fmt: skip
+                out_stride_b=1, atomic=False, deterministic=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"rows: expected indices in \[0, 10\), got 50 at 3"):
         _ext.ext.contract_cpu(**args)
     with pytest.raises(ValueError, match="grads: expected the dtype of vectors"):

@@ -59,7 +59,8 @@ class Launches:
     ``launches``: kernel launches (the torch backend: reference calls); ``atomic``: whether any
     used float atomics, whose order, and so the rounding, changes from run to run;
     ``deterministic``: the resolved flag. A deterministic call on a plan with repeated rows runs
-    one launch per pass, none atomic."""
+    one launch per pass on cuda, triton and torch, none atomic; the cpu kernel orders the adds
+    itself, in one launch."""
 
     backend: str
     deterministic: bool
@@ -128,7 +129,8 @@ class ContractionPlan:
     the sums) changes from run to run. A deterministic call (``deterministic=True``, or torch's
     ``use_deterministic_algorithms``) runs the plan in :attr:`n_passes` passes instead, pass k
     holding each row's k-th vector (in position order), so that no row repeats within a launch,
-    and launches them in that order without atomics.
+    and launches them in that order without atomics (cuda, triton, torch). The cpu kernel needs no
+    passes: its threads then own batch columns and add every tile in order, in one launch.
     """
 
     def __init__(self, vectors: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
@@ -368,16 +370,17 @@ class _Call:
     launches: int = 0
     atomic: bool = False
 
-    def schedule(self, block_s: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool]]:
-        """The (tiles, atomic) launches, in order: one launch, atomic when rows repeat, or with
-        repeated rows and ``deterministic`` one non-atomic launch per pass."""
+    def schedule(self, block_s: int, *, passes: bool = True) -> list[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool]]:
+        """The (tiles, rows may repeat) launches, in order: one launch, or with repeated rows,
+        ``deterministic`` and ``passes`` one launch per pass, none with repeated rows. A backend
+        that orders repeated rows itself (``passes=False``) gets one launch and records no atomics."""
         plan = self.plan
         prefix = None if self.below >= plan.min_positions else self.below
-        by_pass = self.deterministic and not plan.unique_rows
+        by_pass = passes and self.deterministic and not plan.unique_rows
         groups = plan._tile_set(block_s, by_pass).below(prefix)
-        atomic = not plan.unique_rows and not by_pass
-        launches = [(tiles, atomic) for tiles in groups if tiles[0].numel()]
-        self.launches, self.atomic = len(launches), atomic and bool(launches)
+        repeats = not plan.unique_rows and not by_pass
+        launches = [(tiles, repeats) for tiles in groups if tiles[0].numel()]
+        self.launches, self.atomic = len(launches), repeats and not self.deterministic and bool(launches)
         return launches
 
 
@@ -426,8 +429,10 @@ def _contract_triton(call: _Call) -> None:
 
 @OP.register("cpu", dtypes=DTYPES)
 def _contract_cpu(call: _Call) -> None:
-    for tiles, atomic in call.schedule(tile_height("cpu")):
-        _ext.ext.contract_cpu(**_kernel_kwargs(call, tiles, atomic))
+    # Deterministic with repeated rows: one launch whose threads own batch columns and add in tile
+    # order (csrc/contraction_cpu.cpp), cheaper than one fork and join per pass.
+    for tiles, atomic in call.schedule(tile_height("cpu"), passes=False):
+        _ext.ext.contract_cpu(**_kernel_kwargs(call, tiles, atomic), deterministic=call.deterministic)
 
 
 @OP.register("torch", dtypes=DTYPES)
