@@ -104,11 +104,12 @@ class _AutogradRows:
 
     name = "autograd"
 
-    def __init__(self, ctx: Any, batch: int):
+    def __init__(self, ctx: Any, batch: int, deterministic: bool):
         self.ctx = ctx
         self.batch = batch
         self.route = hook_plans.route_for(ctx)
         self.route.backend = _backends.forced_choice()
+        self.route.deterministic = deterministic
 
     def block_rows(self, n: int) -> int:
         return self.batch
@@ -130,6 +131,8 @@ class _Run:
 
     model: Any
     verbose: bool
+    # Resolved once per call: fixed-order reductions in every op that has atomics.
+    deterministic: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     offload_handles: list = field(default_factory=list)
     # Per-batch device synchronisation, only to split out the engine's own time when asked.
@@ -195,7 +198,8 @@ def _setup(run: _Run, prompt: Any, *, chosen: str, batch_size: int, offload: str
         with model.hooks(fwd_hooks=hooks):
             ctx = model.setup_attribution(input_ids)
         # Before any offload: the engine reads the transcoders' skip path and the model's weights.
-        rows: _LinearRows | _AutogradRows = _LinearRows(TransformerLensEngine(model, ctx, input_ids, frozen))
+        engine = TransformerLensEngine(model, ctx, input_ids, frozen, deterministic=run.deterministic)
+        rows: _LinearRows | _AutogradRows = _LinearRows(engine)
         del frozen
     else:
         ctx = model.setup_attribution(input_ids)
@@ -206,7 +210,7 @@ def _setup(run: _Run, prompt: Any, *, chosen: str, batch_size: int, offload: str
     t = time.perf_counter()
     if chosen == "autograd":
         ct.run_forward(model, input_ids, batch_size, ctx)
-        rows = _AutogradRows(ctx, ctx._resid_activations[0].shape[0])
+        rows = _AutogradRows(ctx, ctx._resid_activations[0].shape[0], run.deterministic)
     run.offload(offload, 1)
     run.timings["forward"] = time.perf_counter() - t
 
@@ -346,6 +350,56 @@ def _assemble(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, visited
     return selected, adjacency, row_abs_sum
 
 
+@dataclass
+class _Rows:
+    """What the row phases produce: the square adjacency and what top-k storage records."""
+
+    selected: torch.Tensor
+    adjacency: torch.Tensor
+    row_abs_sum: torch.Tensor
+    node_influence: torch.Tensor | None
+
+
+def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, verbose: bool, edge_storage: str,
+              topk: int | None, keep_on_device: bool) -> _Rows:  # fmt: skip
+    """Phases 2-4: the logit rows, the feature rows and the assembled adjacency."""
+    n_rows = s.n_features + s.n_logits
+    spare = s.rows.block_rows(batch_size)
+    if edge_storage == "dense":
+        store: RowStore = DenseRows(n_rows, s.total_nodes, spare, s.device)
+    else:
+        store = TopKRows(n_rows, s.total_nodes, s.n_logits, s.total_active, spare, topk or DEFAULT_TOPK, s.device)
+    stream_influence = edge_storage == "topk" and s.n_features == s.total_active
+    if stream_influence:
+        store.stream_influence(s.targets.logit_probabilities.to(device=s.device, dtype=torch.float32))
+    writer = _RowWriter(run, s, store)
+    _logit_rows(run, s, writer, batch_size)
+    visited = _feature_rows(run, s, writer, store, batch_size=batch_size, update_interval=update_interval,
+                            verbose=verbose, stream_influence=stream_influence)  # fmt: skip
+    selected, adjacency, row_abs_sum = _assemble(run, s, writer, store, visited, keep_on_device)
+    node_influence = store.influence.float().to(adjacency.device) if stream_influence else None
+    return _Rows(selected, adjacency, row_abs_sum, node_influence)
+
+
+def _graph(model: Any, s: _Setup, rows: _Rows) -> Any:
+    """circuit-tracer's Graph of the run."""
+    from circuit_tracer.graph import Graph
+
+    return Graph(**ct.graph_kwargs(
+        Graph, ct.model_scan(model),
+        input_string=model.tokenizer.decode(s.input_ids),
+        input_tokens=s.input_ids,
+        logit_targets=s.targets.logit_targets,
+        logit_probabilities=s.targets.logit_probabilities,
+        vocab_size=s.targets.vocab_size,
+        active_features=s.ctx.activation_matrix.indices().T,
+        activation_values=s.ctx.activation_matrix.values(),
+        selected_features=rows.selected,
+        adjacency_matrix=rows.adjacency.detach(),
+        cfg=ct.graph_cfg(model),
+    ))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------- driver
 
 
@@ -365,6 +419,7 @@ def attribute(
     topk: int | None = None,
     keep_on_device: bool = False,
     engine: Literal["auto", "linear", "autograd"] = "auto",
+    deterministic: bool | None = None,
 ):
     """Compute an attribution graph for ``prompt``: circuit-tracer's ``attribute``, fast.
 
@@ -379,12 +434,16 @@ def attribute(
             "autograd" (circuit-tracer's forward over ``batch_size`` copies and backward passes),
             or "auto": linear wherever it expresses the model, otherwise autograd, with the
             reason logged once. A forced "linear" that cannot express the model is a ValueError.
+        deterministic: fixed-order reductions in every fastattr op with float atomics (the
+            contraction's repeated rows, the influence matvec), so that two calls with the same
+            inputs and batch size give bitwise-identical graphs. None follows
+            ``torch.use_deterministic_algorithms``. torch's own kernels (the autograd engine's
+            backward passes) follow torch's switch only.
     """
     _validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk, max_n_logits, engine)
     ct.require_api(model)
-    from circuit_tracer.graph import Graph
-
-    run = _Run(model, verbose, profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1")
+    run = _Run(model, verbose, deterministic=_backends.deterministic(deterministic),
+               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1")  # fmt: skip
     start = time.perf_counter()
     try:
         chosen = _choose_engine(model, engine)
@@ -393,40 +452,13 @@ def attribute(
             s = _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,
                        attribution_targets=attribution_targets, max_n_logits=max_n_logits,
                        desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes)  # fmt: skip
-            n_rows = s.n_features + s.n_logits
-            spare = s.rows.block_rows(batch_size)
-            if edge_storage == "dense":
-                store: RowStore = DenseRows(n_rows, s.total_nodes, spare, s.device)
-            else:
-                store = TopKRows(n_rows, s.total_nodes, s.n_logits, s.total_active, spare, topk or DEFAULT_TOPK, s.device)
-            stream_influence = edge_storage == "topk" and s.n_features == s.total_active
-            if stream_influence:
-                store.stream_influence(s.targets.logit_probabilities.to(device=s.device, dtype=torch.float32))
-            writer = _RowWriter(run, s, store)
-            _logit_rows(run, s, writer, batch_size)
-            visited = _feature_rows(run, s, writer, store, batch_size=batch_size, update_interval=update_interval,
-                                    verbose=verbose, stream_influence=stream_influence)  # fmt: skip
-            selected, adjacency, row_abs_sum = _assemble(run, s, writer, store, visited, keep_on_device)
-            node_influence = store.influence.float().to(adjacency.device) if stream_influence else None
-            del store, writer
-
-        graph = Graph(**ct.graph_kwargs(
-            Graph, ct.model_scan(model),
-            input_string=model.tokenizer.decode(s.input_ids),
-            input_tokens=s.input_ids,
-            logit_targets=s.targets.logit_targets,
-            logit_probabilities=s.targets.logit_probabilities,
-            vocab_size=s.targets.vocab_size,
-            active_features=s.ctx.activation_matrix.indices().T,
-            activation_values=s.ctx.activation_matrix.values(),
-            selected_features=selected,
-            adjacency_matrix=adjacency.detach(),
-            cfg=ct.graph_cfg(model),
-        ))  # fmt: skip
+            rows = _all_rows(run, s, batch_size=batch_size, update_interval=update_interval, verbose=verbose,
+                             edge_storage=edge_storage, topk=topk, keep_on_device=keep_on_device)  # fmt: skip
+        graph = _graph(model, s, rows)
         if edge_storage == "topk":
             # Pruning a top-k graph needs its exact row sums; recorded so that they also survive
             # circuit-tracer's Graph.to_pt / from_pt.
-            pruning.record_topk(graph, row_abs_sum, node_influence)
+            pruning.record_topk(graph, rows.row_abs_sum, rows.node_influence)
     finally:
         for reload in run.offload_handles:
             reload()
@@ -444,7 +476,8 @@ def _report(run: _Run, s: _Setup, total: float, edge_storage: str) -> None:
     peak_bytes = torch.cuda.max_memory_allocated(s.device) if s.device.type == "cuda" else None
     _LAST_RUN.clear()
     _LAST_RUN.update(timings, total=total, engine=s.rows.name, engine_time=engine_time, loop_outside_engine=outside,
-                     influence_updates=n_updates, peak_device_bytes=peak_bytes, edge_storage=edge_storage)  # fmt: skip
+                     influence_updates=n_updates, peak_device_bytes=peak_bytes, edge_storage=edge_storage,
+                     deterministic=run.deterministic)  # fmt: skip
     detail = "" if outside is None else f"; engine {engine_time:.2f}s, {100 * outside:.1f}% of the loop outside it"
     peak = "" if peak_bytes is None else f", peak device memory {peak_bytes / 2**20:.0f} MiB"
     level = logging.INFO if run.verbose else logging.DEBUG
