@@ -69,14 +69,15 @@ def test_automatic_choice_skips_a_backend_without_the_dtype(monkeypatch):
     monkeypatch.setattr(_backends, "backend_status", lambda: status)
     monkeypatch.setattr(_backends, "triton_interpret", lambda: False)
     cuda = torch.device("cuda")
-    assert _backends.select("contract", cuda, None, contraction._IMPLS, dtype=torch.float32)[0] == "triton"
-    assert _backends.select("contract", cuda, None, contraction._IMPLS, dtype=torch.float64)[0] == "torch"
+    op = contraction.OP
+    assert op.select(cuda, None, dtype=torch.float32).backend == "triton"
+    assert op.select(cuda, None, dtype=torch.float64).backend == "torch"
     with pytest.raises(BackendDtypeError, match=r"grads: the triton backend expects dtype float32 or float16 or "
                                                 r"bfloat16, got float64 \(contract, backend from backend=; backends "
                                                 r"that take float64: cuda, cpu, torch\)"):
-        _backends.select("contract", cuda, "triton", contraction._IMPLS, dtype=torch.float64, dtype_arg="grads")
+        op.select(cuda, "triton", dtype=torch.float64, arg="grads")
     with fastattr.use_backend("triton"), pytest.raises(BackendDtypeError, match="from use_backend"):
-        _backends.select("contract", cuda, None, contraction._IMPLS, dtype=torch.float64, dtype_arg="grads")
+        op.select(cuda, None, dtype=torch.float64, arg="grads")
     # Also the TypeError every other wrong dtype raises, and a BackendUnavailableError.
     assert issubclass(BackendDtypeError, TypeError) and issubclass(BackendDtypeError, fastattr.BackendUnavailableError)
 
