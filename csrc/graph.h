@@ -87,13 +87,13 @@ struct InfluenceArgs {
   const float* w;  // (n,) weights of the first term, w @ A
   float* out;      // (n,) sum_{k>=1} w A^k
   bool normalize;
-  float eps;
+  float eps;  // the row-sum floor, the caller's (circuit-tracer's normalize_matrix uses 1e-10)
   const std::uint8_t* node_mask;
   std::int64_t max_iter;
   // Topological waves: rows in `order` grouped by `wave_ptr`. With reuse_order the given waves
   // (from an earlier call on a supergraph) are used; otherwise they are computed and, when the
   // pointers are non-null, stored. n_waves < 0 on return means the matrix has a cycle and the
-  // power iteration was used instead.
+  // power series was used instead.
   std::int32_t* order;     // (n,)
   std::int32_t* wave_ptr;  // (n + 1,)
   bool reuse_order;
@@ -110,7 +110,7 @@ struct InfluenceArgs {
 
 struct InfluenceResult {
   int status = kInfluenceOk;
-  std::int64_t n_waves = 0;   // -1: power iteration was used
+  std::int64_t n_waves = 0;   // -1: the power series was used
   std::int64_t depth = 0;     // longest path from a weighted node (the iterations circuit-tracer runs)
   double edge_sum = 0.0;      // sum of all edge scores (edge-score mode)
   std::int64_t edge_nnz = 0;  // number of non-zero edge scores
@@ -119,7 +119,9 @@ struct InfluenceResult {
 
 InfluenceResult influence_dense_cpu(const InfluenceArgs& args);
 
-// compute_partial_influences: rows of E are the nodes row_to_node[r]; columns are all nodes.
+// compute_partial_influences: rows of E are the nodes row_to_node[r]; columns are all nodes; row r
+// is normalised by max(fl32(sum_j |E_rj|), eps). `eps` is the caller's (circuit-tracer's floor for
+// this function, which differs from normalize_matrix's: see fastattr/influence.py).
 int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                           const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
                           float* out, std::int64_t max_iter, float eps);

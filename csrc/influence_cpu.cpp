@@ -1,4 +1,4 @@
-// Influence on the CPU: sum_{k>=1} w A^k over a DAG in ONE pass over A, plus the power iteration
+// Influence on the CPU: sum_{k>=1} w A^k over a DAG in ONE pass over A, plus the power series
 // for matrices that are not DAGs and for compute_partial_influences.
 //
 // circuit-tracer iterates x <- x @ A until x is exactly zero, which reads the whole N x N matrix once
@@ -17,8 +17,15 @@
 //   among threads (each with its own accumulator, reduced at the wave end) when they are large.
 // The raise-on-non-convergence semantics are kept by tracking the longest path from a weighted
 // node: circuit-tracer's loop runs exactly that many steps before the vector becomes zero, so it
-// raises iff that length exceeds max_iter. A matrix with a cycle falls back to the power iteration,
+// raises iff that length exceeds max_iter. A matrix with a cycle falls back to the power series,
 // which reproduces circuit-tracer's loop (including convergence by float32 underflow).
+//
+// Every sum here is fixed-order, so results are bitwise identical from run to run (for a given
+// FASTATTR_NUM_THREADS / OpenMP thread count): a wave's rows are split among threads by index
+// (static partition, not by timing), each thread accumulates its rows in order, and the
+// accumulators are reduced column by column in thread order; the power series gives each column
+// block to one thread, which adds the rows in order whatever the schedule; row sums are one
+// thread's loop per row. No float sum depends on which thread finishes first.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -119,6 +126,9 @@ struct Sweep {
 
   bool prepare();
   bool row(std::int64_t i, double* acc, std::int32_t* dec, std::int32_t* len_out, Scratch& s);
+  bool wave_serial(const std::vector<std::int32_t>& wave, Scratch& s, std::vector<std::int32_t>& next);
+  bool wave_parallel(const std::vector<std::int32_t>& wave, int T, std::vector<Scratch>& scratch,
+                     std::vector<std::int32_t>& next);
   bool run_waves(InfluenceResult& res);
   int run_reverse(InfluenceResult& res);
   void edge_stats_from(const std::vector<Scratch>& scratch, InfluenceResult& res) const;
@@ -290,6 +300,76 @@ void Sweep::edge_stats_from(const std::vector<Scratch>& scratch, InfluenceResult
   res.edge_min = res.edge_nnz > 0 ? mn : 0.0f;
 }
 
+// A small wave, straight into the shared arrays (rows of one wave never read each other). Returns
+// false on a non-finite row; the nodes whose last reader was in the wave go to `next`, sorted.
+bool Sweep::wave_serial(const std::vector<std::int32_t>& wave, Scratch& s, std::vector<std::int32_t>& next) {
+  std::vector<std::int32_t>& dec_tmp = s.dec;
+  if (counting && dec_tmp.size() != (size_t)n) dec_tmp.assign(n, 0);
+  for (const std::int32_t i : wave) {
+    if (!row(i, infl.data(), counting ? dec_tmp.data() : nullptr, len.data(), s)) return false;
+    if (!counting || !row_kept(i)) continue;
+    graphk::for_blocks(row_bits(i), n, [&](std::int64_t j0, std::int64_t j1) {
+      for (std::int64_t j = j0; j < j1; ++j) {
+        if (dec_tmp[j] == 0) continue;
+        count[j] -= dec_tmp[j];
+        dec_tmp[j] = 0;
+        if (count[j] == 0) next.push_back((std::int32_t)j);
+      }
+    });
+  }
+  std::sort(next.begin(), next.end());
+  return true;
+}
+
+// A large wave on T threads: thread t sweeps rows [R t / T, R (t + 1) / T) of the wave into its own
+// accumulators, then each thread reduces a range of columns over the T accumulators in thread
+// order, so the sums do not depend on timing.
+bool Sweep::wave_parallel(const std::vector<std::int32_t>& wave, int T, std::vector<Scratch>& scratch,
+                          std::vector<std::int32_t>& next) {
+  const std::int64_t R = (std::int64_t)wave.size();
+  std::vector<std::vector<std::int32_t>> found(T);
+  bool bad = false;
+#pragma omp parallel num_threads(T) reduction(|| : bad)
+  {
+    const int t = thread_id();
+    Scratch& s = scratch[t];
+    if (s.acc.size() != (size_t)n) s.acc.assign(n, 0.0);
+    if (s.len.size() != (size_t)n) s.len.assign(n, -1);
+    if (counting && s.dec.size() != (size_t)n) s.dec.assign(n, 0);
+    const std::int64_t lo = R * t / T, hi = R * (t + 1) / T;
+    for (std::int64_t q = lo; q < hi && !bad; ++q) {
+      if (!row(wave[q], s.acc.data(), counting ? s.dec.data() : nullptr, s.len.data(), s)) bad = true;
+    }
+#pragma omp barrier
+    const std::int64_t c0 = n * t / T, c1 = n * (t + 1) / T;
+    std::vector<std::int32_t>& mine = found[t];
+    for (std::int64_t j = c0; j < c1; ++j) {
+      double a = 0.0;
+      std::int32_t d = 0, l = len[j];
+      for (int u = 0; u < T; ++u) {
+        Scratch& o = scratch[u];
+        a += o.acc[j];
+        o.acc[j] = 0.0;
+        l = std::max(l, o.len[j]);
+        o.len[j] = -1;
+        if (counting) {
+          d += o.dec[j];
+          o.dec[j] = 0;
+        }
+      }
+      infl[j] += a;
+      len[j] = l;
+      if (d != 0) {
+        count[j] -= d;
+        if (count[j] == 0) mine.push_back((std::int32_t)j);
+      }
+    }
+  }
+  if (bad) return false;
+  for (int t = 0; t < T; ++t) next.insert(next.end(), found[t].begin(), found[t].end());
+  return true;
+}
+
 bool Sweep::run_waves(InfluenceResult& res) {
   const int T = graphk::threads_for(n * n);
   std::vector<Scratch> scratch(T);
@@ -311,73 +391,11 @@ bool Sweep::run_waves(InfluenceResult& res) {
     processed += (std::int64_t)wave.size();
     ++n_waves;
     next.clear();
-
     const std::int64_t R = (std::int64_t)wave.size();
     // Threads only pay off on large waves: every parallel region ends in a barrier, and waiting
     // threads spin, which costs the working ones on a loaded machine.
     const bool parallel = T > 1 && R >= 4 * T && R * n >= ((std::int64_t)1 << 22);  // T > 1 only for big graphs
-    if (!parallel) {
-      // Small wave: straight into the shared arrays (rows of one wave never read each other).
-      std::vector<std::int32_t>& dec_tmp = scratch[0].dec;
-      for (std::int64_t q = 0; q < R; ++q) {
-        const std::int64_t i = wave[q];
-        if (counting && dec_tmp.size() != (size_t)n) dec_tmp.assign(n, 0);
-        if (!row(i, infl.data(), counting ? dec_tmp.data() : nullptr, len.data(), scratch[0])) return false;
-        if (counting && row_kept(i)) {
-          graphk::for_blocks(row_bits(i), n, [&](std::int64_t j0, std::int64_t j1) {
-            for (std::int64_t j = j0; j < j1; ++j) {
-              if (dec_tmp[j] == 0) continue;
-              count[j] -= dec_tmp[j];
-              dec_tmp[j] = 0;
-              if (count[j] == 0) next.push_back((std::int32_t)j);
-            }
-          });
-        }
-      }
-      std::sort(next.begin(), next.end());
-    } else {
-      std::vector<std::vector<std::int32_t>> found(T);
-      bool bad = false;
-#pragma omp parallel num_threads(T) reduction(|| : bad)
-      {
-        const int t = thread_id();
-        Scratch& s = scratch[t];
-        if (s.acc.size() != (size_t)n) s.acc.assign(n, 0.0);
-        if (s.len.size() != (size_t)n) s.len.assign(n, -1);
-        if (counting && s.dec.size() != (size_t)n) s.dec.assign(n, 0);
-        const std::int64_t lo = R * t / T, hi = R * (t + 1) / T;
-        for (std::int64_t q = lo; q < hi && !bad; ++q) {
-          if (!row(wave[q], s.acc.data(), counting ? s.dec.data() : nullptr, s.len.data(), s)) bad = true;
-        }
-#pragma omp barrier
-        // Reduce the private accumulators column-wise, in thread order (deterministic sums).
-        const std::int64_t c0 = n * t / T, c1 = n * (t + 1) / T;
-        std::vector<std::int32_t>& mine = found[t];
-        for (std::int64_t j = c0; j < c1; ++j) {
-          double a = 0.0;
-          std::int32_t d = 0, l = len[j];
-          for (int u = 0; u < T; ++u) {
-            Scratch& o = scratch[u];
-            a += o.acc[j];
-            o.acc[j] = 0.0;
-            l = std::max(l, o.len[j]);
-            o.len[j] = -1;
-            if (counting) {
-              d += o.dec[j];
-              o.dec[j] = 0;
-            }
-          }
-          infl[j] += a;
-          len[j] = l;
-          if (d != 0) {
-            count[j] -= d;
-            if (count[j] == 0) mine.push_back((std::int32_t)j);
-          }
-        }
-      }
-      if (bad) return false;
-      for (int t = 0; t < T; ++t) next.insert(next.end(), found[t].begin(), found[t].end());
-    }
+    if (!(parallel ? wave_parallel(wave, T, scratch, next) : wave_serial(wave, scratch[0], next))) return false;
 
     if (counting) {
       wave.swap(next);
@@ -420,46 +438,52 @@ void weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols, const
 }
 
 // ------------------------------------------------------------------------------------------------
-// The power iteration: circuit-tracer's loop, with |A| / rowsum applied on the fly.
+// The one power series of both entry points where the one-pass sweep does not apply (a matrix with
+// a cycle; the rectangular rows of compute_partial_influences): circuit-tracer's loop
+//   x_1 = M(x_0), x_{k+1} = M(x_k), total = sum_k x_k, stopping at the first x_k exactly zero,
+// where M(x)_j = sum_r x[node(r)] / scale_r * entry(row r, j), each term rounded to float32 as
+// circuit-tracer's float32 matvec rounds it.
 // ------------------------------------------------------------------------------------------------
-template <bool Abs, bool Masked>
-int power_iteration(const InfluenceArgs& args, const std::vector<float>& colmask, const std::vector<double>& rowsum,
-                    std::vector<double>& total, std::int64_t& steps) {
-  const std::int64_t n = args.n;
-  const float* cm = Masked ? colmask.data() : nullptr;
-  std::vector<float> scale(n, 1.0f);
-  if (Abs) {
-    for (std::int64_t i = 0; i < n; ++i) scale[i] = std::max((float)rowsum[i], args.eps);
-  }
-  auto kept = [&](std::int64_t i) { return args.node_mask == nullptr || args.node_mask[i] != 0; };
-  std::vector<float> term(args.w, args.w + n), next(n);
-  std::vector<double> coef(n);
+struct Series {
+  const float* a;
+  std::int64_t rows, cols, lda;
+  const std::int64_t* row_to_node;  // null: row r is node r (a square matrix)
+  const float* scale;               // (rows,) divisor of each row's coefficient
+  const std::uint8_t* row_kept;     // null: every row; else rows where it is 0 contribute nothing
+  std::int64_t max_terms;           // kInfluenceNoConvergence when term max_terms is still non-zero
+};
+
+// `term` holds x_0 on entry; `total` receives the sum and `terms` the index of the zero term.
+template <class Entry>
+int power_series(const Series& s, Entry entry, std::vector<float>& term, std::vector<double>& total,
+                 std::int64_t& terms) {
+  std::vector<float> next(s.cols);
+  std::vector<double> coef(s.rows);
   std::vector<std::int64_t> active;
-  auto matvec = [&]() {
+  total.assign(s.cols, 0.0);
+  for (terms = 1; terms <= s.max_terms; ++terms) {
     active.clear();
-    for (std::int64_t i = 0; i < n; ++i) {
-      coef[i] = kept(i) ? (double)term[i] / (double)scale[i] : 0.0;
-      if (coef[i] != 0.0) active.push_back(i);
+    for (std::int64_t r = 0; r < s.rows; ++r) {
+      const bool kept = s.row_kept == nullptr || s.row_kept[r] != 0;
+      const float x = term[s.row_to_node != nullptr ? s.row_to_node[r] : r];
+      coef[r] = kept ? (double)x / (double)s.scale[r] : 0.0;
+      if (coef[r] != 0.0) active.push_back(r);
     }
-    weighted_row_sum(args.a, args.lda, n, active, coef, next.data(),
-                     [cm](const float* r, std::int64_t j) { return graphk::entry<Abs, Masked>(r, cm, j); });
+    weighted_row_sum(s.a, s.lda, s.cols, active, coef, next.data(), entry);
     term.swap(next);
-  };
-  auto any = [&]() {
-    for (float v : term)
-      if (v != 0.0f) return true;
-    return false;
-  };
-  matvec();
-  for (std::int64_t j = 0; j < n; ++j) total[j] = term[j];
-  steps = 0;
-  while (any()) {
-    if (steps >= args.max_iter) return kInfluenceNoConvergence;
-    matvec();
-    for (std::int64_t j = 0; j < n; ++j) total[j] += term[j];
-    ++steps;
+    if (std::none_of(term.begin(), term.end(), [](float v) { return v != 0.0f; })) return kInfluenceOk;
+    for (std::int64_t j = 0; j < s.cols; ++j) total[j] += term[j];
   }
-  return kInfluenceOk;
+  return kInfluenceNoConvergence;
+}
+
+// The dense matrix's series (|A| / rowsum when normalising, the node mask on rows and columns).
+template <bool Abs, bool Masked>
+int dense_series(const Series& s, const float* colmask, std::vector<float>& term, std::vector<double>& total,
+                 std::int64_t& terms) {
+  return power_series(
+      s, [colmask](const float* r, std::int64_t j) { return graphk::entry<Abs, Masked>(r, colmask, j); }, term,
+      total, terms);
 }
 
 // Edge scores of the pruned matrix when the power iteration was used (no fused sweep).
@@ -511,6 +535,41 @@ void edge_stats_pass(const InfluenceArgs& args, const std::vector<float>& colmas
   res.edge_min = res.edge_nnz > 0 ? mn : 0.0f;
 }
 
+// A cycle: the power series decides, as in circuit-tracer (raise, or underflow to zero); then the
+// per-row scales and factors, and the edge-score statistics, from its result.
+InfluenceResult series_fallback(const InfluenceArgs& args, const Sweep& sw, InfluenceResult& res) {
+  const std::int64_t n = args.n;
+  const bool abs = args.normalize, masked = sw.masked;
+  std::vector<float> scale(n), factor(n);
+  for (std::int64_t i = 0; i < n; ++i) scale[i] = abs ? std::max((float)sw.rowsum[i], args.eps) : 1.0f;
+  // circuit-tracer's max_iter counts the steps after the first term.
+  const std::int64_t max_terms = args.max_iter < INT64_MAX ? args.max_iter + 1 : args.max_iter;
+  const Series s{args.a, n, n, args.lda, nullptr, scale.data(), args.node_mask, max_terms};
+  std::vector<float> term(args.w, args.w + n);
+  std::vector<double> total;
+  std::int64_t terms = 0;
+  const float* cm = sw.cm();
+  res.status = abs ? (masked ? dense_series<true, true>(s, cm, term, total, terms)
+                             : dense_series<true, false>(s, cm, term, total, terms))
+                   : (masked ? dense_series<false, true>(s, cm, term, total, terms)
+                             : dense_series<false, false>(s, cm, term, total, terms));
+  res.depth = res.status == kInfluenceOk ? terms - 1 : args.max_iter;
+  for (std::int64_t j = 0; j < n; ++j) args.out[j] = (float)total[j];
+  if (res.status != kInfluenceOk) return res;
+  for (std::int64_t i = 0; i < n; ++i) {
+    factor[i] = (float)(args.out[i] + args.w[i]);
+    if (args.row_scale != nullptr) args.row_scale[i] = scale[i];
+    if (args.row_factor != nullptr) args.row_factor[i] = factor[i];
+  }
+  if (args.edge_hist != nullptr) {
+    InfluenceArgs a2 = args;
+    a2.row_scale = scale.data();
+    a2.row_factor = factor.data();
+    edge_stats_pass(a2, sw.colmask, res);
+  }
+  return res;
+}
+
 }  // namespace
 
 InfluenceResult influence_dense_cpu(const InfluenceArgs& args) {
@@ -556,31 +615,7 @@ InfluenceResult influence_dense_cpu(const InfluenceArgs& args) {
     return res;
   }
 
-  // A cycle: the power iteration decides, as in circuit-tracer (raise, or underflow to zero).
-  std::vector<double> total(n, 0.0);
-  std::int64_t steps = 0;
-  const bool abs = args.normalize, masked = sw.masked;
-  res.status = abs ? (masked ? power_iteration<true, true>(args, sw.colmask, sw.rowsum, total, steps)
-                             : power_iteration<true, false>(args, sw.colmask, sw.rowsum, total, steps))
-                   : (masked ? power_iteration<false, true>(args, sw.colmask, sw.rowsum, total, steps)
-                             : power_iteration<false, false>(args, sw.colmask, sw.rowsum, total, steps));
-  res.depth = steps;
-  for (std::int64_t j = 0; j < n; ++j) args.out[j] = (float)total[j];
-  if (res.status != kInfluenceOk) return res;
-  std::vector<float> scale(n), factor(n);
-  for (std::int64_t i = 0; i < n; ++i) {
-    scale[i] = abs ? std::max((float)sw.rowsum[i], args.eps) : 1.0f;
-    factor[i] = (float)(args.out[i] + args.w[i]);
-    if (args.row_scale != nullptr) args.row_scale[i] = scale[i];
-    if (args.row_factor != nullptr) args.row_factor[i] = factor[i];
-  }
-  if (args.edge_hist != nullptr) {
-    InfluenceArgs a2 = args;
-    a2.row_scale = scale.data();
-    a2.row_factor = factor.data();
-    edge_stats_pass(a2, sw.colmask, res);
-  }
-  return res;
+  return series_fallback(args, sw, res);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -602,32 +637,16 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
     scale[r] = std::max((float)s, eps);
   }
   if (bad) return kInfluenceNonFinite;
-  std::vector<float> prod(cols, 0.0f), next(cols);
-  for (std::int64_t q = 0; q < n_logits; ++q) prod[cols - n_logits + q] = logit_p[q];
-  std::vector<double> infl(cols, 0.0), coef(rows);
-  std::vector<std::int64_t> active;
-  for (std::int64_t it = 0; it < max_iter; ++it) {
-    active.clear();
-    for (std::int64_t r = 0; r < rows; ++r) {
-      coef[r] = (double)prod[row_to_node[r]] / (double)scale[r];
-      if (coef[r] != 0.0) active.push_back(r);
-    }
-    weighted_row_sum(e, lde, cols, active, coef, next.data(),
-                     [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
-    prod.swap(next);
-    bool any = false;
-    for (float v : prod)
-      if (v != 0.0f) {
-        any = true;
-        break;
-      }
-    if (!any) {
-      for (std::int64_t j = 0; j < cols; ++j) out[j] = (float)infl[j];
-      return kInfluenceOk;
-    }
-    for (std::int64_t j = 0; j < cols; ++j) infl[j] += prod[j];
-  }
-  return kInfluenceNoConvergence;
+  std::vector<float> term(cols, 0.0f);
+  for (std::int64_t q = 0; q < n_logits; ++q) term[cols - n_logits + q] = logit_p[q];
+  const Series s{e, rows, cols, lde, row_to_node, scale.data(), nullptr, max_iter};
+  std::vector<double> total;
+  std::int64_t terms = 0;
+  const int status =
+      power_series(s, [](const float* row, std::int64_t j) { return std::fabs(row[j]); }, term, total, terms);
+  if (status == kInfluenceOk)
+    for (std::int64_t j = 0; j < cols; ++j) out[j] = (float)total[j];
+  return status;
 }
 
 }  // namespace fastattr

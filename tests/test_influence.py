@@ -178,18 +178,24 @@ def test_argument_errors_name_the_argument():
         fastattr.compute_influence([[0.0]], torch.rand(1))
     with pytest.raises(ValueError, match="max_iter: expected a non-negative int, got -1"):
         fastattr.compute_influence(A, torch.rand(4), max_iter=-1)
-    ext = _ext.ext
     out = torch.empty(4)
     w = torch.rand(4)
+
+    def call(**changes):
+        kw = dict(a=A.data_ptr(), a_dtype=0, n=4, lda=4, w=w.data_ptr(), out=out.data_ptr(), normalize=True,
+                  eps=1e-10, node_mask=0, max_iter=10, order=0, wave_ptr=0, reuse_order=False, n_waves=0,
+                  row_scale=0, row_factor=0, hist_count=0, hist_sum=0, row_blocks=0)  # fmt: skip
+        return _ext.ext.influence_dense_cpu(**{**kw, **changes})
+
     with pytest.raises(ValueError, match="eps: expected a positive finite value"):
-        ext.influence_dense_cpu(A.data_ptr(), 0, 4, 4, w.data_ptr(), out.data_ptr(), True, -1.0, 0, 10,
-                                0, 0, False, 0, 0, 0, 0, 0, 0)
+        call(eps=-1.0)
     with pytest.raises(ValueError, match="A: expected a row stride >= 4, got 3"):
-        ext.influence_dense_cpu(A.data_ptr(), 0, 4, 3, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 10,
-                                0, 0, False, 0, 0, 0, 0, 0, 0)
+        call(lda=3)
     with pytest.raises(ValueError, match="A: expected dtype float32, got bfloat16"):
-        ext.influence_dense_cpu(A.data_ptr(), 2, 4, 4, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 10,
-                                0, 0, False, 0, 0, 0, 0, 0, 0)
+        call(a_dtype=2)
+    with pytest.raises(TypeError, match="incompatible function arguments"):  # keyword-only
+        _ext.ext.influence_dense_cpu(A.data_ptr(), 0, 4, 4, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 10,
+                                     0, 0, False, 0, 0, 0, 0, 0, 0)  # fmt: skip
 
 
 def test_compiled_kernel_overwrites_poisoned_outputs():
@@ -201,8 +207,9 @@ def test_compiled_kernel_overwrites_poisoned_outputs():
     wave_ptr = torch.full((n + 1,), -7, dtype=torch.int32)
     blocks = torch.full((n, -(-n // 4096)), -1, dtype=torch.int64)
     status, n_waves, depth, *_ = _ext.ext.influence_dense_cpu(
-        A.data_ptr(), 0, n, n, w.data_ptr(), out.data_ptr(), True, 1e-10, 0, 1000,
-        order.data_ptr(), wave_ptr.data_ptr(), False, 0, 0, 0, 0, 0, blocks.data_ptr(),
+        a=A.data_ptr(), a_dtype=0, n=n, lda=n, w=w.data_ptr(), out=out.data_ptr(), normalize=True, eps=1e-10,
+        node_mask=0, max_iter=1000, order=order.data_ptr(), wave_ptr=wave_ptr.data_ptr(), reuse_order=False,
+        n_waves=0, row_scale=0, row_factor=0, hist_count=0, hist_sum=0, row_blocks=blocks.data_ptr(),
     )
     assert status == 0 and n_waves > 0 and depth > 0
     assert bool(torch.isfinite(out).all())

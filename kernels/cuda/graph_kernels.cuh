@@ -15,9 +15,15 @@ void row_abs_sum_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64
                       double* out, std::uintptr_t stream);
 
 // out[j] = sum_i y_i * a'_ij with a' = |a| (absolute) or a, zero in masked columns; rows with
-// y_i == 0 are skipped. `out` (m doubles) is overwritten.
+// y_i == 0 are skipped. `out` (m doubles) is overwritten. With `partials` null, row blocks meet in
+// double atomics; otherwise `partials` is an (n_partials, m) double scratch: n_partials row chunks
+// write their column sums there and they are added in chunk order, so the result is bitwise
+// reproducible. matvec_partials_cuda(n, m) is the number of chunks to allocate for.
+constexpr std::int64_t kMatvecMaxPartials = 65535;  // gridDim.y
+std::int64_t matvec_partials_cuda(std::int64_t n, std::int64_t m);
 void matvec_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64_t lda, const double* y,
-                 const std::uint8_t* mask, bool absolute, double* out, std::uintptr_t stream);
+                 const std::uint8_t* mask, bool absolute, double* partials, std::int64_t n_partials, double* out,
+                 std::uintptr_t stream);
 
 // Radix-select histograms. `count` / `sums` hold 1 << bits buckets and are overwritten. `stats` is
 // 4 int64: [non-zero count, bit pattern of the smallest non-zero value, any negative, any non-finite]

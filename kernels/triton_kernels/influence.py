@@ -1,9 +1,11 @@
-"""Triton kernels of the influence power iteration: |A| row sums and the fused |A|-matvec.
+"""Triton kernels of the influence power series: |A| row sums and the fused |A|-matvec.
 
 ``matvec`` computes out_j = sum_i y_i * |A_ij| (or A_ij) over 2-D tiles, with y already carrying
 1 / rowsum_i and the node mask, so the row-normalised matrix is never built. Tiles whose y rows are
-all zero (not yet reached, or pruned) are skipped. Accumulation is in float64, and the row chunks
-of one column block meet in float64 atomics.
+all zero (not yet reached, or pruned) are skipped. Accumulation is in float64. The row chunks of
+one column block meet in float64 atomics, whose order (and so the last bits of the sum) varies
+from run to run; ``deterministic=True`` writes each chunk's column sums to a scratch block instead
+and adds them in chunk order in a second kernel (``sum_partials``), bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _row_abs_sum_kernel(a_ptr, mask_ptr, out_ptr, m, lda, HAS_MASK: tl.constexpr
 @triton.jit
 def _matvec_kernel(
     a_ptr, y_ptr, mask_ptr, out_ptr, n, m, lda, rows_per_prog,
-    HAS_MASK: tl.constexpr, ABSOLUTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, ABSOLUTE: tl.constexpr, PARTIALS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -57,7 +60,23 @@ def _matvec_kernel(
             if ABSOLUTE:
                 tile = tl.abs(tile)
             acc += tl.sum(tile.to(tl.float64) * y[:, None], axis=0)
-    tl.atomic_add(out_ptr + cols, acc, mask=col_ok)
+    if PARTIALS:
+        # Row pid_r of the (row chunks, m) scratch, every column (0 where masked).
+        tl.store(out_ptr + pid_r.to(tl.int64) * m + cols, acc, mask=cols < m)
+    else:
+        tl.atomic_add(out_ptr + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, n_parts, m, BLOCK_N: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < m
+    ptrs = part_ptr + cols
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for _ in range(0, n_parts):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += m
+    tl.store(out_ptr + cols, acc, mask=ok)
 
 
 def row_abs_sum(A: torch.Tensor, mask_u8: torch.Tensor | None) -> torch.Tensor:
@@ -74,20 +93,40 @@ def row_abs_sum(A: torch.Tensor, mask_u8: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def matvec(A: torch.Tensor, y: torch.Tensor, mask_u8: torch.Tensor | None, absolute: bool) -> torch.Tensor:
-    """out_j = sum_i y_i * |A_ij| (or A_ij), masked columns zero; each term rounded to float32."""
+def matvec(
+    A: torch.Tensor, y: torch.Tensor, mask_u8: torch.Tensor | None, absolute: bool, *, deterministic: bool = False
+) -> torch.Tensor:
+    """out_j = sum_i y_i * |A_ij| (or A_ij), masked columns zero; each term rounded to float32.
+    ``deterministic``: the row chunks are added in a fixed order (see the module docstring)."""
     n, m = A.shape
-    out = torch.zeros(m, dtype=torch.float64, device=A.device)
     if n == 0 or m == 0:
-        return out.float()
+        return torch.zeros(m, dtype=torch.float32, device=A.device)
     y = y.to(torch.float64).contiguous()
     block_n = min(256, triton.next_power_of_2(max(m, 16)))
     block_r = 32
+    # About 4096 programs; the deterministic scratch then holds at most ~4096 * block_n doubles.
     rows_per_prog = max(block_r, triton.cdiv(n, max(1, 4096 // triton.cdiv(m, block_n))))
     rows_per_prog = triton.cdiv(rows_per_prog, block_r) * block_r
     grid = (triton.cdiv(m, block_n), triton.cdiv(n, rows_per_prog))
+    if deterministic:
+        target = torch.empty((grid[1], m), dtype=torch.float64, device=A.device)
+    else:
+        target = torch.zeros(m, dtype=torch.float64, device=A.device)
     _matvec_kernel[grid](
-        A, y, mask_u8 if mask_u8 is not None else A, out, n, m, A.stride(0), rows_per_prog,
-        HAS_MASK=mask_u8 is not None, ABSOLUTE=bool(absolute), BLOCK_R=block_r, BLOCK_N=block_n,
+        A, y, mask_u8 if mask_u8 is not None else A, target, n, m, A.stride(0), rows_per_prog,
+        HAS_MASK=mask_u8 is not None, ABSOLUTE=bool(absolute), PARTIALS=bool(deterministic),
+        BLOCK_R=block_r, BLOCK_N=block_n,
     )
+    out = sum_partials(target) if deterministic else target
     return out.float()
+
+
+def sum_partials(parts: torch.Tensor) -> torch.Tensor:
+    """out_j = sum_p parts[p, j], added in the order p = 0, 1, ... (float64, (m,))."""
+    n_parts, m = parts.shape
+    out = torch.empty(m, dtype=torch.float64, device=parts.device)
+    if m == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(max(m, 16)))
+    _sum_partials_kernel[(triton.cdiv(m, block),)](parts, out, n_parts, m, BLOCK_N=block)
+    return out

@@ -17,13 +17,11 @@ from typing import Protocol
 
 import torch
 
+from fastattr import _backends
 from fastattr import influence as _influence
 
 # Incoming edges kept per row by edge_storage="topk" unless topk= says otherwise (see docs/attribute.md).
 DEFAULT_TOPK = 1024
-# Rows are normalised during attribution as circuit-tracer's compute_partial_influences does it
-# (clamp 1e-8); its normalize_matrix, used when pruning, clamps at 1e-10 instead.
-ROW_SUM_FLOOR = _influence.PARTIAL_EPS
 
 
 class RowStore(Protocol):
@@ -36,8 +34,10 @@ class RowStore(Protocol):
     def select(self, features: torch.Tensor) -> None:
         """``features`` were queued for attribution."""
 
-    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor) -> torch.Tensor:
-        """circuit-tracer's compute_partial_influences over the first ``st`` rows."""
+    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, *,
+                           deterministic: bool | None = None) -> torch.Tensor:  # fmt: skip
+        """circuit-tracer's compute_partial_influences over the first ``st`` rows; ``deterministic``
+        as in :func:`fastattr.compute_partial_influences`."""
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``index`` restricted to ``columns`` (all if None), and their |weight| sums if kept."""
@@ -83,8 +83,9 @@ class DenseRows:
     def select(self, features: torch.Tensor) -> None:
         pass
 
-    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor) -> torch.Tensor:
-        return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node)
+    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, *,
+                           deterministic: bool | None = None) -> torch.Tensor:  # fmt: skip
+        return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node, deterministic=deterministic)
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if columns is None:
@@ -152,7 +153,7 @@ class TopKRows:
         # then features by descending layer, a row's node has received all its influence by the
         # time the row is written: add influence * Ahat_row to every column, and the totals are
         # exact when the last row is in, from the full dense rows, whatever k keeps.
-        norm = magnitude / magnitude.sum(1, keepdim=True).clamp(min=ROW_SUM_FLOOR)
+        norm = magnitude / magnitude.sum(1, keepdim=True).clamp(min=_influence.NORMALIZE_EPS)  # normalize_matrix's floor
         self.influence += rows_influence() @ norm.to(torch.float64)
 
     def target(self, st: int, n: int) -> torch.Tensor:
@@ -187,37 +188,37 @@ class TopKRows:
         self.values[r] = dense.gather(1, top.indices)
         if self._last_partial is not None and self.k < self.n_cols:
             dropped = magnitude.scatter_(1, top.indices, 0.0)  # magnitude is not used after this
-            weight = self._last_partial[nodes.to(dense.device)] / self.abs_sum[r].clamp(min=ROW_SUM_FLOOR)
+            weight = self._last_partial[nodes.to(dense.device)] / self.abs_sum[r].clamp(min=_influence.PARTIAL_EPS)
             self.dropped_flow += weight @ dropped
 
-    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, max_iter: int = 128) -> torch.Tensor:
+    def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, *,
+                           deterministic: bool | None = None, max_iter: int = 128) -> torch.Tensor:  # fmt: skip
         # circuit-tracer's compute_partial_influences (rows normalised by their full |weight| sums,
-        # clamp 1e-8, logits seeded in the last columns), on dense logit rows + stored feature entries.
+        # logits seeded in the last columns) over the dense logit rows and the stored feature
+        # entries; what the dropped entries carried enters as a source with the first term.
         nf = st - self.n_logits
-        logit_w = self.logit_rows.abs()
-        logit_w /= logit_w.sum(1, keepdim=True).clamp(min=ROW_SUM_FLOOR)
-        weights = self.values[:nf].abs() / self.abs_sum[:nf].clamp(min=ROW_SUM_FLOOR)[:, None]
-        cols = self.cols[:nf].reshape(-1)
-        feat_nodes = row_to_node[self.n_logits : st]
-        logit_nodes = row_to_node[: self.n_logits]
-        prod = torch.zeros(self.n_cols, device=weights.device)
-        prod[-len(logit_p) :] = logit_p
-        total = torch.zeros_like(prod)
-        for step in range(max_iter):
-            nxt = prod[logit_nodes] @ logit_w
-            nxt.index_add_(0, cols, (prod[feat_nodes][:, None] * weights).reshape(-1))
-            if step == 0:
-                # What the dropped entries carried (each row's influence when it was written times its
-                # dropped |weights|) enters as a source and flows on through the stored entries.
-                nxt += self.dropped_flow
-            prod = nxt
-            if not prod.any():
-                break
-            total += prod
-        else:
-            raise RuntimeError("Failed to converge")
+        row_abs_sum = torch.cat([self.logit_rows.abs().sum(1), self.abs_sum[:nf]])
+        total = _influence.partial_influence_series(
+            self._matvec(nf, _backends.deterministic(deterministic)), row_abs_sum, logit_p.to(self.scratch.device),
+            row_to_node[:st].to(self.scratch.device), self.n_cols, max_iter=max_iter, source=self.dropped_flow,
+        )
         self._last_partial = total
         return total
+
+    def _matvec(self, nf: int, deterministic: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """y (logit rows, then the first ``nf`` feature rows) -> sum_r y_r |row r|, float32. Products
+        are float32, as circuit-tracer's: an (nf, k) temporary per step of 4 bytes per stored edge."""
+        logit_abs = self.logit_rows.abs()
+        values_abs = self.values[:nf].abs()
+        cols = self.cols[:nf].reshape(-1)
+        nl = self.n_logits
+
+        def matvec(y: torch.Tensor) -> torch.Tensor:
+            y = y.float()
+            out = y[:nl] @ logit_abs
+            return _influence.scatter_add(out, cols, (y[nl:, None] * values_abs).reshape(-1), deterministic=deterministic)
+
+        return matvec
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``index`` restricted to ``columns``, dense, and their |weight| sums over those columns."""

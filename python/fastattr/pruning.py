@@ -36,9 +36,6 @@ import torch
 from fastattr import _backends, _checks, _device, _ext, reference, threshold
 from fastattr.influence import (
     NORMALIZE_EPS,
-    _cuda_kern,
-    _row_major,
-    _triton_kern,
     compute_node_influence,
     influence_cpu,
     influence_sparse,
@@ -163,7 +160,7 @@ def _recorded_edges(graph: Any) -> SparseEdges | None:
 
 def _prune_cpu(graph, node_threshold: float, edge_threshold: float) -> PruneResult:
     A, n_tokens, n_logits, n_features = _check_graph(graph)
-    A = _row_major(A, "graph.adjacency_matrix")
+    A = _checks.row_major(A, "graph.adjacency_matrix")
     n = A.shape[0]
     w = _logit_weights(n, graph.logit_probabilities, A.device)
 
@@ -197,18 +194,17 @@ def _prune_cpu(graph, node_threshold: float, edge_threshold: float) -> PruneResu
 
 def _prune_device(graph, node_threshold: float, edge_threshold: float, name: str) -> PruneResult:
     A, n_tokens, n_logits, n_features = _check_graph(graph)
-    A = _row_major(A, "graph.adjacency_matrix")
+    A = _checks.row_major(A, "graph.adjacency_matrix")
     n = A.shape[0]
     w = _logit_weights(n, graph.logit_probabilities, A.device)
-    kern = _cuda_kern() if name == "cuda" else _triton_kern()
     edges = _edge_kernels(name)
 
-    infl, _ = power_influence_device(A, w, kern, normalize=True, a_name="graph.adjacency_matrix")
+    infl, _ = power_influence_device(A, w, name, normalize=True, a_name="graph.adjacency_matrix")
     node_mask = infl >= threshold.find_threshold(infl, node_threshold, backend=name)
     node_mask[-n_logits - n_tokens :] = True
 
     mask_u8 = node_mask.to(torch.uint8)
-    infl2, scale = power_influence_device(A, w, kern, normalize=True, node_mask=node_mask,
+    infl2, scale = power_influence_device(A, w, name, normalize=True, node_mask=node_mask,
                                           a_name="graph.adjacency_matrix")
     factor = infl2 + w
     sel = threshold.radix_select(
