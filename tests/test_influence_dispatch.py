@@ -312,7 +312,8 @@ def _topk_store(E: torch.Tensor, n_logits: int, k: int, batch: int = 4):
 
 
 def _old_topk_loop(store, st, logit_p, row_to_node, max_iter=128):
-    """The store's series as it was written before it moved onto partial_influence_series."""
+    """An independent oracle for the store: circuit-tracer's loop over pre-normalised float32
+    weights (logit rows dense, feature rows as stored entries), accumulated in float32."""
     floor = influence.PARTIAL_EPS
     nf = st - store.n_logits
     logit_w = store.logit_rows.abs()
