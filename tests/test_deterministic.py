@@ -266,3 +266,32 @@ def test_attribute_rejects_a_bad_flag():
     model = tracer_model("transformerlens", "plt")
     with pytest.raises(TypeError, match="deterministic: expected True, False or None, got 1"):
         fastattr.attribute(tracer_prompt(5), model, deterministic=1)
+
+
+@pytest.mark.parametrize("engine", ["linear", "autograd"])
+def test_attribute_passes_the_flag_to_every_op_that_has_it(monkeypatch, engine):
+    """Every contraction and every partial-influence update of the run gets the resolved flag."""
+    from fastattr import edge_store
+
+    seen = {"contract": [], "partial_influences": []}
+    plan_call = ContractionPlan.__call__
+    partial = edge_store.DenseRows.partial_influences
+
+    def spy_plan(self, *args, **kwargs):
+        seen["contract"].append(kwargs.get("deterministic"))
+        return plan_call(self, *args, **kwargs)
+
+    def spy_partial(self, *args, **kwargs):
+        seen["partial_influences"].append(kwargs.get("deterministic"))
+        return partial(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContractionPlan, "__call__", spy_plan)
+    monkeypatch.setattr(edge_store.DenseRows, "partial_influences", spy_partial)
+    model = tracer_model("transformerlens", "clt")
+    for flag in (True, False):
+        for calls in seen.values():
+            calls.clear()
+        fastattr.attribute(tracer_prompt(8, seed=2), model, batch_size=8, max_feature_nodes=20, update_interval=1,
+                           engine=engine, deterministic=flag)  # fmt: skip
+        for op, calls in seen.items():
+            assert calls and set(calls) == {flag}, (op, calls)

@@ -301,7 +301,8 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
             # rows by descending layer; the order is otherwise free.
             pending = _by_position(torch.arange(s.total_active), feat_pos, feat_layers if stream_influence else None)
         else:
-            influences = store.partial_influences(writer.st, logit_p, writer.row_to_node[: writer.st])
+            influences = store.partial_influences(writer.st, logit_p, writer.row_to_node[: writer.st],
+                                                  deterministic=run.deterministic)  # fmt: skip
             n_updates += 1
             rank = torch.argsort(influences[: s.total_active], descending=True).cpu()
             queue_size = min(update_interval * batch_size, s.n_features - n_visited)
