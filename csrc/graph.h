@@ -16,12 +16,23 @@ namespace fastattr {
 // Non-negative floats order like their uint32 bit patterns, so a value-weighted histogram over the
 // high bits, then the middle, then the low bits finds the element at which the descending
 // cumulative sum crosses a threshold without sorting. The three digits are fixed for every backend
-// so that the CPU, CUDA and Triton paths bucket identically.
+// so that the CPU, CUDA and Triton paths bucket identically: they are defined here only, and
+// Python and Triton read them from fastattr._C (select_shift, select_bits).
 // ------------------------------------------------------------------------------------------------
 constexpr int kSelectLevels = 3;
 constexpr int kSelectShift[kSelectLevels] = {20, 9, 0};
 constexpr int kSelectBits[kSelectLevels] = {11, 11, 9};
-constexpr int kSelectMaxBuckets = 2048;
+constexpr int kSelectMaxBuckets = 1 << 11;
+static_assert(kSelectShift[0] + kSelectBits[0] == 31 && kSelectShift[1] + kSelectBits[1] == kSelectShift[0] &&
+                  kSelectShift[2] + kSelectBits[2] == kSelectShift[1] && kSelectShift[2] == 0,
+              "the digits must tile the 31 bits below the sign bit, highest first");
+static_assert(kSelectShift[0] <= 23,
+              "the level-0 digit must hold the whole exponent: a bucket's exact significand sum (the device "
+              "kernels' deterministic mode) is scaled by one power of two");
+
+// The device kernels' deterministic histograms add float32 significands (< 2^24) in int64: exact
+// for up to 2^39 values per call.
+constexpr std::int64_t kExactSumMaxValues = std::int64_t(1) << 39;
 
 // The crossing test circuit-tracer applies to each prefix C of the sorted scores:
 //   fl32(fl32(C) / S) >= fl32(t)
@@ -37,6 +48,24 @@ struct CrossingTest {
   bool late(double c) const;
   bool exact() const { return s_lo == s_hi && dc == 0.0; }
 };
+
+// The test of a select whose level-0 bucket sums are sum[0..nb): S = s_fixed when it is positive;
+// otherwise the buckets' total (summed in bucket order), rounded to float32 when rel_s == 0 and
+// widened to [total (1 - rel_s), total (1 + rel_s)] (one float32 step further out) when it is not.
+CrossingTest crossing_test(const double* sum, int nb, float t, double rel_s, double dc, float s_fixed);
+
+// The bucket of one level that holds the crossing, under both readings of the test.
+struct BucketPick {
+  int early = -1, late = -1;
+  double base_early = 0.0, base_late = 0.0;  // prefix sums before the picked buckets
+  std::int64_t count_late = 0;
+};
+
+// Walk the buckets from the largest values down, accumulating from `base` in double. With
+// must_cross (the level above put the crossing inside this range) a test that never passes, by
+// rounding, picks the last non-empty bucket. Every backend's driver picks with this function.
+BucketPick pick_bucket(const std::int64_t* count, const double* sum, int nb, double base, const CrossingTest& test,
+                       bool must_cross);
 
 // Outcome of a selection.
 enum SelectStatus : int {
@@ -61,9 +90,8 @@ struct SelectHist {
   void add(const SelectHist& o);
 };
 
-// One-dimensional threshold: the value circuit-tracer's find_threshold returns for `scores`. The
-// total S is taken as the double sum of the scores widened by the relative error `rel_s` (the
-// bound on torch.sum's rounding), or fixed to `s_fixed` when that is positive.
+// One-dimensional threshold: the value circuit-tracer's find_threshold returns for `scores`, with S
+// as in crossing_test. Deterministic: threads histogram static row ranges, merged in thread order.
 SelectResult select_threshold_1d(const float* scores, std::int64_t n, float t, double rel_s, double dc,
                                  float s_fixed);
 
@@ -154,6 +182,8 @@ struct EdgeSelectResult {
   std::int64_t candidates = 0;  // scores resolved in memory
 };
 
+// The edge mask of the pruned graph by the fused cumulative threshold (S = fl32(total)). Deterministic
+// for a given thread count: every pass splits rows statically and merges in thread order.
 EdgeSelectResult edge_select_mask_cpu(const EdgeSelectArgs& args);
 
 // The iterative removal of features/errors without kept outgoing edges and of features without kept
@@ -166,7 +196,8 @@ std::int64_t remove_dangling_cpu(std::uint8_t* edge_mask, std::int64_t n, std::u
 // ------------------------------------------------------------------------------------------------
 void topk_count_cpu(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
                     std::int64_t* row_len, float* row_abs_sum, int* nonfinite);
-void topk_fill_cpu(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
-                   const std::int64_t* crow, std::int64_t* col_out, float* val_out);
+// Fill the rows counted by topk_count_cpu: crow's row lengths already encode k.
+void topk_fill_cpu(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, const std::int64_t* crow,
+                   std::int64_t* col_out, float* val_out);
 
 }  // namespace fastattr

@@ -11,6 +11,9 @@
 // sweep; the scores of the bucket holding the crossing are usually few, so one more pass both
 // writes the edge mask (scores above the bucket are kept, below are dropped) and collects that
 // bucket's scores with their positions, which are then resolved in memory.
+//
+// Deterministic for a given thread count: every pass splits its rows statically over the threads
+// and merges the per-thread histograms in thread order, so no double sum depends on timing.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -31,12 +34,7 @@ namespace fastattr {
 
 namespace {
 
-
-inline std::uint32_t float_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
+using graphk::float_bits;
 
 inline float bits_float(std::uint32_t u) {
   float f;
@@ -50,18 +48,112 @@ inline bool crossing(double c, float s, float t) {
   return q >= t;              // searchsorted compares in float32
 }
 
-// The bucket of a level holding the crossing, for both readings of the test.
-struct Pick {
-  int early = -1, late = -1;
-  double base_early = 0.0, base_late = 0.0;  // prefix before the picked bucket
-  std::int64_t count_late = 0;
+inline std::uint32_t digit(float v, int level) {
+  return (float_bits(v) >> kSelectShift[level]) & (((std::uint32_t)1 << kSelectBits[level]) - 1u);
+}
+
+// Resolve the remaining levels on scores held in memory (all sharing the digits above `level`).
+// Returns the status and sets `value`.
+int select_in_memory(const std::vector<float>& vals, int level, std::uint32_t prefix, double base,
+                     const CrossingTest& test, float& value) {
+  std::vector<std::int64_t> count;
+  std::vector<double> sum;
+  std::vector<float> cur, nxt;
+  const std::vector<float>* src = &vals;
+  for (int lv = level; lv < kSelectLevels; ++lv) {
+    const int nb = 1 << kSelectBits[lv];
+    count.assign(nb, 0);
+    sum.assign(nb, 0.0);
+    for (float v : *src) {
+      const std::uint32_t b = digit(v, lv);
+      count[b] += 1;
+      sum[b] += v;
+    }
+    const BucketPick p = pick_bucket(count.data(), sum.data(), nb, base, test, true);
+    if (p.early != p.late) return kSelectAmbiguous;
+    if (p.late < 0) return kSelectAmbiguous;  // unreachable with must_cross and non-empty input
+    prefix = (prefix << kSelectBits[lv]) | (std::uint32_t)p.late;
+    base = p.base_late;
+    if (lv + 1 < kSelectLevels) {
+      nxt.clear();
+      for (float v : *src)
+        if (digit(v, lv) == (std::uint32_t)p.late) nxt.push_back(v);
+      cur.swap(nxt);
+      src = &cur;
+    }
+  }
+  value = bits_float(prefix);
+  return kSelectOk;
+}
+
+// Level 0 of a 1-D select: the histogram of the positive scores and what the status needs.
+struct Level0 {
+  SelectHist hist;
+  std::int64_t nnz = 0;
+  float min_nz = std::numeric_limits<float>::infinity();
+  bool negative = false, nonfinite = false;
 };
 
-// Walk the buckets from the largest values down. With must_cross (the crossing is known to lie in
-// this range from the level above), a test that never passes by rounding picks the last bucket.
-Pick pick_bucket(const std::int64_t* count, const double* sum, int nb, double base, const CrossingTest& test,
-                 bool must_cross) {
-  Pick p;
+void level0_1d(const float* scores, std::int64_t n, Level0& out) {
+  const int T = graphk::threads_for(n);
+  std::vector<SelectHist> hists(T);
+  std::vector<std::int64_t> nnz(T, 0);
+  std::vector<float> mins(T, std::numeric_limits<float>::infinity());
+  bool negative = false, nonfinite = false;
+#pragma omp parallel num_threads(T) reduction(|| : negative, nonfinite)
+  {
+    const int t = thread_id();
+    SelectHist& h = hists[t];
+    h.clear();
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float v = scores[i];
+      if (!std::isfinite(v)) {
+        nonfinite = true;
+        continue;
+      }
+      if (v < 0.0f) {
+        negative = true;
+        continue;
+      }
+      if (v == 0.0f) continue;
+      const std::uint32_t b = float_bits(v) >> kSelectShift[0];
+      h.count[b] += 1;
+      h.sum[b] += v;
+      nnz[t] += 1;
+      mins[t] = std::min(mins[t], v);
+    }
+  }
+  out.negative = negative;
+  out.nonfinite = nonfinite;
+  out.hist.clear();
+  for (int t = 0; t < T; ++t) {  // thread order: the same sums on every run
+    out.hist.add(hists[t]);
+    out.nnz += nnz[t];
+    out.min_nz = std::min(out.min_nz, mins[t]);
+  }
+}
+
+}  // namespace
+
+bool CrossingTest::early(double c) const { return crossing(dc != 0.0 ? c * (1.0 + dc) : c, s_lo, t); }
+bool CrossingTest::late(double c) const { return crossing(dc != 0.0 ? c * (1.0 - dc) : c, s_hi, t); }
+
+CrossingTest crossing_test(const double* sum, int nb, float t, double rel_s, double dc, float s_fixed) {
+  if (s_fixed > 0.0f) return CrossingTest{s_fixed, s_fixed, dc, t};
+  double total = 0.0;
+  for (int b = 0; b < nb; ++b) total += sum[b];
+  if (rel_s == 0.0) {
+    const float s = (float)total;
+    return CrossingTest{s, s, dc, t};
+  }
+  return CrossingTest{std::nextafter((float)(total * (1.0 - rel_s)), 0.0f),
+                      std::nextafter((float)(total * (1.0 + rel_s)), std::numeric_limits<float>::infinity()), dc, t};
+}
+
+BucketPick pick_bucket(const std::int64_t* count, const double* sum, int nb, double base, const CrossingTest& test,
+                       bool must_cross) {
+  BucketPick p;
   double c = base;
   int last = -1;
   double last_base = 0.0;
@@ -96,119 +188,37 @@ Pick pick_bucket(const std::int64_t* count, const double* sum, int nb, double ba
   return p;
 }
 
-// Resolve the remaining levels on scores held in memory (all sharing the digits above `level`).
-// Returns the status and sets `value`.
-int select_in_memory(const std::vector<float>& vals, int level, std::uint32_t prefix, double base,
-                     const CrossingTest& test, float& value) {
-  std::vector<std::int64_t> count;
-  std::vector<double> sum;
-  std::vector<float> cur, nxt;
-  const std::vector<float>* src = &vals;
-  for (int lv = level; lv < kSelectLevels; ++lv) {
-    const int nb = 1 << kSelectBits[lv];
-    const std::uint32_t mask = (std::uint32_t)nb - 1;
-    count.assign(nb, 0);
-    sum.assign(nb, 0.0);
-    for (float v : *src) {
-      const std::uint32_t b = (float_bits(v) >> kSelectShift[lv]) & mask;
-      count[b] += 1;
-      sum[b] += v;
-    }
-    const Pick p = pick_bucket(count.data(), sum.data(), nb, base, test, true);
-    if (p.early != p.late) return kSelectAmbiguous;
-    if (p.late < 0) return kSelectAmbiguous;  // unreachable with must_cross and non-empty input
-    prefix = (prefix << kSelectBits[lv]) | (std::uint32_t)p.late;
-    base = p.base_late;
-    if (lv + 1 < kSelectLevels) {
-      nxt.clear();
-      for (float v : *src)
-        if (((float_bits(v) >> kSelectShift[lv]) & mask) == (std::uint32_t)p.late) nxt.push_back(v);
-      cur.swap(nxt);
-      src = &cur;
-    }
-  }
-  value = bits_float(prefix);
-  return kSelectOk;
-}
-
-}  // namespace
-
-bool CrossingTest::early(double c) const { return crossing(dc != 0.0 ? c * (1.0 + dc) : c, s_lo, t); }
-bool CrossingTest::late(double c) const { return crossing(dc != 0.0 ? c * (1.0 - dc) : c, s_hi, t); }
-
 // ------------------------------------------------------------------------------------------------
 // One-dimensional scores.
 // ------------------------------------------------------------------------------------------------
 SelectResult select_threshold_1d(const float* scores, std::int64_t n, float t, double rel_s, double dc,
                                  float s_fixed) {
   SelectResult res;
-  const int T = graphk::threads_for(n);
-  std::vector<SelectHist> hists(T);
-  std::vector<std::int64_t> nnz(T, 0);
-  std::vector<float> mins(T, std::numeric_limits<float>::infinity());
-  bool negative = false, nonfinite = false;
-#pragma omp parallel num_threads(T) reduction(|| : negative, nonfinite)
-  {
-    const int t = thread_id();
-    SelectHist& h = hists[t];
-    h.clear();
-#pragma omp for schedule(static)
-    for (std::int64_t i = 0; i < n; ++i) {
-      const float v = scores[i];
-      if (!std::isfinite(v)) {
-        nonfinite = true;
-        continue;
-      }
-      if (v < 0.0f) {
-        negative = true;
-        continue;
-      }
-      if (v == 0.0f) continue;
-      const std::uint32_t b = float_bits(v) >> kSelectShift[0];
-      h.count[b] += 1;
-      h.sum[b] += v;
-      nnz[t] += 1;
-      mins[t] = std::min(mins[t], v);
-    }
-  }
-  if (nonfinite) {
+  Level0 l0;
+  level0_1d(scores, n, l0);
+  if (l0.nonfinite) {
     res.status = kSelectNonFinite;
     return res;
   }
-  if (negative) {
+  if (l0.negative) {
     res.status = kSelectNegative;
     return res;
   }
-  SelectHist total;
-  total.clear();
-  std::int64_t nz = 0;
-  float mn = std::numeric_limits<float>::infinity();
-  for (int t = 0; t < T; ++t) {
-    total.add(hists[t]);
-    nz += nnz[t];
-    mn = std::min(mn, mins[t]);
-  }
-  if (nz == 0) {
+  if (l0.nnz == 0) {
     res.status = kSelectAllZero;
     res.value = 0.0f;
     return res;
   }
-  const float smallest = nz < n ? 0.0f : mn;
-  double sum = 0.0;
-  for (int b = 0; b < kSelectMaxBuckets; ++b) sum += total.sum[b];
-  CrossingTest test{s_fixed, s_fixed, dc, t};
-  if (!(s_fixed > 0.0f)) {
-    test.s_lo = std::nextafter((float)(sum * (1.0 - rel_s)), 0.0f);
-    test.s_hi = std::nextafter((float)(sum * (1.0 + rel_s)), std::numeric_limits<float>::infinity());
-  }
-  const Pick p = pick_bucket(total.count, total.sum, 1 << kSelectBits[0], 0.0, test, false);
+  const int nb0 = 1 << kSelectBits[0];
+  const CrossingTest test = crossing_test(l0.hist.sum, nb0, t, rel_s, dc, s_fixed);
+  const BucketPick p = pick_bucket(l0.hist.count, l0.hist.sum, nb0, 0.0, test, false);
   if (p.early != p.late) {
     res.status = kSelectAmbiguous;
     return res;
   }
   if (p.late < 0) {  // no prefix reaches t: circuit-tracer clamps to the last element
     res.clamped = true;
-    res.value = smallest;
+    res.value = l0.nnz < n ? 0.0f : l0.min_nz;
     return res;
   }
   std::vector<float> cand;
@@ -265,14 +275,15 @@ struct EdgeScores {
   }
 };
 
-// Histogram of the scores whose digits above `level` equal `prefix`.
+// Histogram of the scores whose digits above `level` equal `prefix`. Rows are split statically:
+// handing them out by timing (dynamic scheduling) would group the per-thread double sums
+// differently on every run.
 void edge_hist_pass(const EdgeScores& es, int level, std::uint32_t prefix, std::vector<std::int64_t>& count,
                     std::vector<double>& sum) {
   const std::int64_t n = es.a.n;
   const int T = graphk::threads_for(n * n);
   const int nb = 1 << kSelectBits[level];
   const int up_shift = kSelectShift[level] + kSelectBits[level];
-  const std::uint32_t mask = (std::uint32_t)nb - 1;
   std::vector<std::vector<std::int64_t>> cs(T);
   std::vector<std::vector<double>> ss(T);
 #pragma omp parallel num_threads(T)
@@ -282,16 +293,15 @@ void edge_hist_pass(const EdgeScores& es, int level, std::uint32_t prefix, std::
     ss[t].assign(nb, 0.0);
     std::vector<std::uint64_t> tmp((size_t)es.words);
     float buf[graphk::kBlockCols];
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
       if (!es.row_active(i)) continue;
       es.row(i, tmp.data(), buf, [&](std::int64_t j0, std::int64_t j1, const float* sc) {
         for (std::int64_t q = 0; q < j1 - j0; ++q) {
           const float s = sc[q];
           if (s == 0.0f) continue;
-          const std::uint32_t u = float_bits(s);
-          if ((u >> up_shift) != prefix) continue;
-          const std::uint32_t b = (u >> kSelectShift[level]) & mask;
+          if ((float_bits(s) >> up_shift) != prefix) continue;
+          const std::uint32_t b = digit(s, level);
           cs[t][b] += 1;
           ss[t][b] += s;
         }
@@ -307,86 +317,70 @@ void edge_hist_pass(const EdgeScores& es, int level, std::uint32_t prefix, std::
     }
 }
 
-}  // namespace
+// Every edge passes `>= threshold` (threshold 0): all scores zero, or no prefix reaches t.
+void keep_all(std::uint8_t* mask, std::int64_t n) {
+#pragma omp parallel for schedule(static) num_threads(graphk::threads_for(n * n))
+  for (std::int64_t i = 0; i < n; ++i) std::memset(mask + i * n, 1, (size_t)n);
+}
 
-EdgeSelectResult edge_select_mask_cpu(const EdgeSelectArgs& args) {
-  EdgeSelectResult res;
-  const std::int64_t n = args.n;
-  const std::int64_t nn = n * n;
-  std::uint8_t* mask = args.mask_out;
-  EdgeScores es(args);
-  const int T = graphk::threads_for(nn);
+// Where the crossing lies: the digits fixed so far and the prefix sum before them.
+struct Bucket {
+  int level = 0;  // digits 0..level are fixed in `prefix`
+  std::uint32_t prefix = 0;
+  double base = 0.0;
+  std::int64_t count = 0;  // scores in the bucket
+};
 
-  // All scores zero (S = 0): circuit-tracer's cumulative fractions are NaN, its index clamps to the
-  // last element, the threshold is 0 and every edge passes `>= 0`. Likewise when no prefix reaches t.
-  auto keep_all = [&]() {
-#pragma omp parallel for schedule(static) num_threads(T)
-    for (std::int64_t i = 0; i < n; ++i) std::memset(mask + i * n, 1, (size_t)n);
-  };
-  if (args.nnz == 0) {
-    res.status = kSelectAllZero;
-    res.threshold = 0.0f;
-    res.clamped = true;
-    keep_all();
-    return res;
-  }
-  const float total_f = (float)args.total;
-  CrossingTest test{total_f, total_f, 0.0, args.t};
-
+// Fix further digits with more histogram passes while the bucket holds more scores than fit in
+// memory. Returns kSelectOk, or kSelectAmbiguous when a pass contradicts the level above.
+int narrow_bucket(const EdgeScores& es, const CrossingTest& test, std::int64_t max_candidates, Bucket& bk,
+                  EdgeSelectResult& res) {
   std::vector<std::int64_t> count;
   std::vector<double> sum;
-  if (args.hist0 != nullptr) {
-    count.assign(args.hist0->count, args.hist0->count + (1 << kSelectBits[0]));
-    sum.assign(args.hist0->sum, args.hist0->sum + (1 << kSelectBits[0]));
-  } else {
-    edge_hist_pass(es, 0, 0, count, sum);
+  while (bk.count > max_candidates && bk.level + 1 < kSelectLevels) {
+    const int level = bk.level + 1;
+    edge_hist_pass(es, level, bk.prefix, count, sum);
     res.passes += 1;
+    const BucketPick p = pick_bucket(count.data(), sum.data(), 1 << kSelectBits[level], bk.base, test, true);
+    // The level above counted scores this pass does not see: no mask is better than one built
+    // from an arbitrary bucket.
+    if (p.late < 0 || p.early != p.late) return kSelectAmbiguous;
+    bk.level = level;
+    bk.prefix = (bk.prefix << kSelectBits[level]) | (std::uint32_t)p.late;
+    bk.base = p.base_late;
+    bk.count = p.count_late;
   }
-  Pick p = pick_bucket(count.data(), sum.data(), 1 << kSelectBits[0], 0.0, test, false);
-  if (p.late < 0) {
-    res.clamped = true;
-    res.threshold = args.nnz < nn ? 0.0f : args.min_nz;
-    keep_all();
-    return res;
-  }
-  std::uint32_t prefix = (std::uint32_t)p.late;
-  double base = p.base_late;
-  std::int64_t in_bucket = p.count_late;
-  int level = 0;  // digits 0..level are fixed in `prefix`
-  // Narrow down with more passes while the bucket is too large to hold in memory.
-  while (in_bucket > args.max_candidates && level + 1 < kSelectLevels) {
-    ++level;
-    edge_hist_pass(es, level, prefix, count, sum);
-    res.passes += 1;
-    p = pick_bucket(count.data(), sum.data(), 1 << kSelectBits[level], base, test, true);
-    if (p.late < 0 || p.early != p.late) {
-      // The passes disagree (the level above counted scores this pass does not see): no mask is
-      // better than one built from an arbitrary bucket.
-      res.status = kSelectAmbiguous;
-      return res;
-    }
-    prefix = (prefix << kSelectBits[level]) | (std::uint32_t)p.late;
-    base = p.base_late;
-    in_bucket = p.count_late;
-  }
-  const int shift = kSelectShift[level];
-  const bool pinned = level == kSelectLevels - 1;
-  const float pinned_thr = bits_float(prefix);
+  return kSelectOk;
+}
 
-  // One pass writes the mask: scores above the bucket are kept, below dropped; the bucket's scores
-  // are collected with their positions (unless the value is already pinned).
-  std::vector<std::vector<float>> cval(T);
-  std::vector<std::vector<std::int64_t>> cidx(T);
+// The bucket's scores and their flat positions, per thread in row order.
+struct Candidates {
+  std::vector<std::vector<float>> val;
+  std::vector<std::vector<std::int64_t>> idx;
+};
+
+// One pass writes the mask: scores above the bucket are kept, below dropped; the bucket's scores
+// are collected with their positions (when the bucket is a single value they are compared to it).
+void mask_pass(const EdgeScores& es, std::uint8_t* mask, const Bucket& bk, Candidates& cand) {
+  const std::int64_t n = es.a.n;
+  const int T = graphk::threads_for(n * n);
+  const int shift = kSelectShift[bk.level];
+  const bool pinned = bk.level == kSelectLevels - 1;
+  const float pinned_thr = bits_float(bk.prefix);
+  cand.val.assign(T, {});
+  cand.idx.assign(T, {});
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
     std::vector<std::uint64_t> tmp((size_t)es.words);
     float buf[graphk::kBlockCols];
+    std::vector<float>& cval = cand.val[t];
+    std::vector<std::int64_t>& cidx = cand.idx[t];
     if (!pinned) {
       // Room for the whole bucket in every thread: large reservations are mapped lazily, so only
       // the entries written become resident, and no vector ever reallocates (which would double it).
-      cval[t].reserve((size_t)in_bucket);
-      cidx[t].reserve((size_t)in_bucket);
+      cval.reserve((size_t)bk.count);
+      cidx.reserve((size_t)bk.count);
     }
 #pragma omp for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
@@ -401,37 +395,83 @@ EdgeSelectResult edge_select_mask_cpu(const EdgeSelectArgs& args) {
         for (std::int64_t q = 0; q < j1 - j0; ++q) {
           const float s = sc[q];
           const std::uint32_t key = float_bits(s) >> shift;
-          m[j0 + q] = key > prefix ? 1 : 0;
-          if (key == prefix && s != 0.0f) {
-            cval[t].push_back(s);
-            cidx[t].push_back(i * n + j0 + q);
+          m[j0 + q] = key > bk.prefix ? 1 : 0;
+          if (key == bk.prefix && s != 0.0f) {
+            cval.push_back(s);
+            cidx.push_back(i * n + j0 + q);
           }
         }
       });
     }
   }
-  res.passes += 1;
-  if (pinned) {
-    res.threshold = pinned_thr;
-    return res;
-  }
+}
+
+// Resolve the remaining digits on the collected scores and set the mask of those that pass.
+int resolve_candidates(Candidates& cand, const Bucket& bk, const CrossingTest& test, std::uint8_t* mask,
+                       EdgeSelectResult& res) {
   std::vector<float> vals;
-  vals.reserve((size_t)in_bucket);
-  for (int t = 0; t < T; ++t) {
-    vals.insert(vals.end(), cval[t].begin(), cval[t].end());
-    std::vector<float>().swap(cval[t]);
+  vals.reserve((size_t)bk.count);
+  for (std::vector<float>& v : cand.val) {  // thread order, like the positions below
+    vals.insert(vals.end(), v.begin(), v.end());
+    std::vector<float>().swap(v);
   }
   res.candidates = (std::int64_t)vals.size();
   float thr = 0.0f;
-  res.status = select_in_memory(vals, level + 1, prefix, base, test, thr);
+  const int status = select_in_memory(vals, bk.level + 1, bk.prefix, bk.base, test, thr);
   res.threshold = thr;
-  // The collected scores are in thread order, like their positions.
   std::int64_t q = 0;
-  for (int t = 0; t < T; ++t)
-    for (std::int64_t idx : cidx[t]) {
-      if (vals[q] >= thr) mask[idx] = 1;
+  for (const std::vector<std::int64_t>& idx : cand.idx)
+    for (std::int64_t at : idx) {
+      if (vals[q] >= thr) mask[at] = 1;
       ++q;
     }
+  return status;
+}
+
+}  // namespace
+
+EdgeSelectResult edge_select_mask_cpu(const EdgeSelectArgs& args) {
+  EdgeSelectResult res;
+  const std::int64_t n = args.n;
+  // All scores zero (S = 0): circuit-tracer's cumulative fractions are NaN, its index clamps to the
+  // last element, the threshold is 0 and every edge passes `>= 0`.
+  if (args.nnz == 0) {
+    res.status = kSelectAllZero;
+    res.clamped = true;
+    keep_all(args.mask_out, n);
+    return res;
+  }
+  EdgeScores es(args);
+  const float total_f = (float)args.total;
+  const CrossingTest test{total_f, total_f, 0.0, args.t};
+  const int nb0 = 1 << kSelectBits[0];
+  std::vector<std::int64_t> count;
+  std::vector<double> sum;
+  if (args.hist0 != nullptr) {
+    count.assign(args.hist0->count, args.hist0->count + nb0);
+    sum.assign(args.hist0->sum, args.hist0->sum + nb0);
+  } else {
+    edge_hist_pass(es, 0, 0, count, sum);
+    res.passes += 1;
+  }
+  const BucketPick p = pick_bucket(count.data(), sum.data(), nb0, 0.0, test, false);
+  if (p.late < 0) {  // no prefix reaches t: circuit-tracer clamps to the last (smallest) element
+    res.clamped = true;
+    res.threshold = args.nnz < n * n ? 0.0f : args.min_nz;
+    keep_all(args.mask_out, n);
+    return res;
+  }
+  Bucket bk{0, (std::uint32_t)p.late, p.base_late, p.count_late};
+  res.status = narrow_bucket(es, test, args.max_candidates, bk, res);
+  if (res.status != kSelectOk) return res;
+  Candidates cand;
+  mask_pass(es, args.mask_out, bk, cand);
+  res.passes += 1;
+  if (bk.level == kSelectLevels - 1) {
+    res.threshold = bits_float(bk.prefix);
+    return res;
+  }
+  res.status = resolve_candidates(cand, bk, test, args.mask_out, res);
   return res;
 }
 

@@ -36,9 +36,8 @@ void topk_count_cpu(const float* a, std::int64_t rows, std::int64_t cols, std::i
   *nonfinite = bad;
 }
 
-void topk_fill_cpu(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
-                   const std::int64_t* crow, std::int64_t* col_out, float* val_out) {
-  (void)k;  // the row lengths in crow already encode k
+void topk_fill_cpu(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, const std::int64_t* crow,
+                   std::int64_t* col_out, float* val_out) {
 #pragma omp parallel num_threads(graphk::threads_for(rows * cols))
   {
     std::vector<std::pair<float, std::int64_t>> cand;

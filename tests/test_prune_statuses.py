@@ -20,18 +20,18 @@ def _graph(backend: str, seed: int = 0):
     return random_graph(seed=seed, device=backend_device(backend), density=0.6, **size)
 
 
-class _Tampered:
-    """Wraps the device edge kernels; ``tamper(level, result)`` rewrites one histogram pass."""
+def _tampered(backend: str, tamper):
+    """The backend's edge passes with ``tamper(level, hist)`` rewriting each histogram level, and a
+    mask pass that fails the test if it is reached."""
+    real = pruning._EDGE_PASSES[backend]
 
-    def __init__(self, inner, tamper):
-        self.inner, self.tamper = inner, tamper
+    def hist(*args, **kwargs):
+        return tamper(args[4], real.hist(*args, **kwargs))
 
-    def hist(self, *args):
-        level = args[4]
-        return self.tamper(level, self.inner.hist(*args))
-
-    def mask(self, *args):  # pragma: no cover - reaching it is the failure the tests look for
+    def mask(*args):  # pragma: no cover - reaching it is the failure the tests look for
         raise AssertionError("an edge mask was built from a failed select")
+
+    return pruning._EdgePasses(hist, mask)
 
 
 def _device_backends():
@@ -41,13 +41,12 @@ def _device_backends():
 @pytest.mark.parametrize("backend", _device_backends())
 def test_device_non_finite_edge_scores_raise(backend, monkeypatch):
     graph = _graph(backend)
-    real = pruning._edge_kernels(backend)
 
-    def nonfinite(level, res):
-        count, sums, nnz, mn, (neg, _) = res
-        return count, sums, nnz, mn, (neg, True)
+    def nonfinite(level, h):
+        h.nonfinite = True
+        return h
 
-    monkeypatch.setattr(pruning, "_edge_kernels", lambda name: _Tampered(real, nonfinite))
+    monkeypatch.setitem(pruning._EDGE_PASSES, backend, _tampered(backend, nonfinite))
     with pytest.raises(ValueError, match="graph: expected finite edge scores"):
         fastattr.prune_graph(graph, backend=backend)
 
@@ -55,15 +54,13 @@ def test_device_non_finite_edge_scores_raise(backend, monkeypatch):
 @pytest.mark.parametrize("backend", _device_backends())
 def test_device_disagreeing_passes_raise(backend, monkeypatch):
     graph = _graph(backend)
-    real = pruning._edge_kernels(backend)
 
-    def empty_inner_level(level, res):
-        count, sums, nnz, mn, flags = res
+    def empty_inner_level(level, h):
         if level > 0:  # the level-0 bucket's scores vanish from the next pass
-            return np.zeros_like(count), np.zeros_like(sums), nnz, mn, flags
-        return res
+            return threshold.Hist(np.zeros_like(h.count), np.zeros_like(h.sums))
+        return h
 
-    monkeypatch.setattr(pruning, "_edge_kernels", lambda name: _Tampered(real, empty_inner_level))
+    monkeypatch.setitem(pruning._EDGE_PASSES, backend, _tampered(backend, empty_inner_level))
     with pytest.raises(RuntimeError, match="histogram passes disagree"):
         fastattr.prune_graph(graph, 0.8, 0.98, backend=backend)
 
@@ -80,8 +77,8 @@ def test_cpu_statuses_raise(monkeypatch):
         (threshold.AMBIGUOUS, RuntimeError, "histogram passes disagree"),
         (threshold.NON_FINITE, ValueError, "graph: expected finite edge scores"),
     ):
-        def fake(*args, _status=status):
-            _, thr, clamped, passes, cand = real(*args)
+        def fake(_status=status, **kwargs):
+            _, thr, clamped, passes, cand = real(**kwargs)
             return _status, thr, clamped, passes, cand
 
         monkeypatch.setattr(_ext.ext, "edge_select_mask_cpu", fake)

@@ -135,9 +135,10 @@ def test_fused_edge_mask_overwrites_poisoned_output():
     for max_candidates in (1 << 20, 0):  # in-memory candidates, and the pass-per-level route
         out = torch.full((n, n), 0x7F, dtype=torch.uint8)
         status, thr, clamped, passes, _ = _ext.ext.edge_select_mask_cpu(
-            A.data_ptr(), 0, n, n, mask_u8.data_ptr(), e["row_scale"].data_ptr(), e["row_factor"].data_ptr(),
-            e["hist_count"].data_ptr(), e["hist_sum"].data_ptr(), e["edge_sum"], e["edge_nnz"], e["edge_min"], 0.98,
-            out.data_ptr(), max_candidates, info["row_blocks"].data_ptr(),
+            a=A.data_ptr(), a_dtype=0, n=n, lda=n, node_mask=mask_u8.data_ptr(), row_scale=e["row_scale"].data_ptr(),
+            row_factor=e["row_factor"].data_ptr(), hist_count=e["hist_count"].data_ptr(),
+            hist_sum=e["hist_sum"].data_ptr(), total=e["edge_sum"], nnz=e["edge_nnz"], min_nz=e["edge_min"], t=0.98,
+            edge_mask=out.data_ptr(), max_candidates=max_candidates, row_blocks=info["row_blocks"].data_ptr(),
         )
         assert status == 0 and not clamped and thr > 0
         assert set(out.unique().tolist()) <= {0, 1}

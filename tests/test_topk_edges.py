@@ -17,7 +17,7 @@ te = importlib.import_module("fastattr.topk_edges")  # the package re-exports th
 
 def _brute_force(A: torch.Tensor, k):
     """Per row: non-zeros ranked by (|a| desc, column asc), first k, stored by column."""
-    rows, cols, vals = [], [], []
+    cols, vals = [], []
     crow = [0]
     for i in range(A.shape[0]):
         r = A[i].tolist()
@@ -94,7 +94,8 @@ def test_errors():
     col = torch.empty(3, dtype=torch.int64)
     val = torch.empty(3)
     with pytest.raises(ValueError, match="crow_indices: expected non-decreasing offsets"):
-        _ext.ext.topk_fill_cpu(A.data_ptr(), 0, 2, 4, 4, 2, crow.data_ptr(), 3, col.data_ptr(), val.data_ptr())
+        _ext.ext.topk_fill_cpu(a=A.data_ptr(), a_dtype=0, rows=2, cols=4, lda=4, crow=crow.data_ptr(), nnz=3,
+                               col_indices=col.data_ptr(), values=val.data_ptr())
 
 
 def test_compiled_fill_overwrites_poisoned_outputs():
@@ -102,12 +103,14 @@ def test_compiled_fill_overwrites_poisoned_outputs():
     n, m = A.shape
     row_len = torch.full((n,), -5, dtype=torch.int64)
     sums = torch.full((n,), float("nan"))
-    assert not _ext.ext.topk_count_cpu(A.data_ptr(), 0, n, m, m, 3, row_len.data_ptr(), sums.data_ptr())
+    assert not _ext.ext.topk_count_cpu(a=A.data_ptr(), a_dtype=0, rows=n, cols=m, lda=m, k=3, row_len=row_len.data_ptr(),
+                                       row_abs_sum=sums.data_ptr())
     crow = torch.zeros(n + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(row_len, 0)
     nnz = int(crow[-1])
     col = torch.full((nnz,), -9, dtype=torch.int64)
     val = torch.full((nnz,), float("nan"))
-    _ext.ext.topk_fill_cpu(A.data_ptr(), 0, n, m, m, 3, crow.data_ptr(), nnz, col.data_ptr(), val.data_ptr())
+    _ext.ext.topk_fill_cpu(a=A.data_ptr(), a_dtype=0, rows=n, cols=m, lda=m, crow=crow.data_ptr(), nnz=nnz,
+                           col_indices=col.data_ptr(), values=val.data_ptr())
     ref_crow, ref_col, ref_val = _brute_force(A, 3)
     assert torch.equal(crow, ref_crow) and torch.equal(col, ref_col) and torch.equal(val, ref_val)

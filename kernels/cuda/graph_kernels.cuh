@@ -25,27 +25,41 @@ void matvec_cuda(const float* a, std::int64_t n, std::int64_t m, std::int64_t ld
                  const std::uint8_t* mask, bool absolute, double* partials, std::int64_t n_partials, double* out,
                  std::uintptr_t stream);
 
-// Radix-select histograms. `count` / `sums` hold 1 << bits buckets and are overwritten. `stats` is
-// 4 int64: [non-zero count, bit pattern of the smallest non-zero value, any negative, any non-finite]
-// (level 0 only; later levels leave it untouched).
-void hist_1d_cuda(const float* scores, std::int64_t n, int shift, int bits, std::uint32_t prefix, int level,
-                  std::int64_t* count, double* sums, std::int64_t* stats, std::uintptr_t stream);
+// Radix-select histograms of one level (the digits of csrc/graph.h: kSelectShift, kSelectBits).
+// `count` and the bucket sums hold 1 << kSelectBits[level] buckets and are overwritten. `stats` is
+// 4 int64: [non-zero count, bit pattern of the smallest non-zero value, any negative, any
+// non-finite] (level 0 only; later levels leave it untouched). Default mode: double sums in
+// `sums`, by float atomics whose order (and so last bits) varies from run to run. Deterministic
+// mode: `sig_sums` gets each bucket's exact integer sum of float32 significands (the level-0 digit
+// fixes the exponent, so a bucket's values are significand * one power of two); every atomic is
+// then an integer one, whose result does not depend on order. The caller scales them to doubles.
+struct HistOut {
+  std::int64_t* count;
+  double* sums;            // default mode
+  std::int64_t* sig_sums;  // deterministic mode
+  std::int64_t* stats;
+  bool deterministic;
+};
+
+void hist_1d_cuda(const float* scores, std::int64_t n, int level, std::uint32_t prefix, const HistOut& out,
+                  std::uintptr_t stream);
 
 // The same over the edge scores fl32(fl32(|a_ij| / scale_i) * factor_i) of the pruned graph (rows
 // and columns with mask == 0 score 0), computed on the fly.
 void edge_hist_cuda(const float* a, std::int64_t n, std::int64_t lda, const std::uint8_t* mask, const float* scale,
-                    const float* factor, int shift, int bits, std::uint32_t prefix, int level, std::int64_t* count,
-                    double* sums, std::int64_t* stats, std::uintptr_t stream);
+                    const float* factor, int level, std::uint32_t prefix, const HistOut& out, std::uintptr_t stream);
 
-// out[i, j] = score_ij >= thr (out is n x n, contiguous).
+// out[i, j] = score_ij >= thr (out is n x n, contiguous). No reduction: deterministic.
 void edge_mask_cuda(const float* a, std::int64_t n, std::int64_t lda, const std::uint8_t* mask, const float* scale,
                     const float* factor, float thr, std::uint8_t* out, std::uintptr_t stream);
 
 // Top-k incoming edges: per-row kept counts min(k, nnz) (k < 0: all), |A| row sums, and flags[0]
 // set when a row is non-finite; then the CSR fill (columns ascending, ties to the lower column).
+// Deterministic without a mode: the row sums are block reductions in a fixed order, and the only
+// atomics are integer ones (counts, the flag), whose result does not depend on order.
 void topk_count_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
                      std::int64_t* row_len, float* row_abs_sum, int* flags, std::uintptr_t stream);
-void topk_fill_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, std::int64_t k,
-                    const std::int64_t* crow, std::int64_t* col_out, float* val_out, std::uintptr_t stream);
+void topk_fill_cuda(const float* a, std::int64_t rows, std::int64_t cols, std::int64_t lda, const std::int64_t* crow,
+                    std::int64_t* col_out, float* val_out, std::uintptr_t stream);
 
 }  // namespace fastattr

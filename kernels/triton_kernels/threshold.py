@@ -1,31 +1,44 @@
 """Triton radix-select histograms for the cumulative thresholds (see fastattr/threshold.py).
 
-One level histograms counts and float64 sums of the values whose higher digits equal ``prefix``,
-over ``bits`` bits starting at ``shift`` of the float32 pattern. Edge scores of the pruned graph are
-recomputed on the fly as fl32(fl32(|a| / scale_i) * factor_i) with IEEE division (``div_rn``), the
-same rounding as circuit-tracer's normalize-then-multiply, so the N x N scores are never stored.
-Level 0 also reports [non-zero count, smallest non-zero bit pattern, any negative, any non-finite].
+One level histograms counts and sums of the values whose higher digits equal ``prefix``, over the
+level's digit of the float32 pattern (the digits are csrc/graph.h's, read from ``fastattr._C``).
+Edge scores of the pruned graph are recomputed on the fly as fl32(fl32(|a| / scale_i) * factor_i)
+with IEEE division (``div_rn``), the same rounding as circuit-tracer's normalize-then-multiply, so
+the N x N scores are never stored. Level 0 also reports [non-zero count, smallest non-zero bit
+pattern, any negative, any non-finite].
+
+Bucket sums come in two modes. Default: float64 atomics, whose order on a GPU varies and with it
+the last bits of a sum. Deterministic: the exact int64 sum of each bucket's float32 significands
+(level 0 fixes the exponent, so within a bucket value = significand * one power of two), by integer
+atomics, which give the same result in every order; fastattr.threshold scales them to float64.
+
+Each launch function overwrites its outputs (``count``, ``sums``, ``stats``), allocated by the caller.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-# Must match csrc/graph.h and fastattr/threshold.py.
-SELECT_SHIFT = (20, 9, 0)
-SELECT_BITS = (11, 11, 9)
+from fastattr import _ext
+
+if _ext.ext is None:  # the digits are defined once, in the compiled extension
+    raise ImportError(f"fastattr.triton_kernels.threshold reads the radix-select digits from fastattr._C: {_ext.EXT_ERROR}")
+
+SELECT_SHIFT = tuple(_ext.ext.select_shift)
+SELECT_BITS = tuple(_ext.ext.select_bits)
 _INF_BITS = 0x7F800000
+_BLOCK_1D = 1024
 
 
 @triton.jit
 def _add_to_hist(v, ok, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr,
-                 LEVEL0: tl.constexpr):
+                 LEVEL0: tl.constexpr, EXACT: tl.constexpr):
     u = v.to(tl.uint32, bitcast=True)
     valid = ok & (v != 0.0)
     if LEVEL0:
+        # Integer statistics: order-independent atomics in both modes.
         finite = (v == v) & (tl.abs(v) < float("inf"))
         neg = ok & finite & (v < 0.0)
         nonfin = ok & (finite == 0)
@@ -39,16 +52,21 @@ def _add_to_hist(v, ok, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT: tl.constex
     b = ((u >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
     ones = tl.full(v.shape, 1, tl.int64)
     tl.atomic_add(count_ptr + b, ones, mask=valid)
-    tl.atomic_add(sum_ptr + b, v.to(tl.float64), mask=valid)
+    if EXACT:
+        mant = (u & 0x7FFFFF).to(tl.int64)
+        sig = tl.where((u >> 23) != 0, mant | 0x800000, mant)
+        tl.atomic_add(sum_ptr + b, sig, mask=valid)
+    else:
+        tl.atomic_add(sum_ptr + b, v.to(tl.float64), mask=valid)
 
 
 @triton.jit
 def _hist_1d_kernel(s_ptr, n, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr,
-                    LEVEL0: tl.constexpr, BLOCK: tl.constexpr):
+                    LEVEL0: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     v = tl.load(s_ptr + offs, mask=ok, other=0.0)
-    _add_to_hist(v, ok, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT, BITS, LEVEL0)
+    _add_to_hist(v, ok, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT, BITS, LEVEL0, EXACT)
 
 
 @triton.jit
@@ -61,7 +79,8 @@ def _edge_scores(a_ptr, mask_ptr, i, cols, ok, n, lda, sc, f):
 
 @triton.jit
 def _edge_hist_kernel(a_ptr, mask_ptr, scale_ptr, factor_ptr, n, lda, count_ptr, sum_ptr, stats_ptr, prefix,
-                      SHIFT: tl.constexpr, BITS: tl.constexpr, LEVEL0: tl.constexpr, BLOCK: tl.constexpr):
+                      SHIFT: tl.constexpr, BITS: tl.constexpr, LEVEL0: tl.constexpr, EXACT: tl.constexpr,
+                      BLOCK: tl.constexpr):
     i = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = tl.load(mask_ptr + i)
@@ -71,7 +90,7 @@ def _edge_hist_kernel(a_ptr, mask_ptr, scale_ptr, factor_ptr, n, lda, count_ptr,
     ok = (cols < n) & ((cols * 0 + row_on) != 0)  # broadcast first: the interpreter mistypes scalar & tensor
     s = _edge_scores(a_ptr, mask_ptr, i, cols, ok, n, lda, sc, f)
     s = tl.where(ok, s, 0.0)
-    _add_to_hist(s, ok, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT, BITS, LEVEL0)
+    _add_to_hist(s, ok, count_ptr, sum_ptr, stats_ptr, prefix, SHIFT, BITS, LEVEL0, EXACT)
 
 
 @triton.jit
@@ -89,54 +108,59 @@ def _edge_mask_kernel(a_ptr, mask_ptr, scale_ptr, factor_ptr, out_ptr, n, lda, t
     tl.store(out_ptr + i.to(tl.int64) * n + cols, out, mask=in_row)
 
 
-def _buffers(level: int, device: torch.device):
+def _prepare(level: int, count: torch.Tensor, sums: torch.Tensor, stats: torch.Tensor, deterministic: bool) -> None:
     nb = 1 << SELECT_BITS[level]
-    count = torch.zeros(nb, dtype=torch.int64, device=device)
-    sums = torch.zeros(nb, dtype=torch.float64, device=device)
-    stats = torch.tensor([0, _INF_BITS, 0, 0], dtype=torch.int64, device=device)
-    return count, sums, stats
+    want_sums = torch.int64 if deterministic else torch.float64
+    if count.numel() != nb or sums.numel() != nb or sums.dtype != want_sums or stats.numel() != 4:
+        raise ValueError(
+            f"count, sums, stats: expected {nb} int64 counts, {nb} {str(want_sums).replace('torch.', '')} sums and "
+            f"4 int64 statistics, got {count.numel()}, {sums.numel()} {sums.dtype}, {stats.numel()}"
+        )
+    count.zero_()
+    sums.zero_()
+    if level == 0:
+        stats.copy_(torch.tensor([0, _INF_BITS, 0, 0], dtype=torch.int64))
 
 
-def _result(count, sums, stats):
-    st = stats.cpu().tolist()
-    mn = float(np.array([st[1] & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0])
-    return count.cpu().numpy(), sums.cpu().numpy(), int(st[0]), mn, (bool(st[2]), bool(st[3]))
+def _digit(level: int, deterministic: bool) -> dict:
+    return {"SHIFT": SELECT_SHIFT[level], "BITS": SELECT_BITS[level], "LEVEL0": level == 0, "EXACT": bool(deterministic)}
 
 
-def hist_1d(scores: torch.Tensor, level: int, prefix: int):
-    """One select level over a 1-D float32 tensor: (count, sums, nnz, min, (negative, nonfinite))."""
+def hist_1d(scores: torch.Tensor, level: int, prefix: int, count: torch.Tensor, sums: torch.Tensor,
+            stats: torch.Tensor, *, deterministic: bool = False) -> None:
+    """One select level over a 1-D float32 tensor into ``count`` (int64), ``sums`` (float64, or int64
+    significand sums when ``deterministic``) and, at level 0, ``stats`` (4 int64)."""
+    _prepare(level, count, sums, stats, deterministic)
     n = scores.numel()
-    count, sums, stats = _buffers(level, scores.device)
-    block = 1024
-    _hist_1d_kernel[(triton.cdiv(n, block),)](
-        scores, n, count, sums, stats, prefix,
-        SHIFT=SELECT_SHIFT[level], BITS=SELECT_BITS[level], LEVEL0=level == 0, BLOCK=block,
+    _hist_1d_kernel[(triton.cdiv(n, _BLOCK_1D),)](
+        scores, n, count, sums, stats, prefix, BLOCK=_BLOCK_1D, **_digit(level, deterministic),
     )
-    return _result(count, sums, stats)
 
 
-class EdgeKernels:
-    """Edge-score passes of the pruned graph for fastattr.pruning (triton backend)."""
+def _row_block(n: int) -> int:
+    return min(1024, triton.next_power_of_2(max(n, 16)))
 
-    @staticmethod
-    def hist(A, mask_u8, scale, factor, level, prefix):
-        n = A.shape[0]
-        count, sums, stats = _buffers(level, A.device)
-        if n:
-            block = min(1024, triton.next_power_of_2(max(n, 16)))
-            _edge_hist_kernel[(n, triton.cdiv(n, block))](
-                A, mask_u8, scale, factor, n, A.stride(0), count, sums, stats, prefix,
-                SHIFT=SELECT_SHIFT[level], BITS=SELECT_BITS[level], LEVEL0=level == 0, BLOCK=block,
-            )
-        return _result(count, sums, stats)
 
-    @staticmethod
-    def mask(A, mask_u8, scale, factor, thr):
-        n = A.shape[0]
-        out = torch.empty((n, n), dtype=torch.bool, device=A.device)
-        if n:
-            block = min(1024, triton.next_power_of_2(max(n, 16)))
-            _edge_mask_kernel[(n, triton.cdiv(n, block))](
-                A, mask_u8, scale, factor, out.view(torch.uint8), n, A.stride(0), float(thr), BLOCK=block,
-            )
-        return out
+def edge_hist(a: torch.Tensor, node_mask: torch.Tensor, row_scale: torch.Tensor, row_factor: torch.Tensor, level: int,
+              prefix: int, count: torch.Tensor, sums: torch.Tensor, stats: torch.Tensor, *,
+              deterministic: bool = False) -> None:
+    """One select level over the pruned graph's edge scores (``node_mask`` uint8), as ``hist_1d``."""
+    _prepare(level, count, sums, stats, deterministic)
+    n = a.shape[0]
+    if n:
+        block = _row_block(n)
+        _edge_hist_kernel[(n, triton.cdiv(n, block))](
+            a, node_mask, row_scale, row_factor, n, a.stride(0), count, sums, stats, prefix, BLOCK=block,
+            **_digit(level, deterministic),
+        )
+
+
+def edge_mask(a: torch.Tensor, node_mask: torch.Tensor, row_scale: torch.Tensor, row_factor: torch.Tensor, thr: float,
+              out: torch.Tensor) -> None:
+    """out[i, j] = score_ij >= thr (``out``: n x n uint8 or bool, contiguous, every entry written)."""
+    n = a.shape[0]
+    if n:
+        block = _row_block(n)
+        _edge_mask_kernel[(n, triton.cdiv(n, block))](
+            a, node_mask, row_scale, row_factor, out.view(torch.uint8), n, a.stride(0), float(thr), BLOCK=block,
+        )

@@ -4,6 +4,9 @@ One program per row. The bit pattern T of the k-th largest |a| is found by a bit
 (non-negative floats order like their patterns: T is the largest pattern with at least k entries
 >= T), which also gives how many entries equal to T are kept. A compaction loop then writes, in
 column order, the entries above T and the first ones equal to T (ties go to the lower column).
+
+Deterministic as it stands: row sums are ``tl.sum`` reductions in a fixed order, and the one atomic
+is an integer maximum (the non-finite flag). The launch functions overwrite caller-allocated outputs.
 """
 
 from __future__ import annotations
@@ -82,23 +85,21 @@ def _fill_kernel(a_ptr, crow_ptr, col_ptr, val_ptr, cols, lda, BLOCK: tl.constex
             carry_eq += tl.sum(eq, axis=0)
 
 
-def topk_count(a: torch.Tensor, k: int):
-    """(kept edges per row, |A| row sums, any non-finite row)."""
+def _block(cols: int) -> int:
+    return min(1024, triton.next_power_of_2(max(cols, 16)))
+
+
+def topk_count(a: torch.Tensor, k: int, row_len: torch.Tensor, row_abs_sum: torch.Tensor, flags: torch.Tensor) -> None:
+    """Kept edges per row (min(k, nnz); k < 0 keeps all) into ``row_len`` (int64), |A| row sums into
+    ``row_abs_sum`` (float32), and ``flags[0]`` (int32, zeroed by the caller) set to 1 when a row
+    is non-finite."""
     rows, cols = a.shape
-    row_len = torch.empty(rows, dtype=torch.int64, device=a.device)
-    row_sum = torch.empty(rows, dtype=torch.float32, device=a.device)
-    bad = torch.zeros(1, dtype=torch.int32, device=a.device)
     if rows:
-        block = min(1024, triton.next_power_of_2(max(cols, 16)))
-        _count_kernel[(rows,)](a, row_len, row_sum, bad, cols, a.stride(0), k, BLOCK=block)
-    return row_len, row_sum, bool(bad.item())
+        _count_kernel[(rows,)](a, row_len, row_abs_sum, flags, cols, a.stride(0), k, BLOCK=_block(cols))
 
 
-def topk_fill(a: torch.Tensor, k: int, crow: torch.Tensor, nnz: int):
+def topk_fill(a: torch.Tensor, crow: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor) -> None:
+    """Fill the CSR rows counted by ``topk_count`` (the row lengths in ``crow`` encode k)."""
     rows, cols = a.shape
-    col = torch.empty(nnz, dtype=torch.int64, device=a.device)
-    val = torch.empty(nnz, dtype=torch.float32, device=a.device)
-    if rows and nnz:
-        block = min(1024, triton.next_power_of_2(max(cols, 16)))
-        _fill_kernel[(rows,)](a, crow, col, val, cols, a.stride(0), BLOCK=block)
-    return col, val
+    if rows and col_indices.numel():
+        _fill_kernel[(rows,)](a, crow, col_indices, values, cols, a.stride(0), BLOCK=_block(cols))

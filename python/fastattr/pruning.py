@@ -23,11 +23,28 @@ reproduced without sorting them; the total is taken as the double sum rounded to
 one of the N^2 entries (threshold 0) and keeping the non-zero-score edges, depending on the last bit
 of its float32 total; fastattr keeps the non-zero-score edges whenever the exactly rounded total
 reaches 1. See ``tests/test_pruning.py`` and the module docstring of :mod:`fastattr.threshold`.
+
+Backends. ``prune_graph``'s backend runs every step above; negative logit weights (edge scores
+without the bit order) run the torch backend instead, logged and reported by ``last_backend``. A
+top-k graph (one with ``row_abs_sum``) is pruned as sparse: ``prune_graph_sparse`` on the same
+backend. ``prune_graph_sparse``'s backend is the one whose kernels run its selects: the top-k of a
+dense adjacency (``topk_edges``), the node threshold (``find_threshold``) and the edge threshold
+with its fixed total (``find_threshold_fixed_total``), each reported by ``last_backend`` under its
+own name; its influence power series over the stored entries and its O(nnz) edge scores are torch
+code on the graph's device for every backend.
+
+Determinism. ``deterministic=True`` (or torch.use_deterministic_algorithms) runs the fixed-order
+variants of every reduction whose order varies: the device matvec of the influence series, the
+device edge histograms (exact integer significand sums, see :mod:`fastattr.threshold`) and, for
+sparse graphs on CUDA, the row and column sums over the stored entries (sorted index order instead
+of atomics). The cpu kernels are deterministic in both modes (static row splits, thread-order merges).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,6 +57,7 @@ from fastattr.influence import (
     influence_cpu,
     influence_sparse,
     power_influence_device,
+    scatter_add,
 )
 from fastattr.reference import PruneResult
 from fastattr.sparse_edges import SparseEdges, as_sparse_edges
@@ -48,6 +66,9 @@ from fastattr.topk_edges import topk_edges
 logger = logging.getLogger("fastattr")
 
 __all__ = ["PruneResult", "SparsePruneResult", "compute_graph_scores", "prune_graph", "prune_graph_sparse"]
+
+PRUNE = _backends.op("prune_graph")
+PRUNE_SPARSE = _backends.op("prune_graph_sparse")
 
 
 class SparsePruneResult(NamedTuple):
@@ -89,6 +110,14 @@ def _check_graph(graph: Any) -> tuple[torch.Tensor, int, int, int]:
     _checks.check_tensor(probs, "graph.logit_probabilities", ndim=1)
     _checks.check_shape(probs, "graph.logit_probabilities", (n_logits,))
     return A, n_tokens, n_logits, n_features
+
+
+def _node_mask(infl: torch.Tensor, node_threshold: float, n_fixed: int, backend: str, deterministic: bool):
+    """circuit-tracer's node mask: influence >= its threshold, and the last n_fixed nodes (logits and
+    tokens) kept (n_fixed = 0 keeps every node, as its ``mask[-0:]`` does)."""
+    node_mask = infl >= threshold.find_threshold(infl, node_threshold, backend=backend, deterministic=deterministic)
+    node_mask[-n_fixed:] = True
+    return node_mask
 
 
 # Where a top-k graph's record also lives: circuit-tracer's Graph.to_pt saves a fixed set of fields,
@@ -137,91 +166,63 @@ def _topk_record(graph: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return None
 
 
-def _recorded_edges(graph: Any) -> SparseEdges | None:
-    """A top-k graph from ``fastattr.attribute(edge_storage="topk")``: its stored (non-zero) entries
-    with the row sums it recorded, which cover the edges that were not stored."""
-    record = _topk_record(graph)
-    if record is None:
-        return None
-    sums = record[0]
-    A = graph.adjacency_matrix
-    # Graph.to(device) moves the adjacency but not these O(N) extras; follow the adjacency.
-    sums = sums.to(A.device)
-    _checks.check_tensor(sums, "graph.row_abs_sum", ndim=1)
-    _checks.check_shape(sums, "graph.row_abs_sum", (A.shape[0],))
-    edges = topk_edges(A, None)
-    return SparseEdges(edges.crow_indices, edges.col_indices, edges.values, sums.float(), edges.shape)
+# ------------------------------------------------------------------------------------------------
+# The edge passes of the device backends: one histogram level and the mask, per backend
+# ------------------------------------------------------------------------------------------------
+
+
+class _EdgePasses(NamedTuple):
+    hist: Callable  # (A, mask_u8, scale, factor, level, prefix, *, deterministic) -> threshold.Hist
+    mask: Callable  # (A, mask_u8, scale, factor, thr) -> bool (n, n): score >= thr
+
+
+def _edge_hist_cuda(A, mask_u8, scale, factor, level: int, prefix: int, *, deterministic: bool) -> threshold.Hist:
+    count, sums, stats = threshold.hist_buffers(level, A.device, deterministic)
+    n = A.shape[0]
+    _ext.ext.edge_hist_cuda(
+        a=A.data_ptr(), a_dtype=_ext.dtype_code(A), n=n, lda=A.stride(0) if n else n, node_mask=mask_u8.data_ptr(),
+        row_scale=scale.data_ptr(), row_factor=factor.data_ptr(), level=level, prefix=prefix, count=count.data_ptr(),
+        sums=0 if deterministic else sums.data_ptr(), sig_sums=sums.data_ptr() if deterministic else 0,
+        stats=stats.data_ptr(), deterministic=deterministic, stream=_ext.cuda_stream(A.device),
+    )
+    return threshold.decode_hist(count, sums, stats, level, prefix, deterministic)
+
+
+def _edge_mask_cuda(A, mask_u8, scale, factor, thr: float) -> torch.Tensor:
+    n = A.shape[0]
+    out = torch.empty((n, n), dtype=torch.bool, device=A.device)
+    _ext.ext.edge_mask_cuda(
+        a=A.data_ptr(), a_dtype=_ext.dtype_code(A), n=n, lda=A.stride(0) if n else n, node_mask=mask_u8.data_ptr(),
+        row_scale=scale.data_ptr(), row_factor=factor.data_ptr(), thr=float(thr), edge_mask=out.data_ptr(),
+        stream=_ext.cuda_stream(A.device),
+    )
+    return out
+
+
+def _edge_hist_triton(A, mask_u8, scale, factor, level: int, prefix: int, *, deterministic: bool) -> threshold.Hist:
+    from fastattr.triton_kernels import threshold as tk
+
+    count, sums, stats = threshold.hist_buffers(level, A.device, deterministic)
+    tk.edge_hist(A, mask_u8, scale, factor, level, prefix, count, sums, stats, deterministic=deterministic)
+    return threshold.decode_hist(count, sums, stats, level, prefix, deterministic)
+
+
+def _edge_mask_triton(A, mask_u8, scale, factor, thr: float) -> torch.Tensor:
+    from fastattr.triton_kernels import threshold as tk
+
+    n = A.shape[0]
+    out = torch.empty((n, n), dtype=torch.bool, device=A.device)
+    tk.edge_mask(A, mask_u8, scale, factor, thr, out)
+    return out
+
+
+_EDGE_PASSES = {"cuda": _EdgePasses(_edge_hist_cuda, _edge_mask_cuda),
+                "triton": _EdgePasses(_edge_hist_triton, _edge_mask_triton)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
 # Dense pruning per backend
 # ------------------------------------------------------------------------------------------------
-
-
-def _prune_cpu(graph, node_threshold: float, edge_threshold: float) -> PruneResult:
-    A, n_tokens, n_logits, n_features = _check_graph(graph)
-    A = _checks.row_major(A, "graph.adjacency_matrix")
-    n = A.shape[0]
-    w = _logit_weights(n, graph.logit_probabilities, A.device)
-
-    infl, info = influence_cpu(A, w, normalize=True, record_waves=True, a_name="graph.adjacency_matrix")
-    node_mask = infl >= threshold.find_threshold(infl, node_threshold, backend="cpu")
-    node_mask[-n_logits - n_tokens :] = True
-
-    _, e = influence_cpu(
-        A, w, normalize=True, node_mask=node_mask, waves=info["waves"], row_blocks=info["row_blocks"],
-        edge_stats=True, a_name="graph.adjacency_matrix",
-    )
-    if float(e["row_factor"].min()) < 0.0:  # negative logit weights: scores lose the bit order
-        logger.info("prune_graph: negative edge scores (negative logit weights); using the torch reference")
-        return reference.prune_graph(graph, node_threshold, edge_threshold)
-    if not np.isfinite(e["edge_sum"]):
-        _check_edge_select(threshold.NON_FINITE, graph)
-    edge_mask = torch.empty((n, n), dtype=torch.bool)
-    mask_u8 = node_mask.to(torch.uint8)
-    status, *_ = _ext.ext.edge_select_mask_cpu(
-        A.data_ptr(), _ext.dtype_code(A), n, A.stride(0) if n else n, mask_u8.data_ptr(),
-        e["row_scale"].data_ptr(), e["row_factor"].data_ptr(), e["hist_count"].data_ptr(), e["hist_sum"].data_ptr(),
-        e["edge_sum"], e["edge_nnz"], e["edge_min"], float(edge_threshold), edge_mask.data_ptr(),
-        # Candidates cost 12 B each plus a 4 B copy while resolved: n^2/24 of them stay within
-        # 0.7 B per element (a bucket that is larger gets one more histogram pass instead).
-        max(n * n // 24, 1 << 16), _ext.ptr(info["row_blocks"]),
-    )
-    _check_edge_select(status, graph)
-    _ext.ext.remove_dangling_cpu(edge_mask.data_ptr(), n, node_mask.data_ptr(), n_features, n_logits + n_tokens)
-    return PruneResult(node_mask, edge_mask, reference.cumulative_node_scores(infl))
-
-
-def _prune_device(graph, node_threshold: float, edge_threshold: float, name: str) -> PruneResult:
-    A, n_tokens, n_logits, n_features = _check_graph(graph)
-    A = _checks.row_major(A, "graph.adjacency_matrix")
-    n = A.shape[0]
-    w = _logit_weights(n, graph.logit_probabilities, A.device)
-    edges = _edge_kernels(name)
-
-    infl, _ = power_influence_device(A, w, name, normalize=True, a_name="graph.adjacency_matrix")
-    node_mask = infl >= threshold.find_threshold(infl, node_threshold, backend=name)
-    node_mask[-n_logits - n_tokens :] = True
-
-    mask_u8 = node_mask.to(torch.uint8)
-    infl2, scale = power_influence_device(A, w, name, normalize=True, node_mask=node_mask,
-                                          a_name="graph.adjacency_matrix")
-    factor = infl2 + w
-    sel = threshold.radix_select(
-        lambda level, prefix: edges.hist(A, mask_u8, scale, factor, level, prefix),
-        n * n,
-        lambda total: threshold.CrossingTest.exact(total, edge_threshold),
-    )
-    if sel.status == threshold.NEGATIVE:
-        logger.info("prune_graph: negative edge scores (negative logit weights); using the torch reference")
-        return reference.prune_graph(graph, node_threshold, edge_threshold)
-    _check_edge_select(sel.status, graph)
-    if sel.status == threshold.ALL_ZERO or sel.clamped:
-        edge_mask = torch.ones((n, n), dtype=torch.bool, device=A.device)
-    else:
-        edge_mask = edges.mask(A, mask_u8, scale, factor, sel.value)
-    reference.remove_dangling_nodes(node_mask, edge_mask, n_features, n_logits + n_tokens)
-    return PruneResult(node_mask, edge_mask, reference.cumulative_node_scores(infl))
 
 
 def _check_edge_select(status: int, graph) -> None:
@@ -247,53 +248,132 @@ def _check_edge_select(status: int, graph) -> None:
     raise RuntimeError(f"prune_graph: unexpected edge-select status {status}")
 
 
-def _prune_cuda(graph, node_threshold, edge_threshold):
-    return _prune_device(graph, node_threshold, edge_threshold, "cuda")
+def _negative_weights_on_torch(graph, node_threshold: float, edge_threshold: float, deterministic: bool):
+    """Negative logit weights give negative edge scores, which lose the bit order: the torch backend
+    (circuit-tracer's sort) runs instead, and last_backend says so."""
+    logger.info("prune_graph: negative edge scores (negative logit weights); running the torch backend")
+    A = graph.adjacency_matrix
+    impl = PRUNE.select(A.device, "torch", dtype=A.dtype, arg="graph.adjacency_matrix")
+    return impl.fn(graph, node_threshold, edge_threshold, deterministic, False)
 
 
-def _prune_triton(graph, node_threshold, edge_threshold):
-    return _prune_device(graph, node_threshold, edge_threshold, "triton")
+def _edge_select_cpu(A: torch.Tensor, node_mask: torch.Tensor, e: dict, edge_threshold: float,
+                     row_blocks: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The fused edge threshold and mask of the cpu backend, from the sweep's edge statistics."""
+    n = A.shape[0]
+    edge_mask = torch.empty((n, n), dtype=torch.bool)
+    mask_u8 = node_mask.to(torch.uint8)  # held until the call returns: the kernel reads its pointer
+    status, *_ = _ext.ext.edge_select_mask_cpu(
+        a=A.data_ptr(), a_dtype=_ext.dtype_code(A), n=n, lda=A.stride(0) if n else n,
+        node_mask=mask_u8.data_ptr(), row_scale=e["row_scale"].data_ptr(),
+        row_factor=e["row_factor"].data_ptr(), hist_count=e["hist_count"].data_ptr(), hist_sum=e["hist_sum"].data_ptr(),
+        total=e["edge_sum"], nnz=e["edge_nnz"], min_nz=e["edge_min"], t=float(edge_threshold),
+        edge_mask=edge_mask.data_ptr(),
+        # Candidates cost 12 B each plus a 4 B copy while resolved: n^2/24 of them stay within
+        # 0.7 B per element (a bucket that is larger gets one more histogram pass instead).
+        max_candidates=max(n * n // 24, 1 << 16), row_blocks=_ext.ptr(row_blocks),
+    )
+    return status, edge_mask
 
 
-def _prune_torch(graph, node_threshold, edge_threshold):
+def _prune_dense_cpu(graph, node_threshold: float, edge_threshold: float, deterministic: bool) -> PruneResult:
+    # The sweep and the edge select are deterministic in both modes (module docstring).
+    A, n_tokens, n_logits, n_features = _check_graph(graph)
+    A = _checks.row_major(A, "graph.adjacency_matrix")
+    n = A.shape[0]
+    w = _logit_weights(n, graph.logit_probabilities, A.device)
+
+    infl, info = influence_cpu(A, w, normalize=True, record_waves=True, a_name="graph.adjacency_matrix")
+    node_mask = _node_mask(infl, node_threshold, n_logits + n_tokens, "cpu", deterministic)
+    _, e = influence_cpu(
+        A, w, normalize=True, node_mask=node_mask, waves=info["waves"], row_blocks=info["row_blocks"],
+        edge_stats=True, a_name="graph.adjacency_matrix",
+    )
+    if float(e["row_factor"].min()) < 0.0:
+        return _negative_weights_on_torch(graph, node_threshold, edge_threshold, deterministic)
+    if not np.isfinite(e["edge_sum"]):
+        _check_edge_select(threshold.NON_FINITE, graph)
+    status, edge_mask = _edge_select_cpu(A, node_mask, e, edge_threshold, info["row_blocks"])
+    _check_edge_select(status, graph)
+    _ext.ext.remove_dangling_cpu(edge_mask=edge_mask.data_ptr(), n=n, node_mask=node_mask.data_ptr(),
+                                 n_features=n_features, n_fixed=n_logits + n_tokens)  # fmt: skip
+    return PruneResult(node_mask, edge_mask, reference.cumulative_node_scores(infl))
+
+
+def _prune_dense_device(graph, node_threshold: float, edge_threshold: float, backend: str,
+                        deterministic: bool) -> PruneResult:
+    A, n_tokens, n_logits, n_features = _check_graph(graph)
+    A = _checks.row_major(A, "graph.adjacency_matrix")
+    n = A.shape[0]
+    w = _logit_weights(n, graph.logit_probabilities, A.device)
+    passes = _EDGE_PASSES[backend]
+
+    infl, _ = power_influence_device(A, w, backend, normalize=True, a_name="graph.adjacency_matrix",
+                                     deterministic=deterministic)  # fmt: skip
+    node_mask = _node_mask(infl, node_threshold, n_logits + n_tokens, backend, deterministic)
+    mask_u8 = node_mask.to(torch.uint8)
+    infl2, scale = power_influence_device(A, w, backend, normalize=True, node_mask=node_mask,
+                                          a_name="graph.adjacency_matrix", deterministic=deterministic)  # fmt: skip
+    factor = infl2 + w
+    # The fused rule: S is the scores' exactly accumulated total rounded to float32 (rel_s = 0).
+    sel = threshold.radix_select(
+        lambda level, prefix: passes.hist(A, mask_u8, scale, factor, level, prefix, deterministic=deterministic),
+        n * n, edge_threshold,
+    )
+    if sel.status == threshold.NEGATIVE:
+        return _negative_weights_on_torch(graph, node_threshold, edge_threshold, deterministic)
+    _check_edge_select(sel.status, graph)
+    if sel.status == threshold.ALL_ZERO or sel.clamped:
+        edge_mask = torch.ones((n, n), dtype=torch.bool, device=A.device)
+    else:
+        edge_mask = passes.mask(A, mask_u8, scale, factor, sel.value)
+    reference.remove_dangling_nodes(node_mask, edge_mask, n_features, n_logits + n_tokens)
+    return PruneResult(node_mask, edge_mask, reference.cumulative_node_scores(infl))
+
+
+def _prune_stored(graph, node_threshold: float, edge_threshold: float, backend: str, deterministic: bool):
+    """A top-k graph: its stored edges pruned with its recorded row sums on ``backend``, returned
+    as prune_graph's dense masks."""
+    A = graph.adjacency_matrix
+    logger.info("prune_graph: the graph has row_abs_sum (top-k edge storage); pruning its stored edges with those sums")
+    res = prune_graph_sparse(graph, node_threshold, edge_threshold, backend=backend, deterministic=deterministic)
+    edge_mask = torch.zeros(A.shape, dtype=torch.bool, device=A.device)
+    edge_mask[res.edges.row_indices(), res.edges.col_indices] = True
+    return PruneResult(res.node_mask, edge_mask, res.cumulative_scores)
+
+
+# The launch helpers: ``stored`` is the sparse layout, a top-k graph pruned by prune_graph_sparse.
+
+
+@PRUNE.register("cpu", dtypes=(torch.float32,), layouts=("strided", "sparse"))
+def _prune_cpu(graph, node_threshold, edge_threshold, deterministic, stored):
+    if stored:
+        return _prune_stored(graph, node_threshold, edge_threshold, "cpu", deterministic)
+    return _prune_dense_cpu(graph, node_threshold, edge_threshold, deterministic)
+
+
+@PRUNE.register("cuda", dtypes=(torch.float32,), layouts=("strided", "sparse"))
+def _prune_cuda(graph, node_threshold, edge_threshold, deterministic, stored):
+    if stored:
+        return _prune_stored(graph, node_threshold, edge_threshold, "cuda", deterministic)
+    return _prune_dense_device(graph, node_threshold, edge_threshold, "cuda", deterministic)
+
+
+@PRUNE.register("triton", dtypes=(torch.float32,), layouts=("strided", "sparse"))
+def _prune_triton(graph, node_threshold, edge_threshold, deterministic, stored):
+    if stored:
+        return _prune_stored(graph, node_threshold, edge_threshold, "triton", deterministic)
+    return _prune_dense_device(graph, node_threshold, edge_threshold, "triton", deterministic)
+
+
+@PRUNE.register("torch", layouts=("strided", "sparse"))
+def _prune_torch(graph, node_threshold, edge_threshold, deterministic, stored):
+    # circuit-tracer's code: sorts, cumsums and dense matmuls, fixed-order on every device.
+    if stored:
+        return _prune_stored(graph, node_threshold, edge_threshold, "torch", deterministic)
     A, *_ = _check_graph(graph)
     _checks.check_finite(A, "graph.adjacency_matrix")
     return reference.prune_graph(graph, node_threshold, edge_threshold)
-
-
-class _CudaEdgeKernels:
-    @staticmethod
-    def hist(A, mask_u8, scale, factor, level, prefix):
-        n = A.shape[0]
-        nb = 1 << threshold.SELECT_BITS[level]
-        count = torch.empty(nb, dtype=torch.int64, device=A.device)
-        sums = torch.empty(nb, dtype=torch.float64, device=A.device)
-        stats = torch.zeros(4, dtype=torch.int64, device=A.device)
-        _ext.ext.edge_hist_cuda(
-            A.data_ptr(), _ext.dtype_code(A), n, A.stride(0) if n else n, mask_u8.data_ptr(), scale.data_ptr(),
-            factor.data_ptr(), level, prefix, count.data_ptr(), sums.data_ptr(), stats.data_ptr(),
-            _ext.cuda_stream(A.device),
-        )
-        nnz, mn, flags = threshold.decode_stats(stats)
-        return count.cpu().numpy(), sums.cpu().numpy(), nnz, mn, flags
-
-    @staticmethod
-    def mask(A, mask_u8, scale, factor, thr):
-        n = A.shape[0]
-        out = torch.empty((n, n), dtype=torch.bool, device=A.device)
-        _ext.ext.edge_mask_cuda(
-            A.data_ptr(), _ext.dtype_code(A), n, A.stride(0) if n else n, mask_u8.data_ptr(), scale.data_ptr(),
-            factor.data_ptr(), float(thr), out.data_ptr(), _ext.cuda_stream(A.device),
-        )
-        return out
-
-
-def _edge_kernels(name: str):
-    if name == "cuda":
-        return _CudaEdgeKernels
-    from fastattr.triton_kernels import threshold as tk
-
-    return tk.EdgeKernels
 
 
 def _check_thresholds(node_threshold, edge_threshold) -> tuple[float, float]:
@@ -319,30 +399,25 @@ def _check_not_empty(A: torch.Tensor) -> None:
 
 @_device.guard("graph.adjacency_matrix")
 def prune_graph(
-    graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98, *, backend: str | None = None
+    graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98, *, backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> PruneResult:
     """Keep the nodes and edges that carry the given fractions of influence on the logits.
 
     A drop-in for circuit-tracer's ``prune_graph``: same arguments, the same
     ``PruneResult(node_mask, edge_mask, cumulative_scores)``, computed without N x N temporaries
-    beyond the returned edge mask (see the module docstring for exactness).
+    beyond the returned edge mask (see the module docstring for exactness, backends and
+    ``deterministic``: None follows torch.are_deterministic_algorithms_enabled()).
     """
     node_threshold, edge_threshold = _check_thresholds(node_threshold, edge_threshold)
     A, *_ = _check_graph(graph)
     _check_not_empty(A)
-    if _topk_record(graph) is not None:
-        # Normalising by the stored entries alone would inflate every top-k row's weights.
-        logger.info("prune_graph: the graph has row_abs_sum (top-k edge storage); pruning its stored edges with those sums")
-        res = prune_graph_sparse(graph, node_threshold, edge_threshold, backend=backend)
-        edge_mask = torch.zeros(A.shape, dtype=torch.bool, device=A.device)
-        edge_mask[res.edges.row_indices(), res.edges.col_indices] = True
-        return PruneResult(res.node_mask, edge_mask, res.cumulative_scores)
-    _, impl = _backends.select(
-        "prune_graph", A.device, backend,
-        {"cuda": _prune_cuda, "triton": _prune_triton, "cpu": _prune_cpu, "torch": _prune_torch},
-        dtype=A.dtype, dtype_arg="graph.adjacency_matrix",
-    )
-    return impl(graph, node_threshold, edge_threshold)
+    det = _backends.deterministic(deterministic)
+    # Normalising a top-k graph by its stored entries alone would inflate every row's weights.
+    stored = _topk_record(graph) is not None
+    impl = PRUNE.select(A.device, backend, dtype=A.dtype, layout="sparse" if stored else "strided",
+                        arg="graph.adjacency_matrix")  # fmt: skip
+    return impl.fn(graph, node_threshold, edge_threshold, det, stored)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,8 +439,13 @@ def _error_fractions(A: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 
 @_device.guard("graph.adjacency_matrix")
-def compute_graph_scores(graph: Any, *, backend: str | None = None) -> tuple[float, float]:
-    """(replacement score, completeness score), as circuit-tracer's ``compute_graph_scores``."""
+def compute_graph_scores(graph: Any, *, backend: str | None = None,
+                         deterministic: bool | None = None) -> tuple[float, float]:
+    """(replacement score, completeness score), as circuit-tracer's ``compute_graph_scores``.
+
+    Its one kernel is the node influence: ``backend`` and ``deterministic`` go to
+    :func:`fastattr.compute_node_influence` (``last_backend("compute_node_influence")`` reports it);
+    the error fractions are row-chunked torch reductions on the graph's device."""
     A, n_tokens, n_logits, n_features = _check_graph(graph)
     if not hasattr(graph, "cfg") or not hasattr(graph.cfg, "n_layers"):
         raise TypeError(
@@ -375,7 +455,7 @@ def compute_graph_scores(graph: Any, *, backend: str | None = None) -> tuple[flo
     error_end = error_start + n_tokens * int(graph.cfg.n_layers)
     token_end = error_end + n_tokens
     w = _logit_weights(A.shape[0], graph.logit_probabilities, A.device)
-    node_influence = compute_node_influence(A, w, backend=backend)
+    node_influence = compute_node_influence(A, w, backend=backend, deterministic=deterministic)
     token_influence = node_influence[error_end:token_end].sum()
     error_influence = node_influence[error_start:error_end].sum()
     replacement_score = token_influence / (token_influence + error_influence)
@@ -390,24 +470,123 @@ def compute_graph_scores(graph: Any, *, backend: str | None = None) -> tuple[flo
 # ------------------------------------------------------------------------------------------------
 
 
-def _threshold_fixed_total(scores: torch.Tensor, t: float, backend: str | None) -> tuple[float, bool]:
-    """The crossing value of ``scores`` with the total taken as its exactly rounded double sum (the
-    rule the fused edge threshold uses). Returns (value, keep_all)."""
-    total = float(torch.sum(scores, dtype=torch.float64))
-    if total == 0.0:
-        return 0.0, True
-    if scores.device.type == "cpu" and _ext.ext is not None and backend in (None, "cpu"):
-        status, value, clamped = _ext.ext.select_threshold_cpu(
-            scores.data_ptr(), _ext.dtype_code(scores), scores.numel(), t, 0.0, 0.0, float(np.float32(total))
+@dataclass
+class _SparseGraph:
+    """prune_graph_sparse's checked inputs: stored edges, or a dense adjacency to reduce to its top k."""
+
+    edges: SparseEdges | None
+    adjacency: torch.Tensor | None
+    k: int | None
+    row_abs_sum: torch.Tensor | None  # a top-k graph's recorded full-row sums (replace the stored rows')
+    influence: torch.Tensor | None  # a top-k graph's recorded exact node influence
+    probs: torch.Tensor
+    n: int
+    n_tokens: int
+    n_features: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.edges.device if self.edges is not None else self.adjacency.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.edges.values.dtype if self.edges is not None else self.adjacency.dtype
+
+
+def _check_counts(n: int, n_tokens, n_features, n_logits: int) -> tuple[int, int]:
+    n_tokens = _checks.check_number(n_tokens, "n_tokens", integer=True)
+    n_features = _checks.check_number(n_features, "n_features", integer=True)
+    for arg, v in (("n_tokens", n_tokens), ("n_features", n_features)):
+        if v < 0:
+            raise ValueError(f"{arg}: expected a non-negative count, got {v}")
+    if n_features + n_tokens + n_logits > n:
+        raise ValueError(
+            f"n_features: expected n_features + n_tokens + n_logits <= {n} (the adjacency's size), got "
+            f"{n_features} + {n_tokens} + {n_logits}"
         )
-        if status == threshold.OK:
-            return value, clamped
-    # Reference semantics with the fixed total, by sorting (small inputs, other devices).
-    ordered = torch.sort(scores, descending=True).values
-    cum = torch.cumsum(ordered.double(), 0).float() / torch.tensor(np.float32(total), device=scores.device)
-    idx = int(torch.searchsorted(cum, torch.tensor(t, dtype=torch.float32, device=scores.device)).item())
-    clamped = idx >= ordered.numel()
-    return float(ordered[min(idx, ordered.numel() - 1)]), clamped
+    return n_tokens, n_features
+
+
+def _check_probs(probs, name: str) -> None:
+    _checks.check_tensor(probs, name, ndim=1)
+    if not probs.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {str(probs.dtype).replace('torch.', '')}")
+    _checks.check_finite(probs, name)
+
+
+def _from_sparse_matrix(edges: SparseEdges, logit_probabilities, n_tokens, n_features) -> _SparseGraph:
+    missing = [k for k, v in (("logit_probabilities", logit_probabilities), ("n_tokens", n_tokens),
+                              ("n_features", n_features)) if v is None]  # fmt: skip
+    if missing:
+        raise TypeError(
+            f"{missing[0]}: expected a value when graph is a sparse matrix (pass logit_probabilities, n_tokens and "
+            f"n_features), got None for {', '.join(missing)}"
+        )
+    return _SparseGraph(edges, None, None, None, None, logit_probabilities, edges.shape[0], n_tokens, n_features)
+
+
+def _from_graph(graph, k, n_tokens, n_features) -> _SparseGraph:
+    n_tok, _, n_feat = _sizes(graph)
+    n_tokens = n_tok if n_tokens is None else n_tokens
+    n_features = n_feat if n_features is None else n_features
+    probs = graph.logit_probabilities
+    edges = as_sparse_edges(graph.adjacency_matrix)
+    if edges is not None:
+        return _SparseGraph(edges, None, None, None, None, probs, edges.shape[0], n_tokens, n_features)
+    _check_graph(graph)
+    A = graph.adjacency_matrix
+    record = _topk_record(graph) if k is None else None
+    if record is None:
+        return _SparseGraph(None, A, k, None, None, probs, A.shape[0], n_tokens, n_features)
+    # A top-k graph from fastattr.attribute(edge_storage="topk"): its stored (non-zero) entries with
+    # the row sums it recorded, which cover the edges that were not stored. Graph.to(device) moves
+    # the adjacency but not these O(N) extras: they follow the adjacency.
+    sums = record[0].to(A.device)
+    _checks.check_tensor(sums, "graph.row_abs_sum", ndim=1)
+    _checks.check_shape(sums, "graph.row_abs_sum", (A.shape[0],))
+    _checks.check_finite(sums, "graph.row_abs_sum")
+    infl = record[1]
+    if infl is not None:
+        infl = infl.to(A.device)
+        _checks.check_tensor(infl, "graph.node_influence", ndim=1)
+        _checks.check_shape(infl, "graph.node_influence", (A.shape[0],))
+    return _SparseGraph(None, A, None, sums.float(), infl, probs, A.shape[0], n_tokens, n_features)
+
+
+def _sparse_graph(graph, k, logit_probabilities, n_tokens, n_features) -> _SparseGraph:
+    """prune_graph_sparse's arguments, checked before any kernel runs."""
+    edges = as_sparse_edges(graph)
+    src = (_from_sparse_matrix(edges, logit_probabilities, n_tokens, n_features) if edges is not None
+           else _from_graph(graph, k, n_tokens, n_features))  # fmt: skip
+    sparse_input = edges is not None
+    if src.edges is not None:
+        if src.edges.shape[0] != src.edges.shape[1]:
+            raise ValueError(f"graph: expected a square adjacency, got shape {src.edges.shape}")
+    if src.n == 0:
+        raise _checks.EmptyGraphError(
+            "graph: expected at least one node, got a 0 x 0 adjacency (circuit-tracer's prune_graph fails with "
+            "IndexError here)"
+        )
+    if src.edges is not None:  # user-supplied CSR is indexed by the kernels: its structure first
+        src.edges.validate("graph" if sparse_input else "graph.adjacency_matrix")
+    _check_probs(src.probs, "logit_probabilities" if sparse_input else "graph.logit_probabilities")
+    src.n_tokens, src.n_features = _check_counts(src.n, src.n_tokens, src.n_features, src.probs.numel())
+    return src
+
+
+def _pruned_row_scale(edges: SparseEdges, node_mask: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor,
+                      deterministic: bool) -> torch.Tensor:
+    """max(rowsum, eps) of the pruned graph: kept stored |A| plus the row's unstored |A| (the full
+    row sum minus the stored entries), which counts as input from kept nodes."""
+    n = edges.shape[0]
+    absv = edges.values.abs().double()
+    zeros = torch.zeros(n, dtype=torch.float64, device=edges.device)
+    stored = scatter_add(zeros.clone(), rows, absv, deterministic=deterministic)
+    kept_sum = scatter_add(zeros, rows, torch.where(kept, absv, 0.0), deterministic=deterministic)
+    unstored = (edges.row_abs_sum.double() - stored).clamp(min=0.0)
+    # Relative round-off of the recorded float32 sums is not "unstored mass".
+    unstored = torch.where(unstored > 1e-6 * edges.row_abs_sum.double(), unstored, 0.0)
+    return torch.where(node_mask, kept_sum + unstored, 0.0).float().clamp(min=NORMALIZE_EPS)
 
 
 def _remove_dangling_sparse(rows, cols, node_mask, n_features: int, n_fixed: int) -> torch.Tensor:
@@ -438,6 +617,66 @@ def _remove_dangling_sparse(rows, cols, node_mask, n_features: int, n_fixed: int
         node_mask.copy_(new)
 
 
+def _prune_sparse(src: _SparseGraph, node_threshold: float, edge_threshold: float, backend: str,
+                  deterministic: bool) -> SparsePruneResult:
+    """The sparse pipeline with ``backend``'s selects (module docstring, Backends)."""
+    edges = src.edges
+    if edges is None:
+        edges = topk_edges(src.adjacency, src.k, backend=backend)
+        if src.row_abs_sum is not None:
+            edges = SparseEdges(edges.crow_indices, edges.col_indices, edges.values, src.row_abs_sum, edges.shape)
+    n, dev = src.n, edges.device
+    n_fixed = src.probs.numel() + src.n_tokens
+    w = _logit_weights(n, src.probs, dev)
+    # A recorded influence was accumulated from the full rows while they were written: exact,
+    # whatever the store dropped.
+    infl = (src.influence.float() if src.influence is not None
+            else influence_sparse(edges, w, normalize=True, deterministic=deterministic))  # fmt: skip
+    node_mask = _node_mask(infl, node_threshold, n_fixed, backend, deterministic)
+
+    rows, cols = edges.row_indices(), edges.col_indices
+    kept = node_mask[rows] & node_mask[cols]
+    row_scale = _pruned_row_scale(edges, node_mask, rows, kept, deterministic)
+    factor = influence_sparse(edges, w, normalize=True, node_mask=node_mask, row_scale=row_scale,
+                              deterministic=deterministic) + w  # fmt: skip
+    if bool((factor < 0).any()):
+        raise ValueError("logit_probabilities: expected non-negative logit weights for sparse pruning")
+    a32 = edges.values.abs().float()
+    scores = torch.where(kept, (a32 / row_scale[rows]) * factor[rows], torch.zeros_like(a32))
+    thr, keep_all = threshold.find_threshold_fixed_total(
+        scores, edge_threshold, float(torch.sum(scores, dtype=torch.float64)), backend=backend,
+        deterministic=deterministic,
+    )
+    edge_keep = torch.ones_like(kept) if keep_all else scores >= thr
+    er, ec = rows[edge_keep], cols[edge_keep]
+    survive = _remove_dangling_sparse(er, ec, node_mask, src.n_features, n_fixed)
+    er, ec = er[survive], ec[survive]
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+    crow[1:] = torch.cumsum(torch.bincount(er, minlength=n), 0)
+    kept_edges = SparseEdges(crow, ec, edges.values[edge_keep][survive], edges.row_abs_sum, edges.shape)
+    return SparsePruneResult(node_mask, kept_edges, reference.cumulative_node_scores(infl))
+
+
+@PRUNE_SPARSE.register("cpu", dtypes=(torch.float32,), layouts=("strided", "sparse"))
+def _prune_sparse_cpu(src, node_threshold, edge_threshold, deterministic):
+    return _prune_sparse(src, node_threshold, edge_threshold, "cpu", deterministic)
+
+
+@PRUNE_SPARSE.register("cuda", dtypes=(torch.float32,), layouts=("strided", "sparse"))
+def _prune_sparse_cuda(src, node_threshold, edge_threshold, deterministic):
+    return _prune_sparse(src, node_threshold, edge_threshold, "cuda", deterministic)
+
+
+@PRUNE_SPARSE.register("triton", dtypes=(torch.float32,), layouts=("strided", "sparse"))
+def _prune_sparse_triton(src, node_threshold, edge_threshold, deterministic):
+    return _prune_sparse(src, node_threshold, edge_threshold, "triton", deterministic)
+
+
+@PRUNE_SPARSE.register("torch", layouts=("strided", "sparse"))
+def _prune_sparse_torch(src, node_threshold, edge_threshold, deterministic):
+    return _prune_sparse(src, node_threshold, edge_threshold, "torch", deterministic)
+
+
 @_device.guard("graph", "graph.adjacency_matrix")
 def prune_graph_sparse(
     graph: Any,
@@ -449,6 +688,7 @@ def prune_graph_sparse(
     n_tokens: int | None = None,
     n_features: int | None = None,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> SparsePruneResult:
     """``prune_graph`` for graphs too large for a dense N x N edge mask; the result is CSR.
 
@@ -465,100 +705,13 @@ def prune_graph_sparse(
     then keeps all N^2 entries, here every stored edge). With top-k, the unstored entries are
     treated as weak edges that are never kept: the row sums used for normalisation are still the
     full rows' (unstored |A| counts as input from kept nodes when the graph is pruned), and the
-    cumulative edge fractions are over the stored edges.
+    cumulative edge fractions are over the stored edges. ``backend`` and ``deterministic``: see
+    the module docstring.
     """
     node_threshold, edge_threshold = _check_thresholds(node_threshold, edge_threshold)
-    edges = as_sparse_edges(graph)
-    sparse_input = edges is not None
-    recorded_influence = None
-    if edges is not None:
-        missing = [k for k, v in (("logit_probabilities", logit_probabilities), ("n_tokens", n_tokens),
-                                  ("n_features", n_features)) if v is None]  # fmt: skip
-        if missing:
-            raise TypeError(
-                f"{missing[0]}: expected a value when graph is a sparse matrix (pass logit_probabilities, n_tokens and "
-                f"n_features), got None for {', '.join(missing)}"
-            )
-        probs = logit_probabilities
-    else:
-        n_tok, n_log, n_feat = _sizes(graph)
-        probs = graph.logit_probabilities
-        n_tokens = n_tok if n_tokens is None else n_tokens
-        n_features = n_feat if n_features is None else n_features
-        edges = as_sparse_edges(graph.adjacency_matrix)
-        if edges is None and k is None:
-            edges = _recorded_edges(graph)
-            if edges is not None:
-                recorded_influence = _topk_record(graph)[1]
-        if edges is None:
-            _check_graph(graph)
-            edges = topk_edges(graph.adjacency_matrix, k, backend=backend)
-    probs_name = "logit_probabilities" if sparse_input else "graph.logit_probabilities"
-    n = edges.shape[0]
-    if edges.shape[0] != edges.shape[1]:
-        raise ValueError(f"graph: expected a square adjacency, got shape {edges.shape}")
-    if n == 0:
-        raise _checks.EmptyGraphError(
-            "graph: expected at least one node, got a 0 x 0 adjacency (circuit-tracer's prune_graph fails with "
-            "IndexError here)"
-        )
-    # User-supplied CSR is indexed by the kernels below: its structure is checked first.
-    edges.validate("graph" if sparse_input else "graph.adjacency_matrix")
-    _checks.check_tensor(probs, probs_name, ndim=1)
-    if not probs.is_floating_point():
-        raise TypeError(f"{probs_name}: expected a floating-point tensor, got {str(probs.dtype).replace('torch.', '')}")
-    _checks.check_finite(probs, probs_name)
-    n_logits = probs.numel()
-    n_tokens = _checks.check_number(n_tokens, "n_tokens", integer=True)
-    n_features = _checks.check_number(n_features, "n_features", integer=True)
-    for arg, v in (("n_tokens", n_tokens), ("n_features", n_features)):
-        if v < 0:
-            raise ValueError(f"{arg}: expected a non-negative count, got {v}")
-    if n_features + n_tokens + n_logits > n:
-        raise ValueError(
-            f"n_features: expected n_features + n_tokens + n_logits <= {n} (the adjacency's size), got "
-            f"{n_features} + {n_tokens} + {n_logits}"
-        )
-    dev = edges.device
-    w = _logit_weights(n, probs, dev)
-
-    if recorded_influence is not None:
-        # Accumulated from the full rows while they were written: exact, whatever the store dropped.
-        recorded_influence = recorded_influence.to(dev)
-        _checks.check_tensor(recorded_influence, "graph.node_influence", ndim=1)
-        _checks.check_shape(recorded_influence, "graph.node_influence", (n,))
-        infl = recorded_influence.float()
-    else:
-        infl = influence_sparse(edges, w, normalize=True)
-    node_mask = infl >= threshold.find_threshold(infl, node_threshold, backend=backend)
-    node_mask[-n_logits - n_tokens :] = True
-
-    rows, cols = edges.row_indices(), edges.col_indices
-    absv = edges.values.abs().double()
-    kept = node_mask[rows] & node_mask[cols]
-    stored = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, rows, absv)
-    kept_sum = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, rows, torch.where(kept, absv, 0.0))
-    unstored = (edges.row_abs_sum.double() - stored).clamp(min=0.0)
-    # Relative round-off of the recorded float32 sums is not "unstored mass".
-    unstored = torch.where(unstored > 1e-6 * edges.row_abs_sum.double(), unstored, 0.0)
-    row_scale = torch.where(node_mask, kept_sum + unstored, 0.0).float().clamp(min=NORMALIZE_EPS)
-    infl2 = influence_sparse(edges, w, normalize=True, node_mask=node_mask, row_scale=row_scale)
-    factor = infl2 + w
-    a32 = edges.values.abs().float()
-    scores = torch.where(kept, (a32 / row_scale[rows]) * factor[rows], torch.zeros_like(a32))
-    if bool((factor < 0).any()):
-        raise ValueError("logit_probabilities: expected non-negative logit weights for sparse pruning")
-    thr, keep_all = _threshold_fixed_total(scores, edge_threshold, backend)
-    edge_keep = torch.ones_like(kept) if keep_all else scores >= thr
-    er, ec = rows[edge_keep], cols[edge_keep]
-    survive = _remove_dangling_sparse(er, ec, node_mask, n_features, n_logits + n_tokens)
-    er, ec = er[survive], ec[survive]
-    vals = edges.values[edge_keep][survive]
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
-    crow[1:] = torch.cumsum(torch.bincount(er, minlength=n), 0)
-    kept_edges = SparseEdges(crow, ec, vals, edges.row_abs_sum, edges.shape)
-    return SparsePruneResult(node_mask, kept_edges, reference.cumulative_node_scores(infl))
-
-
-# The kernels reproduce circuit-tracer's float32 rounding; other dtypes run the torch reference.
-_backends.declare_dtypes("prune_graph", ("cuda", "triton", "cpu"), (torch.float32,))
+    src = _sparse_graph(graph, k, logit_probabilities, n_tokens, n_features)
+    det = _backends.deterministic(deterministic)
+    impl = PRUNE_SPARSE.select(src.device, backend, dtype=src.dtype,
+                               layout="sparse" if src.adjacency is None or src.row_abs_sum is not None else "strided",
+                               arg="graph")  # fmt: skip
+    return impl.fn(src, node_threshold, edge_threshold, det)

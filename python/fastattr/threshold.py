@@ -33,8 +33,26 @@ documented source of edge-mask differences from circuit-tracer.
 
 All-zero scores: circuit-tracer divides 0 by 0, its search returns len(scores), the clamp picks the
 last element, so the answer is 0. NaN/Inf scores raise ValueError. Negative scores break the bit
-order; they are handed to the torch reference (exact) with an info log. Dtypes other than float32
-also use the reference (its rounding is dtype-specific), logged at info level.
+order: the select reports them and the torch backend (the sorting reference, exact) runs instead,
+logged at info level and reported by ``last_backend("find_threshold")``. Dtypes other than float32
+are registered to the torch backend only (its rounding is dtype-specific).
+
+One driver. The bucket walk and the crossing test are C++ (``pick_bucket`` and ``crossing_test``
+in csrc/threshold_cpu.cpp); the cpu backend runs its levels in C++, the cuda and triton backends
+run the same walk level by level from :func:`radix_select` over their device histograms.
+tests/test_threshold_drivers.py runs one table of adversarial score vectors through every
+backend's driver and compares each answer bit for bit with ``reference.find_threshold``.
+
+Backends. ``last_backend("find_threshold")`` names the backend whose radix select ran; the
+ambiguous answers it hands to the sort are part of that backend's algorithm (counted in
+:func:`threshold_stats`, sorted on the same device).
+
+Determinism. ``deterministic=True`` (or torch.use_deterministic_algorithms) makes the cuda and
+triton histograms sum each bucket's float32 significands exactly in int64, so every run picks the
+same buckets; by default they add doubles with float atomics, whose order varies, so a cumulative
+sum that ties with the threshold can fall either way (the sort fallback keeps ``find_threshold``
+exact regardless; the fixed-total selects of ``prune_graph`` are where it shows). The cpu kernels
+are deterministic in both modes: static row splits merged in thread order.
 """
 
 from __future__ import annotations
@@ -50,16 +68,26 @@ from fastattr import _backends, _checks, _device, _ext, reference
 
 logger = logging.getLogger("fastattr")
 
-# Must match csrc/graph.h: the digits of the three select levels.
-SELECT_SHIFT = (20, 9, 0)
-SELECT_BITS = (11, 11, 9)
-N_BUCKETS0 = 1 << SELECT_BITS[0]
+FIND_THRESHOLD = _backends.op("find_threshold")
+# prune_graph_sparse's edge threshold: circuit-tracer's rule with the total given (the exactly
+# rounded double sum), which no sort of circuit-tracer's reproduces on N^2 scores.
+FIXED_TOTAL = _backends.op("find_threshold_fixed_total")
 
-# Status codes shared with the compiled kernels (csrc/graph.h SelectStatus).
-OK, AMBIGUOUS, ALL_ZERO, NEGATIVE, NON_FINITE = 0, 1, 2, 3, 4
+_C = _ext.ext
+if _C is not None:
+    # The digits of the select levels and the status codes: csrc/graph.h, through fastattr._C.
+    SELECT_SHIFT: tuple[int, ...] = tuple(_C.select_shift)
+    SELECT_BITS: tuple[int, ...] = tuple(_C.select_bits)
+    OK, AMBIGUOUS, ALL_ZERO, NEGATIVE, NON_FINITE = (
+        _C.select_status[k] for k in ("ok", "ambiguous", "all_zero", "negative", "non_finite")
+    )
+else:  # without the extension only the torch backend runs, and it reads none of these
+    SELECT_SHIFT = SELECT_BITS = ()
+    OK = AMBIGUOUS = ALL_ZERO = NEGATIVE = NON_FINITE = None
 
 _U = 2.0**-24  # float32 unit roundoff
 _UD = 2.0**-53  # float64 unit roundoff
+_INF_BITS = 0x7F800000  # the level-0 minimum's start value in the device statistics
 
 
 @dataclass
@@ -125,78 +153,63 @@ def prefix_error_bound(n: int, device: torch.device) -> float:
     return 2.0 * (n + 4) * _UD
 
 
+def banded_total(n: int, device: torch.device) -> dict[str, float]:
+    """The crossing test's arguments when S is torch.sum's float32 total of n scores on ``device``:
+    the select's own double total widened by torch's rounding bound, the prefixes by the scan's."""
+    return {"rel_s": torch_sum_error_bound(n, device) + 2.0 * (n + 4) * _UD, "dc": prefix_error_bound(n, device),
+            "s_fixed": 0.0}
+
+
 # ------------------------------------------------------------------------------------------------
-# The bucket search, shared by every backend that histograms on the device (cuda, triton).
+# The level-by-level driver of the device backends (cuda, triton) over their histograms.
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CrossingTest:
-    """circuit-tracer's crossing test fl32(fl32(C) / S) >= fl32(t), with S in [s_lo, s_hi]."""
-
-    s_lo: np.float32
-    s_hi: np.float32
-    dc: float
-    t: np.float32
-
-    @staticmethod
-    def exact(total: float, t: float) -> CrossingTest:
-        s = np.float32(total)
-        return CrossingTest(s, s, 0.0, np.float32(t))
-
-    @staticmethod
-    def banded(total: float, n: int, t: float, device: torch.device) -> CrossingTest:
-        rel = torch_sum_error_bound(n, device) + 2.0 * (n + 4) * _UD
-        lo = np.float32(total * (1.0 - rel))
-        hi = np.float32(total * (1.0 + rel))
-        lo = np.nextafter(lo, np.float32(0.0), dtype=np.float32)
-        hi = np.nextafter(hi, np.float32(np.inf), dtype=np.float32)
-        return CrossingTest(lo, hi, prefix_error_bound(n, device), np.float32(t))
-
-    def _test(self, ends: np.ndarray, scale: float, s: np.float32) -> np.ndarray:
-        c = ends * scale if scale != 1.0 else ends
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            q = c.astype(np.float32) / s
-        return q >= self.t
-
-    def early(self, ends: np.ndarray) -> np.ndarray:
-        return self._test(ends, 1.0 + self.dc, self.s_lo)
-
-    def late(self, ends: np.ndarray) -> np.ndarray:
-        return self._test(ends, 1.0 - self.dc, self.s_hi)
 
 
 @dataclass
-class Pick:
-    early: int
-    late: int
-    base_early: float
-    base_late: float
-    count_late: int
+class Hist:
+    """One select level read back from the device: counts and float64 sums per bucket, and the
+    level-0 statistics (later levels leave them at their defaults)."""
+
+    count: np.ndarray
+    sums: np.ndarray
+    nnz: int = 0
+    min_nz: float = 0.0
+    negative: bool = False
+    nonfinite: bool = False
 
 
-def pick_bucket(count: np.ndarray, sums: np.ndarray, base: float, test: CrossingTest, must_cross: bool) -> Pick:
-    """The bucket holding the crossing, walking from the largest values down (as csrc does)."""
-    nz = np.nonzero(count)[0][::-1]
-    if nz.size == 0:
-        return Pick(-1, -1, base, base, 0)
-    # Sequential double accumulation in bucket order, like the C++ loop.
-    ends = np.cumsum(np.concatenate(([base], sums[nz].astype(np.float64))))
-    starts, ends = ends[:-1], ends[1:]
-    e = np.nonzero(test.early(ends))[0]
-    late = np.nonzero(test.late(ends))[0]
-    ie = int(e[0]) if e.size else -1
-    il = int(late[0]) if late.size else -1
-    if must_cross:
-        ie = ie if ie >= 0 else nz.size - 1
-        il = il if il >= 0 else nz.size - 1
-    return Pick(
-        int(nz[ie]) if ie >= 0 else -1,
-        int(nz[il]) if il >= 0 else -1,
-        float(starts[ie]) if ie >= 0 else base,
-        float(starts[il]) if il >= 0 else base,
-        int(count[nz[il]]) if il >= 0 else 0,
-    )
+def hist_buffers(level: int, device: torch.device, deterministic: bool):
+    """(count, sums, stats) for one device histogram level; the kernels overwrite them. ``sums``
+    holds int64 significand sums in deterministic mode, float64 sums otherwise."""
+    nb = 1 << SELECT_BITS[level]
+    count = torch.empty(nb, dtype=torch.int64, device=device)
+    sums = torch.empty(nb, dtype=torch.int64 if deterministic else torch.float64, device=device)
+    stats = torch.empty(4, dtype=torch.int64, device=device)
+    return count, sums, stats
+
+
+def significand_sums(sig: np.ndarray, level: int, prefix: int) -> np.ndarray:
+    """float64 bucket sums from exact significand sums: a bucket's values share the exponent e its
+    digits fix (level 0 holds the whole exponent), value = significand * 2^(max(e, 1) - 150). The
+    int64 -> float64 conversion is the one rounding, the same in every run."""
+    nb = sig.size
+    up = SELECT_SHIFT[level] + SELECT_BITS[level]
+    high = (int(prefix) << up) if up < 32 else 0
+    pattern = np.uint64(high) | (np.arange(nb, dtype=np.uint64) << np.uint64(SELECT_SHIFT[level]))
+    exponent = ((pattern >> np.uint64(23)) & np.uint64(0xFF)).astype(np.int64)
+    return sig.astype(np.float64) * np.ldexp(1.0, np.maximum(exponent, 1) - 150)
+
+
+def decode_hist(count: torch.Tensor, sums: torch.Tensor, stats: torch.Tensor, level: int, prefix: int,
+                deterministic: bool) -> Hist:
+    """A device histogram level as the driver reads it (one copy to the host)."""
+    c = count.cpu().numpy()
+    s = significand_sums(sums.cpu().numpy(), level, prefix) if deterministic else sums.cpu().numpy()
+    if level != 0:
+        return Hist(c, s)
+    st = stats.cpu().tolist()
+    mn = float(np.array([st[1] & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0]) if st[1] != _INF_BITS else 0.0
+    return Hist(c, s, int(st[0]), mn, bool(st[2]), bool(st[3]))
 
 
 @dataclass
@@ -206,30 +219,48 @@ class Selection:
     clamped: bool = False
 
 
-def radix_select(hist_pass, n: int, test_for_total) -> Selection:
-    """Drive the three levels with ``hist_pass(level, prefix) -> (count, sums, nnz, min, flags)``.
+@dataclass(frozen=True)
+class _Pick:
+    early: int
+    late: int
+    base_early: float
+    base_late: float
+    count_late: int
 
-    ``test_for_total(total)`` builds the crossing test once the level-0 total is known. ``flags``
-    (level 0 only) is (negative, nonfinite).
-    """
-    count, sums, nnz, mn, flags = hist_pass(0, 0)
-    negative, nonfinite = flags
-    if nonfinite:
+
+def _pick(h: Hist, level: int, base: float, test: tuple, must_cross: bool) -> _Pick:
+    count = np.ascontiguousarray(h.count, dtype=np.int64)
+    sums = np.ascontiguousarray(h.sums, dtype=np.float64)
+    s_lo, s_hi, dc, t = test
+    return _Pick(*_C.select_pick_bucket(
+        count=count.ctypes.data, sums=sums.ctypes.data, level=level, n_buckets=count.size, base=base, s_lo=s_lo,
+        s_hi=s_hi, dc=dc, t=t, must_cross=must_cross,
+    ))
+
+
+def radix_select(hist_pass, n: int, t: float, *, rel_s: float = 0.0, dc: float = 0.0, s_fixed: float = 0.0) -> Selection:
+    """circuit-tracer's crossing over ``n`` scores, driven level by level with
+    ``hist_pass(level, prefix) -> Hist``. The total S is ``s_fixed`` when positive, else the level-0
+    total (rounded to float32 when ``rel_s`` is 0, widened by ``rel_s`` otherwise); ``dc`` bounds
+    the prefixes' relative error. The bucket walk is csrc's, shared with the cpu backend."""
+    h = hist_pass(0, 0)
+    if h.nonfinite:
         return Selection(NON_FINITE)
-    if negative:
+    if h.negative:
         return Selection(NEGATIVE)
-    if nnz == 0:
+    if h.nnz == 0:
         return Selection(ALL_ZERO, 0.0, True)
-    test = test_for_total(float(np.sum(sums, dtype=np.float64)))
-    p = pick_bucket(count, sums, 0.0, test, False)
+    sums0 = np.ascontiguousarray(h.sums, dtype=np.float64)
+    test = _C.select_crossing_test(sums=sums0.ctypes.data, n_buckets=sums0.size, t=t, rel_s=rel_s, dc=dc,
+                                   s_fixed=s_fixed)
+    p = _pick(h, 0, 0.0, test, False)
     if p.early != p.late:
         return Selection(AMBIGUOUS)
     if p.late < 0:
-        return Selection(OK, 0.0 if nnz < n else float(mn), True)
+        return Selection(OK, 0.0 if h.nnz < n else h.min_nz, True)
     prefix, base = p.late, p.base_late
-    for level in (1, 2):
-        count, sums, _, _, _ = hist_pass(level, prefix)
-        p = pick_bucket(count, sums, base, test, True)
+    for level in range(1, len(SELECT_BITS)):
+        p = _pick(hist_pass(level, prefix), level, base, test, True)
         if p.early != p.late or p.late < 0:
             return Selection(AMBIGUOUS)
         prefix = (prefix << SELECT_BITS[level]) | p.late
@@ -239,15 +270,62 @@ def radix_select(hist_pass, n: int, test_for_total) -> Selection:
 
 
 # ------------------------------------------------------------------------------------------------
+# Launch helpers: one per backend, the only callers of their kernels.
+# ------------------------------------------------------------------------------------------------
+
+
+def _select_cpu(scores: torch.Tensor, t: float, *, rel_s: float, dc: float, s_fixed: float) -> Selection:
+    """The cpu backend's whole select (every level in C++)."""
+    status, value, clamped = _C.select_threshold_cpu(
+        scores=scores.data_ptr(), scores_dtype=_ext.dtype_code(scores), n=scores.numel(), t=t, rel_s=rel_s, dc=dc,
+        s_fixed=s_fixed,
+    )
+    return Selection(status, value, clamped)
+
+
+def _hist_1d_cuda(scores: torch.Tensor, level: int, prefix: int, *, deterministic: bool) -> Hist:
+    count, sums, stats = hist_buffers(level, scores.device, deterministic)
+    _C.hist_1d_cuda(
+        scores=scores.data_ptr(), scores_dtype=_ext.dtype_code(scores), n=scores.numel(), level=level, prefix=prefix,
+        count=count.data_ptr(), sums=0 if deterministic else sums.data_ptr(),
+        sig_sums=sums.data_ptr() if deterministic else 0, stats=stats.data_ptr(), deterministic=deterministic,
+        stream=_ext.cuda_stream(scores.device),
+    )
+    return decode_hist(count, sums, stats, level, prefix, deterministic)
+
+
+def _hist_1d_triton(scores: torch.Tensor, level: int, prefix: int, *, deterministic: bool) -> Hist:
+    from fastattr.triton_kernels import threshold as tk
+
+    count, sums, stats = hist_buffers(level, scores.device, deterministic)
+    tk.hist_1d(scores, level, prefix, count, sums, stats, deterministic=deterministic)
+    return decode_hist(count, sums, stats, level, prefix, deterministic)
+
+
+_DEVICE_HIST = {"cuda": _hist_1d_cuda, "triton": _hist_1d_triton}
+
+
+def select_1d(scores: torch.Tensor, t: float, backend: str, *, deterministic: bool, rel_s: float, dc: float,
+              s_fixed: float) -> Selection:
+    """One backend's radix select over contiguous float32 ``scores`` (no fallback): the C++ select
+    on cpu, :func:`radix_select` over the backend's histograms on cuda and triton."""
+    if backend == "cpu":
+        return _select_cpu(scores, t, rel_s=rel_s, dc=dc, s_fixed=s_fixed)
+    hist = _DEVICE_HIST[backend]
+    return radix_select(lambda level, prefix: hist(scores, level, prefix, deterministic=deterministic),
+                        scores.numel(), t, rel_s=rel_s, dc=dc, s_fixed=s_fixed)
+
+
+# ------------------------------------------------------------------------------------------------
 # find_threshold
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_scores(scores, threshold) -> float:
+def _check_scores(scores, threshold, *, allow_empty: bool = False) -> float:
     _checks.check_tensor(scores, "scores", ndim=1)
     if not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor, got {str(scores.dtype).replace('torch.', '')}")
-    if scores.numel() == 0:
+    if scores.numel() == 0 and not allow_empty:
         raise _checks.EmptyGraphError("scores: expected a non-empty tensor, got 0 elements")
     threshold = _checks.check_number(threshold, "threshold")
     if not math.isfinite(threshold):
@@ -255,120 +333,133 @@ def _check_scores(scores, threshold) -> float:
     return threshold
 
 
-def _fallback(scores: torch.Tensor, threshold: float, why: str) -> torch.Tensor:
-    logger.info("find_threshold: %s; using the sorting reference", why)
-    return reference.find_threshold(scores, threshold)
-
-
-def _finish(scores: torch.Tensor, threshold: float, sel: Selection) -> torch.Tensor:
-    _stats.calls += 1
-    if sel.status == NON_FINITE:
-        _checks.check_finite(scores, "scores")
-        raise ValueError("scores: expected finite values")  # pragma: no cover - check_finite raised
-    if sel.status == NEGATIVE:
-        return _fallback(scores, threshold, "negative scores break the radix order")
-    if sel.status == AMBIGUOUS:
-        _stats.fallbacks += 1
-        logger.debug("find_threshold: the answer depends on torch's rounding of the total; sorting")
-        return reference.find_threshold(scores, threshold)
-    return torch.tensor(sel.value, dtype=scores.dtype, device=scores.device)
-
-
-def _find_threshold_cpu(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    scores = scores.contiguous()
-    n = scores.numel()
-    # The kernel takes S as its own double sum widened by torch's rounding bound.
-    rel = torch_sum_error_bound(n, scores.device) + 2.0 * (n + 4) * _UD
-    status, value, clamped = _ext.ext.select_threshold_cpu(
-        scores.data_ptr(), _ext.dtype_code(scores), n, threshold, rel, prefix_error_bound(n, scores.device), 0.0
-    )
-    return _finish(scores, threshold, Selection(status, value, clamped))
-
-
 def _sort_limit(device: torch.device) -> float:
     """The most elements circuit-tracer's ``torch.sort`` accepts on ``device``."""
     return 2**31 - 1 if device.type == "cuda" else math.inf
 
 
-def _find_threshold_device(scores: torch.Tensor, threshold: float, hist_1d) -> torch.Tensor:
+def _as_tensor(value: float, scores: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=scores.dtype, device=scores.device)
+
+
+def _radix_find_threshold(scores: torch.Tensor, threshold: float, backend: str, deterministic: bool) -> torch.Tensor:
+    """find_threshold on a radix-select backend: the select, then what its status calls for."""
     scores = scores.contiguous()
     n = scores.numel()
-    hist = lambda level, prefix: hist_1d(scores, level, prefix)  # noqa: E731
-    sel = radix_select(hist, n, lambda total: CrossingTest.banded(total, n, threshold, scores.device))
+    sel = select_1d(scores, threshold, backend, deterministic=deterministic, **banded_total(n, scores.device))
+    _stats.calls += 1
+    if sel.status == NON_FINITE:
+        _checks.check_finite(scores, "scores")
+        raise ValueError("scores: expected finite values")  # pragma: no cover - check_finite raised
+    if sel.status == NEGATIVE:
+        logger.info("find_threshold: negative scores break the radix order; running the torch backend")
+        return FIND_THRESHOLD.select(scores.device, "torch", dtype=scores.dtype, arg="scores").fn(
+            scores, threshold, deterministic)
     if sel.status == AMBIGUOUS and n > _sort_limit(scores.device):
         # circuit-tracer's own sort rejects this many elements, so there is no value of its to
         # match: use the exactly rounded total, the rule of the fused edge threshold.
         logger.info("find_threshold: %d scores exceed torch.sort's limit; the total is the exactly rounded sum", n)
-        _stats.calls += 1
         _stats.exact_total += 1
-        sel = radix_select(hist, n, lambda total: CrossingTest.exact(total, threshold))
-        if sel.status == ALL_ZERO:
-            return torch.tensor(0.0, dtype=scores.dtype, device=scores.device)
-        if sel.status != OK:
+        sel = select_1d(scores, threshold, backend, deterministic=deterministic, rel_s=0.0, dc=0.0, s_fixed=0.0)
+        if sel.status not in (OK, ALL_ZERO):
             raise RuntimeError(f"find_threshold: histogram passes disagree with a fixed total (status {sel.status})")
-        return torch.tensor(sel.value, dtype=scores.dtype, device=scores.device)
-    return _finish(scores, threshold, sel)
+    elif sel.status == AMBIGUOUS:
+        _stats.fallbacks += 1
+        logger.debug("find_threshold: the answer depends on torch's rounding of the total; sorting")
+        return reference.find_threshold(scores, threshold)
+    return _as_tensor(sel.value, scores)
 
 
-def _find_threshold_cuda(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    return _find_threshold_device(scores, threshold, _hist_1d_cuda)
+@FIND_THRESHOLD.register("cpu", dtypes=(torch.float32,))
+def _find_threshold_cpu(scores: torch.Tensor, threshold: float, deterministic: bool) -> torch.Tensor:
+    return _radix_find_threshold(scores, threshold, "cpu", deterministic)
 
 
-def _find_threshold_triton(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    from fastattr.triton_kernels import threshold as tk
-
-    return _find_threshold_device(scores, threshold, tk.hist_1d)
-
-
-def decode_stats(stats: torch.Tensor) -> tuple[int, float, tuple[bool, bool]]:
-    """[nnz, bits of the smallest non-zero, any negative, any non-finite] from the device kernels."""
-    st = stats.cpu().tolist()
-    mn = float(np.array([st[1] & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0])
-    return int(st[0]), mn, (bool(st[2]), bool(st[3]))
+@FIND_THRESHOLD.register("cuda", dtypes=(torch.float32,))
+def _find_threshold_cuda(scores: torch.Tensor, threshold: float, deterministic: bool) -> torch.Tensor:
+    return _radix_find_threshold(scores, threshold, "cuda", deterministic)
 
 
-def _hist_1d_cuda(scores: torch.Tensor, level: int, prefix: int):
-    nb = 1 << SELECT_BITS[level]
-    count = torch.empty(nb, dtype=torch.int64, device=scores.device)
-    sums = torch.empty(nb, dtype=torch.float64, device=scores.device)
-    stats = torch.zeros(4, dtype=torch.int64, device=scores.device)
-    _ext.ext.hist_1d_cuda(
-        scores.data_ptr(), _ext.dtype_code(scores), scores.numel(), level, prefix,
-        count.data_ptr(), sums.data_ptr(), stats.data_ptr(), _ext.cuda_stream(scores.device),
-    )
-    nnz, mn, flags = decode_stats(stats)
-    return count.cpu().numpy(), sums.cpu().numpy(), nnz, mn, flags
+@FIND_THRESHOLD.register("triton", dtypes=(torch.float32,))
+def _find_threshold_triton(scores: torch.Tensor, threshold: float, deterministic: bool) -> torch.Tensor:
+    return _radix_find_threshold(scores, threshold, "triton", deterministic)
 
 
-@_device.guard("scores")
-def find_threshold(scores: torch.Tensor, threshold: float, *, backend: str | None = None) -> torch.Tensor:
-    """The smallest score kept when keeping the top scores up to a cumulative fraction ``threshold``.
-
-    Exactly circuit-tracer's ``find_threshold`` (a 0-d tensor of ``scores``' dtype and device), found
-    by radix select instead of a sort. ``scores`` must be 1-D and finite.
-    """
-    threshold = _check_scores(scores, threshold)
-    _, impl = _backends.select(
-        "find_threshold",
-        scores.device,
-        backend,
-        {
-            "cuda": _find_threshold_cuda,
-            "triton": _find_threshold_triton,
-            "cpu": _find_threshold_cpu,
-            "torch": _find_threshold_torch,
-        },
-        dtype=scores.dtype,
-        dtype_arg="scores",
-    )
-    return impl(scores, threshold)
-
-
-def _find_threshold_torch(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+@FIND_THRESHOLD.register("torch")
+def _find_threshold_torch(scores: torch.Tensor, threshold: float, deterministic: bool) -> torch.Tensor:
+    # torch.sort, cumsum and sum: fixed-order on every device, so deterministic in both modes.
     _checks.check_finite(scores, "scores")
     return reference.find_threshold(scores, threshold)
 
 
-# The radix select orders float32 bit patterns and reproduces float32 rounding; other dtypes round
-# differently and run the sorting reference.
-_backends.declare_dtypes("find_threshold", ("cuda", "triton", "cpu"), (torch.float32,))
+@_device.guard("scores")
+def find_threshold(scores: torch.Tensor, threshold: float, *, backend: str | None = None,
+                   deterministic: bool | None = None) -> torch.Tensor:
+    """The smallest score kept when keeping the top scores up to a cumulative fraction ``threshold``.
+
+    Exactly circuit-tracer's ``find_threshold`` (a 0-d tensor of ``scores``' dtype and device), found
+    by radix select instead of a sort. ``scores`` must be 1-D and finite. ``deterministic`` (None:
+    torch.are_deterministic_algorithms_enabled()) makes the device histograms order-independent.
+    """
+    threshold = _check_scores(scores, threshold)
+    det = _backends.deterministic(deterministic)
+    impl = FIND_THRESHOLD.select(scores.device, backend, dtype=scores.dtype, arg="scores")
+    return impl.fn(scores, threshold, det)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fixed-total variant (prune_graph_sparse's edge threshold)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fixed_total_radix(scores: torch.Tensor, threshold: float, s: np.float32, backend: str,
+                       deterministic: bool) -> tuple[float, bool]:
+    sel = select_1d(scores.contiguous(), threshold, backend, deterministic=deterministic, rel_s=0.0, dc=0.0,
+                    s_fixed=float(s))
+    if sel.status == ALL_ZERO:
+        return 0.0, True
+    if sel.status == NON_FINITE:
+        _checks.check_finite(scores, "scores")
+    if sel.status != OK:  # negative scores, or passes that disagree with one fixed total
+        raise RuntimeError(f"find_threshold_fixed_total: the {backend} select ended with status {sel.status}")
+    return sel.value, sel.clamped
+
+
+@FIXED_TOTAL.register("cpu", dtypes=(torch.float32,))
+def _fixed_total_cpu(scores, threshold, s, deterministic):
+    return _fixed_total_radix(scores, threshold, s, "cpu", deterministic)
+
+
+@FIXED_TOTAL.register("cuda", dtypes=(torch.float32,))
+def _fixed_total_cuda(scores, threshold, s, deterministic):
+    return _fixed_total_radix(scores, threshold, s, "cuda", deterministic)
+
+
+@FIXED_TOTAL.register("triton", dtypes=(torch.float32,))
+def _fixed_total_triton(scores, threshold, s, deterministic):
+    return _fixed_total_radix(scores, threshold, s, "triton", deterministic)
+
+
+@FIXED_TOTAL.register("torch")
+def _fixed_total_torch(scores, threshold, s, deterministic):
+    """circuit-tracer's operations with the total replaced by ``s``: sort, cumsum, searchsorted."""
+    _checks.check_finite(scores, "scores")
+    ordered = torch.sort(scores, descending=True).values
+    cum = torch.cumsum(ordered.double(), 0).float() / torch.tensor(s, device=scores.device)
+    idx = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=torch.float32, device=scores.device)).item())
+    return float(ordered[min(idx, ordered.numel() - 1)]), idx >= ordered.numel()
+
+
+@_device.guard("scores")
+def find_threshold_fixed_total(scores: torch.Tensor, threshold: float, total: float, *, backend: str | None = None,
+                               deterministic: bool | None = None) -> tuple[float, bool]:
+    """circuit-tracer's crossing with the total S = fl32(``total``) instead of torch.sum's float32
+    total: (value, keep_all). keep_all when S is 0 or no prefix reaches ``threshold`` (the search
+    clamps; no scores have S = 0). ``scores`` are non-negative and finite."""
+    threshold = _check_scores(scores, threshold, allow_empty=True)
+    det = _backends.deterministic(deterministic)
+    impl = FIXED_TOTAL.select(scores.device, backend, dtype=scores.dtype, arg="scores")
+    s = np.float32(total)
+    if s == 0.0 or scores.numel() == 0:
+        return 0.0, True
+    return impl.fn(scores, threshold, s, det)

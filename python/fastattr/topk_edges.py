@@ -9,6 +9,11 @@ one: with k >= the number of non-zeros per row, every sparse computation equals 
 Ties in |weight| are broken by the lower column index (deterministic on every backend); zeros are
 never stored, so rows with fewer than k non-zeros keep all of them; within a row the kept edges are
 sorted by column.
+
+Every backend is deterministic as it stands, so the op takes no ``deterministic`` flag: the row sums
+are fixed-order reductions (a double loop on cpu, block reductions on cuda, ``tl.sum`` on triton) and
+the only atomics are integer ones (bucket counts, the non-finite flag), whose result does not depend
+on their order.
 """
 
 from __future__ import annotations
@@ -34,10 +39,20 @@ def _check_adjacency(adjacency, k) -> int | None:
     return k
 
 
+TOPK_EDGES = _backends.op("topk_edges")
+
+
 def _row_major(a: torch.Tensor) -> torch.Tensor:
     return _checks.row_major(a, "adjacency")
 
 
+def _csr_offsets(row_len: torch.Tensor) -> tuple[torch.Tensor, int]:
+    crow = torch.zeros(row_len.numel() + 1, dtype=torch.int64, device=row_len.device)
+    torch.cumsum(row_len, 0, out=crow[1:])
+    return crow, int(crow[-1].item())
+
+
+@TOPK_EDGES.register("torch")
 def _topk_torch(a: torch.Tensor, k: int | None) -> SparseEdges:
     _checks.check_finite(a, "adjacency")
     n, m = a.shape
@@ -59,66 +74,68 @@ def _topk_torch(a: torch.Tensor, k: int | None) -> SparseEdges:
     return SparseEdges(crow, cols, a[rows, cols].float(), row_abs_sum, (n, m))
 
 
+@TOPK_EDGES.register("cpu", dtypes=(torch.float32,))
 def _topk_cpu(a: torch.Tensor, k: int | None) -> SparseEdges:
     a = _row_major(a)
     n, m = a.shape
-    kk = -1 if k is None else k
     row_len = torch.empty(n, dtype=torch.int64)
     row_abs_sum = torch.empty(n, dtype=torch.float32)
     bad = _ext.ext.topk_count_cpu(
-        a.data_ptr(), _ext.dtype_code(a), n, m, a.stride(0), kk, row_len.data_ptr(), row_abs_sum.data_ptr()
+        a=a.data_ptr(), a_dtype=_ext.dtype_code(a), rows=n, cols=m, lda=a.stride(0), k=-1 if k is None else k,
+        row_len=row_len.data_ptr(), row_abs_sum=row_abs_sum.data_ptr(),
     )
     if bad:
         _checks.check_finite(a, "adjacency")
-    crow = torch.zeros(n + 1, dtype=torch.int64)
-    torch.cumsum(row_len, 0, out=crow[1:])
-    nnz = int(crow[-1])
+    crow, nnz = _csr_offsets(row_len)
     col = torch.empty(nnz, dtype=torch.int64)
     val = torch.empty(nnz, dtype=torch.float32)
     _ext.ext.topk_fill_cpu(
-        a.data_ptr(), _ext.dtype_code(a), n, m, a.stride(0), kk, crow.data_ptr(), nnz, col.data_ptr(), val.data_ptr()
+        a=a.data_ptr(), a_dtype=_ext.dtype_code(a), rows=n, cols=m, lda=a.stride(0), crow=crow.data_ptr(), nnz=nnz,
+        col_indices=col.data_ptr(), values=val.data_ptr(),
     )
     return SparseEdges(crow, col, val, row_abs_sum, (n, m))
 
 
+@TOPK_EDGES.register("cuda", dtypes=(torch.float32,))
 def _topk_cuda(a: torch.Tensor, k: int | None) -> SparseEdges:
     a = _row_major(a)
     n, m = a.shape
-    kk = -1 if k is None else k
     stream = _ext.cuda_stream(a.device)
     row_len = torch.empty(n, dtype=torch.int64, device=a.device)
     row_abs_sum = torch.empty(n, dtype=torch.float32, device=a.device)
     flags = torch.zeros(1, dtype=torch.int32, device=a.device)
     _ext.ext.topk_count_cuda(
-        a.data_ptr(), _ext.dtype_code(a), n, m, a.stride(0), kk, row_len.data_ptr(), row_abs_sum.data_ptr(),
-        flags.data_ptr(), stream,
+        a=a.data_ptr(), a_dtype=_ext.dtype_code(a), rows=n, cols=m, lda=a.stride(0), k=-1 if k is None else k,
+        row_len=row_len.data_ptr(), row_abs_sum=row_abs_sum.data_ptr(), flags=flags.data_ptr(), stream=stream,
     )
     if int(flags.item()):
         _checks.check_finite(a, "adjacency")
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=a.device)
-    torch.cumsum(row_len, 0, out=crow[1:])
-    nnz = int(crow[-1].item())
+    crow, nnz = _csr_offsets(row_len)
     col = torch.empty(nnz, dtype=torch.int64, device=a.device)
     val = torch.empty(nnz, dtype=torch.float32, device=a.device)
     _ext.ext.topk_fill_cuda(
-        a.data_ptr(), _ext.dtype_code(a), n, m, a.stride(0), kk, crow.data_ptr(), nnz, col.data_ptr(),
-        val.data_ptr(), stream,
+        a=a.data_ptr(), a_dtype=_ext.dtype_code(a), rows=n, cols=m, lda=a.stride(0), crow=crow.data_ptr(), nnz=nnz,
+        col_indices=col.data_ptr(), values=val.data_ptr(), stream=stream,
     )
     return SparseEdges(crow, col, val, row_abs_sum, (n, m))
 
 
+@TOPK_EDGES.register("triton", dtypes=(torch.float32,))
 def _topk_triton(a: torch.Tensor, k: int | None) -> SparseEdges:
     from fastattr.triton_kernels import topk_edges as tk
 
     a = _row_major(a)
     n, m = a.shape
-    row_len, row_abs_sum, bad = tk.topk_count(a, -1 if k is None else k)
-    if bad:
+    row_len = torch.empty(n, dtype=torch.int64, device=a.device)
+    row_abs_sum = torch.empty(n, dtype=torch.float32, device=a.device)
+    flags = torch.zeros(1, dtype=torch.int32, device=a.device)
+    tk.topk_count(a, -1 if k is None else k, row_len, row_abs_sum, flags)
+    if int(flags.item()):
         _checks.check_finite(a, "adjacency")
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=a.device)
-    torch.cumsum(row_len, 0, out=crow[1:])
-    nnz = int(crow[-1].item())
-    col, val = tk.topk_fill(a, -1 if k is None else k, crow, nnz)
+    crow, nnz = _csr_offsets(row_len)
+    col = torch.empty(nnz, dtype=torch.int64, device=a.device)
+    val = torch.empty(nnz, dtype=torch.float32, device=a.device)
+    tk.topk_fill(a, crow, col, val)
     return SparseEdges(crow, col, val, row_abs_sum, (n, m))
 
 
@@ -130,15 +147,5 @@ def topk_edges(adjacency: torch.Tensor, k: int | None, *, backend: str | None = 
     order; ``row_abs_sum`` is the exact |A| sum of the full dense row.
     """
     k = _check_adjacency(adjacency, k)
-    _, impl = _backends.select(
-        "topk_edges",
-        adjacency.device,
-        backend,
-        {"cuda": _topk_cuda, "triton": _topk_triton, "cpu": _topk_cpu, "torch": _topk_torch},
-        dtype=adjacency.dtype,
-        dtype_arg="adjacency",
-    )
-    return impl(adjacency, k)
-
-
-_backends.declare_dtypes("topk_edges", ("cuda", "triton", "cpu"), (torch.float32,))
+    impl = TOPK_EDGES.select(adjacency.device, backend, dtype=adjacency.dtype, arg="adjacency")
+    return impl.fn(adjacency, k)
