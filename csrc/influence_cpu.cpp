@@ -59,6 +59,17 @@ namespace {
 
 using graphk::Kernels;
 
+// Threads of the current team: OpenMP may give fewer than num_threads asked for (a thread limit,
+// dynamic adjustment, or a call from inside another parallel region), so partitions and merges
+// use the team actually running.
+inline int team_size() {
+#ifdef FASTATTR_WITH_OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 
 // Scratch of one thread for one sweep.
 struct Scratch {
@@ -143,7 +154,7 @@ bool Sweep::prepare() {
   count.assign(n, 0);
 #pragma omp parallel num_threads(T) reduction(|| : bad)
   {
-    const int t = thread_id();
+    const int t = thread_id(), nt = team_size();
     std::vector<std::int32_t>& c = cnt[t];
     c.assign(n, 0);
 #pragma omp for schedule(static)
@@ -161,7 +172,7 @@ bool Sweep::prepare() {
 #pragma omp for schedule(static)
     for (std::int64_t j = 0; j < n; ++j) {
       std::int32_t total = 0;
-      for (int u = 0; u < T; ++u) total += cnt[u][j];
+      for (int u = 0; u < nt; ++u) total += cnt[u][j];
       count[j] = total;
     }
   }
@@ -321,9 +332,9 @@ bool Sweep::wave_serial(const std::vector<std::int32_t>& wave, Scratch& s, std::
   return true;
 }
 
-// A large wave on T threads: thread t sweeps rows [R t / T, R (t + 1) / T) of the wave into its own
-// accumulators, then each thread reduces a range of columns over the T accumulators in thread
-// order, so the sums do not depend on timing.
+// A large wave on up to T threads (nt of them given): thread t sweeps rows [R t / nt, R (t + 1) / nt)
+// of the wave into its own accumulators, then each thread reduces a range of columns over the nt
+// accumulators in thread order, so the sums do not depend on timing.
 bool Sweep::wave_parallel(const std::vector<std::int32_t>& wave, int T, std::vector<Scratch>& scratch,
                           std::vector<std::int32_t>& next) {
   const std::int64_t R = (std::int64_t)wave.size();
@@ -331,22 +342,22 @@ bool Sweep::wave_parallel(const std::vector<std::int32_t>& wave, int T, std::vec
   bool bad = false;
 #pragma omp parallel num_threads(T) reduction(|| : bad)
   {
-    const int t = thread_id();
+    const int t = thread_id(), nt = team_size();
     Scratch& s = scratch[t];
     if (s.acc.size() != (size_t)n) s.acc.assign(n, 0.0);
     if (s.len.size() != (size_t)n) s.len.assign(n, -1);
     if (counting && s.dec.size() != (size_t)n) s.dec.assign(n, 0);
-    const std::int64_t lo = R * t / T, hi = R * (t + 1) / T;
+    const std::int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
     for (std::int64_t q = lo; q < hi && !bad; ++q) {
       if (!row(wave[q], s.acc.data(), counting ? s.dec.data() : nullptr, s.len.data(), s)) bad = true;
     }
 #pragma omp barrier
-    const std::int64_t c0 = n * t / T, c1 = n * (t + 1) / T;
+    const std::int64_t c0 = n * t / nt, c1 = n * (t + 1) / nt;
     std::vector<std::int32_t>& mine = found[t];
     for (std::int64_t j = c0; j < c1; ++j) {
       double a = 0.0;
       std::int32_t d = 0, l = len[j];
-      for (int u = 0; u < T; ++u) {
+      for (int u = 0; u < nt; ++u) {
         Scratch& o = scratch[u];
         a += o.acc[j];
         o.acc[j] = 0.0;
@@ -492,13 +503,13 @@ void edge_stats_pass(const InfluenceArgs& args, const std::vector<float>& colmas
   const int T = graphk::threads_for(n * n);
   const Kernels& k = Kernels::get();
   std::vector<SelectHist> hists(T);
+  for (SelectHist& h : hists) h.clear();  // every one is merged, also those of threads not given
   std::vector<double> sums(T, 0.0);
   std::vector<std::int64_t> nnz(T, 0);
   std::vector<float> mins(T, std::numeric_limits<float>::infinity());
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
-    hists[t].clear();
     float buf[graphk::kBlockCols];
 #pragma omp for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {

@@ -4,7 +4,11 @@ identical from run to run and equal the reference within float32 rounding."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from fastattr import _backends, _ext, edge_store, influence, reference
 from fastattr._backends import BackendDtypeError, BackendLayoutError, BackendUnavailableError
 from fastattr._checks import NonFiniteInfluenceError
 
-from helpers import backend_params, logit_weights, random_graph
+from helpers import backend_params, logit_weights, random_graph, shuffle_features
 
 KINDS = ["dense", "sparse_edges", "torch_csr", "float64", "float16"]
 SPARSE_KINDS = ("sparse_edges", "torch_csr")
@@ -281,15 +285,39 @@ def test_cuda_glue_passes_the_flag_by_keyword(monkeypatch):
     assert all(kw["a"] == A.data_ptr() and kw["n"] == 5 and kw["m"] == 4 and kw["absolute"] is True for kw in calls)
 
 
-def test_cpu_sweep_is_bitwise_repeatable_on_wide_waves():
-    """The multi-thread Kahn waves (shuffled features, N ~ 2.4k): static row partitions reduced in
-    thread order, so the same bits every run."""
-    from helpers import shuffle_features
+# Kahn's waves (shuffled features) on a graph with N^2 >= 2^24, where the sweep uses threads.
+_WIDE = "shuffle_features(random_graph(seed=21, n_layers=2, n_pos=8, feats_per=600), seed=1)"
 
-    graph = shuffle_features(random_graph(seed=21, n_layers=2, n_pos=8, feats_per=300), seed=1)
+
+def test_cpu_sweep_is_bitwise_repeatable_on_wide_waves():
+    """Shuffled features force Kahn's waves; at N ~ 4.4k (N^2 >= 2^24) they run on every thread:
+    static row partitions reduced in thread order, so the same bits every run."""
+    graph = shuffle_features(random_graph(seed=21, n_layers=2, n_pos=8, feats_per=600), seed=1)
     A, w = graph.adjacency_matrix, logit_weights(graph)
-    runs = [influence.influence_cpu(A, w, normalize=True)[0] for _ in range(3)]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    runs = [influence.influence_cpu(A, w, normalize=True, record_waves=True) for _ in range(3)]
+    assert 0 < runs[0][1]["waves"][2] < A.shape[0]
+    assert all(torch.equal(runs[0][0], r[0]) for r in runs[1:])
+    assert rel_err(runs[0][0], reference.compute_node_influence(A.double(), w.double())) <= 1e-7
+
+
+def test_cpu_sweep_with_fewer_threads_than_asked():
+    """OpenMP may give a parallel region fewer threads than asked (here OMP_THREAD_LIMIT=1): the
+    waves are split among the threads that run, and every row is swept."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from helpers import logit_weights, random_graph, shuffle_features
+from fastattr import influence, reference
+graph = {_WIDE}
+A, w = graph.adjacency_matrix, logit_weights(graph)
+got = influence.influence_cpu(A, w, normalize=True)[0].double()
+ref = reference.compute_node_influence(A.double(), w.double())
+print(float((got - ref).abs().max() / ref.abs().max()))
+"""
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-7
 
 
 # ------------------------------------------------------------------------------------------------
