@@ -292,11 +292,12 @@ def _wave_buffers(n: int, waves, record_waves: bool):
 
 
 def _edge_stat_buffers(n: int) -> dict[str, torch.Tensor]:
+    buckets = 1 << _ext.ext.select_bits[0]  # the radix select's level-0 histogram (csrc/graph.h)
     return {
         "row_scale": torch.empty(n, dtype=torch.float32),
         "row_factor": torch.empty(n, dtype=torch.float32),
-        "hist_count": torch.empty(1 << 11, dtype=torch.int64),
-        "hist_sum": torch.empty(1 << 11, dtype=torch.float64),
+        "hist_count": torch.empty(buckets, dtype=torch.int64),
+        "hist_sum": torch.empty(buckets, dtype=torch.float64),
     }
 
 
@@ -325,7 +326,7 @@ def influence_cpu(
     order, wave_ptr, n_waves, reuse = _wave_buffers(n, waves, record_waves)
     if record_waves and row_blocks is None:
         # Bitmaps of each row's non-zero 64-column blocks, reused by the passes on the pruned graph.
-        row_blocks = torch.empty((n, -(-n // 4096)), dtype=torch.int64)
+        row_blocks = torch.empty((n, -(-n // _ext.ext.cols_per_block_word)), dtype=torch.int64)
     elif not reuse:
         row_blocks = None  # recorded by the first pass only
     stats = _edge_stat_buffers(n) if edge_stats else dict.fromkeys(("row_scale", "row_factor", "hist_count", "hist_sum"))
