@@ -17,6 +17,12 @@ the call) and ``bytes_per_element`` = that / N^2; for ``prune_graph`` the number
 mask entries that differ from circuit-tracer's (``mask_mismatches``); for influences the max
 relative error. ``find_threshold`` runs on the node influences (N values) and on the flattened edge
 scores of the pruned graph (N^2 values, given materialised, as circuit-tracer builds them).
+
+``prune_graph`` and ``find_threshold`` run each backend twice: ``deterministic=False`` (impl
+``<backend>``) and ``deterministic=True`` (impl ``<backend>-deterministic``), whose device
+histograms add exact int64 significand sums instead of float64 atomics, and whose prune also runs
+the fixed-order influence matvec: the pair measures the cost of reproducible graphs. The cpu
+kernels are deterministic in both modes, so its two columns time the same code.
 """
 
 from __future__ import annotations
@@ -112,6 +118,20 @@ def _cases(op_sizes=SIZES):
     ]
 
 
+def _det_cases(op_sizes=SIZES):
+    """(N, impl, deterministic): each fastattr backend in both modes, circuit-tracer once."""
+    return [
+        pytest.param(n, p.values[0], det, id=f"N{n}-{p.id}{'-deterministic' if det else ''}", marks=p.marks)
+        for n in op_sizes
+        for p in impl_params(DEVICE)
+        for det in ((False,) if p.values[0] == BASELINE else (False, True))
+    ]
+
+
+def _label(impl: str, deterministic: bool) -> str:
+    return f"{impl}-deterministic" if deterministic else impl
+
+
 def _per_element(benchmark, N: int) -> None:
     benchmark.extra_info["oracle"] = ORACLE
     peak = benchmark.extra_info.get("peak_mem_bytes")
@@ -131,18 +151,18 @@ def _baseline_prune(n: int):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,impl", _cases())
-def test_prune_graph(measure, benchmark, n, impl):
+@pytest.mark.parametrize("n,impl,deterministic", _det_cases())
+def test_prune_graph(measure, benchmark, n, impl, deterministic):
     graph = make_graph(n)
     N = graph.adjacency_matrix.shape[0]
 
     def fn():
         if impl == BASELINE:
             return ctg.prune_graph(graph)
-        return fastattr.prune_graph(graph, backend=impl)
+        return fastattr.prune_graph(graph, backend=impl, deterministic=deterministic)
 
-    result = measure(fn, op="prune_graph", case=f"N={N}", impl=impl, size=N, size_label="nodes N",
-                     family="prune_graph")  # fmt: skip
+    result = measure(fn, op="prune_graph", case=f"N={N}", impl=_label(impl, deterministic), size=N,
+                     size_label="nodes N", family="prune_graph", deterministic=deterministic)  # fmt: skip
     _per_element(benchmark, N)
     want = result if impl == BASELINE else _baseline_prune(n)
     if impl == BASELINE:
@@ -187,8 +207,8 @@ def _edge_scores(graph) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("which", ["nodes", "edges"])
-@pytest.mark.parametrize("n,impl", _cases())
-def test_find_threshold(measure, benchmark, n, impl, which):
+@pytest.mark.parametrize("n,impl,deterministic", _det_cases())
+def test_find_threshold(measure, benchmark, n, impl, which, deterministic):
     graph = make_graph(n)
     key = ("scores", n, which)
     if key not in _BASELINE_RESULTS:
@@ -203,13 +223,14 @@ def test_find_threshold(measure, benchmark, n, impl, which):
     def fn():
         if impl == BASELINE:
             return ctg.find_threshold(scores, t)
-        return fastattr.find_threshold(scores, t, backend=impl)
+        return fastattr.find_threshold(scores, t, backend=impl, deterministic=deterministic)
 
     stats = fastattr.threshold.threshold_stats()
     before = (stats.calls, stats.fallbacks)
     measure(fn, op=f"find_threshold ({which})", case=f"N={graph.adjacency_matrix.shape[0]}, {scores.numel()} scores",
-            impl=impl, size=scores.numel(), size_label="scores", family=f"find_threshold-{which}",
-            check=lambda r: 0.0 if torch.equal(r, want) else 1.0)  # fmt: skip
+            impl=_label(impl, deterministic), size=scores.numel(), size_label="scores",
+            family=f"find_threshold-{which}", check=lambda r: 0.0 if torch.equal(r, want) else 1.0,
+            deterministic=deterministic)  # fmt: skip
     benchmark.extra_info["oracle"] = ORACLE
     # Calls whose answer depended on torch.sum's rounding and were resolved by sorting.
     benchmark.extra_info["sorted_fallbacks"] = stats.fallbacks - before[1]

@@ -234,6 +234,19 @@ def test_sparse_prune_top_k_keeps_a_subset_of_strong_edges():
         fastattr.prune_graph_sparse(fastattr.topk_edges(A, 4))
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_sparse_prune_of_a_graph_without_edges(backend):
+    """No stored edges: no edge scores, S = 0, and the edge threshold keeps every stored edge (none).
+    The dense mask would keep all N^2 zero entries, and with them every node; without stored edges
+    every feature dangles (the documented difference of the clamped case)."""
+    graph = _graph(backend, 9)
+    graph.adjacency_matrix = torch.zeros_like(graph.adjacency_matrix)
+    sp = fastattr.prune_graph_sparse(graph, 0.8, 0.98, backend=backend)
+    assert sp.edges.nnz == 0
+    n_fixed = len(graph.logit_targets) + len(graph.input_tokens)
+    assert sp.node_mask[-n_fixed:].all() and not sp.node_mask[: len(graph.selected_features)].any()
+
+
 # ------------------------------------------------------------------------------------------------
 # Memory: the dense prune peaks at the adjacency (4 B) + the edge mask (1 B) + <= 1 B per element
 # ------------------------------------------------------------------------------------------------
