@@ -41,7 +41,6 @@ def _ptxas_stats(text: str) -> dict:
 def _launches(match: str | None = None):
     """(name, JITFunction, args, kwargs) for every Triton kernel whose name contains ``match`` (all
     for None), from its launcher; the other launchers are not called."""
-    import torch
     from triton.runtime.jit import JITFunction
 
     captured = []
@@ -68,40 +67,73 @@ def _launches(match: str | None = None):
         fn, args, kwargs = captured[-1]
         return name, fn, args, kwargs
 
-    from fastattr.triton_kernels import contraction, influence, threshold, topk_edges
+    out = _graph_launches(grab) + _contraction_launches(grab)
+    return [entry for entry in out if entry is not None]
+
+
+def _graph_launches(grab) -> list:
+    """The graph ops' kernels (influence, threshold, top-k edges), default and deterministic."""
+    import torch
+
+    from fastattr.triton_kernels import influence, threshold, topk_edges
 
     A = torch.rand(300, 300)
     m8 = torch.ones(300, dtype=torch.uint8)
     vec = torch.rand(300)
-    out = [
-        grab("hist_1d_level0", lambda: threshold.hist_1d(torch.rand(5000), 0, 0)),
-        grab("hist_1d_level1", lambda: threshold.hist_1d(torch.rand(5000), 1, 5)),
-        grab("edge_hist", lambda: threshold.EdgeKernels.hist(A, m8, vec, vec, 0, 0)),
-        grab("edge_mask", lambda: threshold.EdgeKernels.mask(A, m8, vec, vec, 0.5)),
+
+    def hist_buffers(level, deterministic):
+        nb = 1 << threshold.SELECT_BITS[level]
+        sums = torch.zeros(nb, dtype=torch.int64 if deterministic else torch.float64)
+        return torch.zeros(nb, dtype=torch.int64), sums, torch.zeros(4, dtype=torch.int64)
+
+    out = []
+    for det, tag in ((False, ""), (True, "_deterministic")):
+        out += [
+            grab(f"hist_1d_level0{tag}", lambda: threshold.hist_1d(torch.rand(5000), 0, 0, *hist_buffers(0, det),
+                                                                   deterministic=det)),
+            grab(f"hist_1d_level1{tag}", lambda: threshold.hist_1d(torch.rand(5000), 1, 5, *hist_buffers(1, det),
+                                                                   deterministic=det)),
+            grab(f"edge_hist{tag}", lambda: threshold.edge_hist(A, m8, vec, vec, 0, 0, *hist_buffers(0, det),
+                                                                deterministic=det)),
+            grab(f"matvec{tag}", lambda: influence.matvec(A, torch.rand(300, dtype=torch.float64), m8, True,
+                                                          deterministic=det)),
+        ]  # fmt: skip
+    return out + [
+        grab("edge_mask", lambda: threshold.edge_mask(A, m8, vec, vec, 0.5, torch.empty(300, 300, dtype=torch.uint8))),
         grab("row_abs_sum", lambda: influence.row_abs_sum(A, m8)),
-        grab("matvec", lambda: influence.matvec(A, torch.rand(300, dtype=torch.float64), m8, True)),
-        grab("topk_count", lambda: topk_edges.topk_count(A, 8)),
-        grab("topk_fill", lambda: topk_edges.topk_fill(A, 8, torch.arange(0, 301 * 8, 8), 300 * 8)),
-    ]
+        grab("sum_partials", lambda: influence.sum_partials(torch.rand(7, 300, dtype=torch.float64))),
+        grab("topk_count", lambda: topk_edges.topk_count(A, 8, torch.empty(300, dtype=torch.int64), torch.empty(300),
+                                                         torch.zeros(1, dtype=torch.int32))),
+        grab("topk_fill", lambda: topk_edges.topk_fill(A, torch.arange(0, 301 * 8, 8), torch.empty(300 * 8, dtype=torch.int64),
+                                                       torch.empty(300 * 8))),
+    ]  # fmt: skip
+
+
+def _contraction_launches(grab) -> list:
+    """The contraction for every input dtype, and its atomic variant (repeated rows by default). The
+    deterministic mode launches the non-atomic variants, once per pass."""
+    import torch
+
+    from fastattr.triton_kernels import contraction
+
     h = contraction.tile_height(interpret=False)
     tiles = torch.arange(2, dtype=torch.int32)
     S = 2 * h
     rows = torch.arange(S, dtype=torch.int32)
+    res = torch.zeros(S, 64)
+    out = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        B, P, D = 64, 8, 256
-        grads = torch.rand(B, P, D, dtype=dtype)
-        vectors = torch.rand(S, D, dtype=dtype)
-        res = torch.zeros(S, B)
+        grads = torch.rand(64, 8, 256, dtype=dtype)
+        vectors = torch.rand(S, 256, dtype=dtype)
         out.append(grab(f"contract_{str(dtype).replace('torch.', '')}", lambda: contraction.contract(
             grads, vectors, rows, tiles, tiles * h, tiles * h + h, res, res.stride(0), res.stride(1),
             atomic=False, interpret=False, n_out_rows=S)))
-    # The other compiled variants: D not a multiple of the D step, repeated rows (atomics). The
-    # deterministic mode launches the non-atomic variants above, once per pass.
+    # D not a multiple of the D step, repeated rows (atomics).
     grads, vectors = torch.rand(64, 8, 300), torch.rand(S, 300)
     out.append(grab("contract_float32_odd_d_atomic", lambda: contraction.contract(
         grads, vectors, rows, tiles, tiles * h, tiles * h + h, res, res.stride(0), res.stride(1),
         atomic=True, interpret=False, n_out_rows=S)))
-    return [entry for entry in out if entry is not None]
+    return out
 
 
 def _signature(fn, args, kwargs, arch: int):
