@@ -87,7 +87,6 @@ else:  # without the extension only the torch backend runs, and it reads none of
 
 _U = 2.0**-24  # float32 unit roundoff
 _UD = 2.0**-53  # float64 unit roundoff
-_INF_BITS = 0x7F800000  # the level-0 minimum's start value in the device statistics
 
 
 @dataclass
@@ -208,7 +207,7 @@ def decode_hist(count: torch.Tensor, sums: torch.Tensor, stats: torch.Tensor, le
     if level != 0:
         return Hist(c, s)
     st = stats.cpu().tolist()
-    mn = float(np.array([st[1] & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0]) if st[1] != _INF_BITS else 0.0
+    mn = float(np.array([st[1] & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0]) if st[0] else 0.0
     return Hist(c, s, int(st[0]), mn, bool(st[2]), bool(st[3]))
 
 
