@@ -32,14 +32,15 @@ void scan(const std::uint8_t* e, std::int64_t n, const std::uint8_t* rows, const
     for (std::int64_t i = 0; i < n; ++i) live += rows[i] != 0;
   }
   const int T = graphk::threads_for(live * n);
-  std::vector<std::vector<std::uint8_t>> priv(T);
+  // Zeroed here, not by their threads: OpenMP may give a smaller team than T, and the column merge
+  // reads every buffer.
+  std::vector<std::vector<std::uint8_t>> priv(T, std::vector<std::uint8_t>(n, 0));
   colany.assign(n, 0);
   rowany.assign(n, 0);
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
     std::vector<std::uint8_t>& c = priv[t];
-    c.assign(n, 0);
 #pragma omp for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
       if (rows != nullptr && rows[i] == 0) continue;

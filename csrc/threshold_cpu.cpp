@@ -96,7 +96,7 @@ struct Level0 {
 
 void level0_1d(const float* scores, std::int64_t n, Level0& out) {
   const int T = graphk::threads_for(n);
-  std::vector<SelectHist> hists(T);
+  std::vector<SelectHist> hists(T);  // value-initialised (zero): a smaller team leaves some unused
   std::vector<std::int64_t> nnz(T, 0);
   std::vector<float> mins(T, std::numeric_limits<float>::infinity());
   bool negative = false, nonfinite = false;
@@ -284,13 +284,13 @@ void edge_hist_pass(const EdgeScores& es, int level, std::uint32_t prefix, std::
   const int T = graphk::threads_for(n * n);
   const int nb = 1 << kSelectBits[level];
   const int up_shift = kSelectShift[level] + kSelectBits[level];
-  std::vector<std::vector<std::int64_t>> cs(T);
-  std::vector<std::vector<double>> ss(T);
+  // Zeroed here, not by their threads: OpenMP may give a smaller team than T, and the merge below
+  // reads every buffer.
+  std::vector<std::vector<std::int64_t>> cs(T, std::vector<std::int64_t>(nb, 0));
+  std::vector<std::vector<double>> ss(T, std::vector<double>(nb, 0.0));
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
-    cs[t].assign(nb, 0);
-    ss[t].assign(nb, 0.0);
     std::vector<std::uint64_t> tmp((size_t)es.words);
     float buf[graphk::kBlockCols];
 #pragma omp for schedule(static)

@@ -206,3 +206,58 @@ def test_cpu_select_with_threads_is_repeatable(monkeypatch):
               for _ in range(3)}  # fmt: skip
     assert len(values) == 1
     assert values == {threshold.find_threshold_fixed_total(x, 0.8, total, backend="cpu")[0]}
+
+
+_FEWER_THREADS = """
+import numpy as np, torch
+from fastattr import _ext, reference, threshold
+g = torch.Generator().manual_seed(6)
+# 1-D select with threads (>= 2^24 scores), exact total.
+x = torch.rand((1 << 24) + 3, generator=g) ** 4
+total = float(torch.sum(x, dtype=torch.float64))
+got = threshold.select_1d(x, 0.8, "cpu", deterministic=False, rel_s=0.0, dc=0.0, s_fixed=float(np.float32(total)))
+assert got.value == threshold.find_threshold_fixed_total(x, 0.8, total, backend="torch")[0], got
+del x
+# The edge select (its own histogram passes, and the pass per level) and the dangling-node removal
+# at N^2 >= 2^24.
+n = 4100
+A = torch.randn(n, n, generator=g) * (torch.rand(n, n, generator=g) < 0.05)
+node = (torch.rand(n, generator=g) < 0.8).to(torch.uint8)
+scale = A.abs().sum(1).clamp(min=1e-10)
+factor = torch.rand(n, generator=g)
+keep = node.bool()[:, None] & node.bool()[None, :]
+scores = (torch.where(keep, A.abs(), 0.0) / scale[:, None]) * factor[:, None]
+pos = scores[scores > 0]
+total = float(pos.double().sum())
+want, keep_all = threshold.find_threshold_fixed_total(scores.flatten(), 0.98, total, backend="torch")
+del keep
+for max_candidates in (1 << 30, 0):
+    mask = torch.empty(n, n, dtype=torch.uint8)
+    status, thr, clamped, passes, _ = _ext.ext.edge_select_mask_cpu(
+        a=A.data_ptr(), a_dtype=0, n=n, lda=n, node_mask=node.data_ptr(), row_scale=scale.data_ptr(),
+        row_factor=factor.data_ptr(), hist_count=0, hist_sum=0, total=total, nnz=int(pos.numel()),
+        min_nz=float(pos.min()), t=0.98, edge_mask=mask.data_ptr(), max_candidates=max_candidates, row_blocks=0)
+    assert status == 0 and thr == want and not keep_all, (status, thr, want)
+    assert torch.equal(mask.bool(), scores >= want)
+del scores
+nm, ref_nm = node.clone(), node.bool().clone()
+edge, ref_edge = mask.clone(), mask.bool().clone()
+_ext.ext.remove_dangling_cpu(edge_mask=edge.data_ptr(), n=n, node_mask=nm.data_ptr(), n_features=3000, n_fixed=50)
+reference.remove_dangling_nodes(ref_nm, ref_edge, 3000, 50)
+assert torch.equal(nm.bool(), ref_nm) and torch.equal(edge.bool(), ref_edge)
+print("ok")
+"""
+
+
+def test_cpu_kernels_with_fewer_threads_than_asked():
+    """OpenMP may give a parallel region fewer threads than asked (here OMP_THREAD_LIMIT=1): the
+    per-thread buffers of the threaded passes (>= 2^24 elements) are zeroed whoever runs, and every
+    row is read once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", _FEWER_THREADS], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
