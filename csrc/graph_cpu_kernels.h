@@ -19,6 +19,8 @@
 #include <cstring>
 #include <utility>
 
+#include "graph.h"
+
 #ifdef FASTATTR_WITH_OPENMP
 #include <omp.h>
 #endif
@@ -67,6 +69,11 @@ inline std::uint32_t float_bits(float f) {
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
+
+// The level-0 histogram bucket of an edge score. The sign bit is dropped so that a negative score
+// (negative logit weights, whose graphs the caller sends to the torch backend after the sweep)
+// still indexes inside the 2^kSelectBits[0] buckets instead of past them.
+inline std::uint32_t edge_bucket0(float score) { return (float_bits(score) & 0x7fffffffu) >> kSelectShift[0]; }
 
 // Visit the non-zero blocks of a row: f(j0, j1) for each block [j0, j1).
 template <class F>

@@ -219,7 +219,7 @@ bool Sweep::row(std::int64_t i, double* acc, std::int32_t* dec, std::int32_t* le
       for (std::int64_t q = 0; q < j1 - j0; ++q) {
         const float sc = buf[q];
         if (sc == 0.0f) continue;
-        const std::uint32_t b = graphk::float_bits(sc) >> kSelectShift[0];
+        const std::uint32_t b = graphk::edge_bucket0(sc);
         s.hist.count[b] += 1;
         s.hist.sum[b] += sc;
         s.edge_sum += sc;
@@ -523,7 +523,7 @@ void edge_stats_pass(const InfluenceArgs& args, const std::vector<float>& colmas
         for (std::int64_t q = 0; q < j1 - j0; ++q) {
           const float s = buf[q];
           if (s == 0.0f) continue;
-          const std::uint32_t b = graphk::float_bits(s) >> kSelectShift[0];
+          const std::uint32_t b = graphk::edge_bucket0(s);
           hists[t].count[b] += 1;
           hists[t].sum[b] += s;
           sums[t] += s;
