@@ -52,8 +52,8 @@ def test_contract_float64(backend, unique, layout):
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "cuda", "torch") if b in _backends.available_backends()])
 def test_contract_float64_into_float32_buffer(backend):
     grads, vectors, positions, rows = _case()
-    if _backends._device_ok(backend, grads.device):
-        pytest.skip(_backends._device_ok(backend, grads.device))
+    if _backends.device_reason(backend, grads.device):
+        pytest.skip(_backends.device_reason(backend, grads.device))
     out = torch.zeros(170, grads.shape[0], dtype=torch.float32, device=DEVICE)
     want = torch.zeros(170, grads.shape[0], dtype=torch.float64, device=DEVICE)
     reference.contract(grads, vectors, positions, rows, want)

@@ -49,25 +49,6 @@ class BackendLayoutError(BackendUnavailableError, TypeError):
     """A forced backend whose kernels do not take the input's layout (dense or sparse)."""
 
 
-# (op, backend) -> the dtypes its kernels take; absent means any dtype the op accepts. An automatic
-# choice skips a backend that cannot take the inputs' dtype; a forced one raises BackendDtypeError
-# naming the dtype, before any kernel runs.
-_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}
-
-
-def declare_dtypes(op: str, backends: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> None:
-    """Record that each of ``backends`` runs ``op`` on ``dtypes`` only (see :func:`select`)."""
-    for name in backends:
-        _validate_name(name, "backends")
-        _DTYPES[(op, name)] = tuple(dtypes)
-
-
-def takes_dtype(op: str, backend: str, dtype: torch.dtype | None) -> bool:
-    """Whether ``backend`` can run ``op`` on ``dtype`` inputs (True when dtype is None)."""
-    allowed = _DTYPES.get((op, backend))
-    return dtype is None or allowed is None or dtype in allowed
-
-
 _local = threading.local()
 # Process-wide: an op run on autograd's device thread still reports to the caller's last_backend().
 _last_used: dict[str, str] = {}
@@ -357,16 +338,6 @@ def _forced(backend: str | None, captured: str | None) -> tuple[str | None, str]
     if env:
         return env, "FASTATTR_BACKEND"
     return None, ""
-
-
-def select(op_name, device, backend, implemented, captured=None, dtype=None, dtype_arg="input"):
-    """Transitional: the old table-per-call dispatch, on top of the registry. Removed once every op
-    registers its implementations with :func:`op`."""
-    tmp = Op(op_name)
-    for name, fn in implemented.items():
-        tmp.impls[name] = Impl(name, fn, _DTYPES.get((op_name, name)), ("strided",))
-    impl = tmp.select(device, backend, dtype=dtype, arg=dtype_arg, captured=captured)
-    return impl.backend, impl.fn
 
 
 def deterministic(flag: bool | None) -> bool:

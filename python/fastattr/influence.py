@@ -543,8 +543,9 @@ def compute_edge_influence(
 _PARTIAL = _backends.op("compute_partial_influences")
 
 
-# circuit-tracer's compute_partial_influences works in float32 (its vectors are float32 whatever the
-# matrix), so every backend takes a float32 edge_matrix.
+# The compiled kernels take float32, the dtype of circuit-tracer's edge matrix. Other dtypes (a
+# float64 default dtype makes circuit-tracer's edge matrix float64) run circuit-tracer's operations
+# in the matrix's dtype on the torch backend.
 @_PARTIAL.register("cpu", dtypes=_F32)
 def _partial_cpu(e, logit_p, idx, *, max_iter, deterministic):
     e = _checks.row_major(e, "edge_matrix")
@@ -580,10 +581,10 @@ def _partial_triton(e, logit_p, idx, *, max_iter, deterministic):
     return _partial_device(_TRITON, e, logit_p, idx, max_iter, deterministic)
 
 
-@_PARTIAL.register("torch", dtypes=_F32)
+@_PARTIAL.register("torch")
 def _partial_torch(e, logit_p, idx, *, max_iter, deterministic):
     _checks.check_finite(e, "edge_matrix")
-    return reference.compute_partial_influences(e, logit_p, idx, max_iter=max_iter, device=e.device)
+    return reference.compute_partial_influences(e, logit_p.to(e.dtype), idx, max_iter=max_iter, device=e.device)
 
 
 def _check_partial(edge_matrix, logit_p, row_to_node_index, max_iter) -> int:

@@ -240,8 +240,10 @@ def compute_partial_influences(
     normalized = normalized.abs_()
     normalized /= normalized.sum(dim=1, keepdim=True).clamp(min=1e-8)
 
-    influences = torch.zeros(edge_matrix.shape[1], device=normalized.device)
-    prod = torch.zeros(edge_matrix.shape[1], device=normalized.device)
+    # circuit-tracer allocates these in the default dtype, which works only when it is the matrix's;
+    # in the matrix's dtype they are the same tensors wherever circuit-tracer runs.
+    influences = torch.zeros(edge_matrix.shape[1], dtype=normalized.dtype, device=normalized.device)
+    prod = torch.zeros(edge_matrix.shape[1], dtype=normalized.dtype, device=normalized.device)
     prod[-len(logit_p) :] = logit_p
     for _ in range(max_iter):
         prod = prod[row_to_node_index] @ normalized
