@@ -1,6 +1,6 @@
 """circuit-tracer's attribute() with and without fastattr's contraction, on a hook-dominated workload.
 
-The workload of the contraction issue: 8 layers, d_model 256, 4096 features per layer, ~64
+A workload where the backward hooks dominate: 8 layers, d_model 256, 4096 features per layer, ~64
 positions, about 48 active features per position and layer, 3000 feature nodes, batch 128.
 
 Usage: python benchmarks/attribute_hook_workload.py [plt|clt]

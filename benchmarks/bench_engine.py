@@ -49,7 +49,7 @@ CASES = per_tier(
     smoke=[
         Case("tiny-plt", "plt", n_layers=2, d_model=64, d_transcoder=128, l0=8, n_tokens=8, batch_size=16, max_feature_nodes=32),
     ],
-    # The workload of the engine issue: 8 layers, d_model 256, 4,096 features, 64 positions,
+    # A workload where the model's passes dominate circuit-tracer's time: 8 layers, d_model 256, 4,096 features, 64 positions,
     # ~48 active per position and layer, 3,000 feature nodes, batch 128; and a CLT of that shape.
     cpu=[
         Case("plt-8L", "plt", n_layers=8, d_model=256, d_transcoder=4096, l0=48, n_tokens=64, batch_size=128, max_feature_nodes=3000),

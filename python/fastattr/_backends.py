@@ -350,6 +350,9 @@ def deterministic(flag: bool | None) -> bool:
     return flag
 
 
-def last_backend(op: str) -> str | None:
-    """The backend that the most recent call of ``op`` ran on."""
+def last_backend(op: str | None = None) -> str | None | dict[str, str]:
+    """The backend that the most recent call of ``op`` ran on; without ``op``, that of every op
+    called so far in this process."""
+    if op is None:
+        return dict(_last_used)
     return _last_used.get(op)

@@ -382,7 +382,7 @@ def _check_thresholds(node_threshold, edge_threshold) -> tuple[float, float]:
     node_threshold = _checks.check_number(node_threshold, "node_threshold")
     edge_threshold = _checks.check_number(edge_threshold, "edge_threshold")
     try:
-        reference._check_thresholds(node_threshold, edge_threshold)  # circuit-tracer's messages
+        reference.check_thresholds(node_threshold, edge_threshold)  # circuit-tracer's messages
     except ValueError as exc:
         got = node_threshold if str(exc).startswith("node") else edge_threshold
         raise ValueError(f"{exc}, got {got}") from None

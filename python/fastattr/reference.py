@@ -148,7 +148,7 @@ def _logit_weights(graph: Any) -> torch.Tensor:
     return weights
 
 
-def _check_thresholds(node_threshold: float, edge_threshold: float) -> None:
+def check_thresholds(node_threshold: float, edge_threshold: float) -> None:
     if node_threshold > 1.0 or node_threshold < 0.0:
         raise ValueError("node_threshold must be between 0.0 and 1.0")
     if edge_threshold > 1.0 or edge_threshold < 0.0:
@@ -184,7 +184,7 @@ def cumulative_node_scores(node_influence: torch.Tensor) -> torch.Tensor:
 
 def prune_graph(graph: Any, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
     """Keep the nodes and edges that carry the given fractions of influence on the logits."""
-    _check_thresholds(node_threshold, edge_threshold)
+    check_thresholds(node_threshold, edge_threshold)
     n_tokens, n_logits, n_features = _graph_sizes(graph)
     logit_weights = _logit_weights(graph)
 
