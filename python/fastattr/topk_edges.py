@@ -42,10 +42,6 @@ def _check_adjacency(adjacency, k) -> int | None:
 TOPK_EDGES = _backends.op("topk_edges")
 
 
-def _row_major(a: torch.Tensor) -> torch.Tensor:
-    return _checks.row_major(a, "adjacency")
-
-
 def _csr_offsets(row_len: torch.Tensor) -> tuple[torch.Tensor, int]:
     crow = torch.zeros(row_len.numel() + 1, dtype=torch.int64, device=row_len.device)
     torch.cumsum(row_len, 0, out=crow[1:])
@@ -76,7 +72,7 @@ def _topk_torch(a: torch.Tensor, k: int | None) -> SparseEdges:
 
 @TOPK_EDGES.register("cpu", dtypes=(torch.float32,))
 def _topk_cpu(a: torch.Tensor, k: int | None) -> SparseEdges:
-    a = _row_major(a)
+    a = _checks.row_major(a, "adjacency")
     n, m = a.shape
     row_len = torch.empty(n, dtype=torch.int64)
     row_abs_sum = torch.empty(n, dtype=torch.float32)
@@ -98,7 +94,7 @@ def _topk_cpu(a: torch.Tensor, k: int | None) -> SparseEdges:
 
 @TOPK_EDGES.register("cuda", dtypes=(torch.float32,))
 def _topk_cuda(a: torch.Tensor, k: int | None) -> SparseEdges:
-    a = _row_major(a)
+    a = _checks.row_major(a, "adjacency")
     n, m = a.shape
     stream = _ext.cuda_stream(a.device)
     row_len = torch.empty(n, dtype=torch.int64, device=a.device)
@@ -124,7 +120,7 @@ def _topk_cuda(a: torch.Tensor, k: int | None) -> SparseEdges:
 def _topk_triton(a: torch.Tensor, k: int | None) -> SparseEdges:
     from fastattr.triton_kernels import topk_edges as tk
 
-    a = _row_major(a)
+    a = _checks.row_major(a, "adjacency")
     n, m = a.shape
     row_len = torch.empty(n, dtype=torch.int64, device=a.device)
     row_abs_sum = torch.empty(n, dtype=torch.float32, device=a.device)
