@@ -5,7 +5,8 @@ of the measured roofline (copy bandwidth, matmul rate), with peak memory.
 
 Cases (GPU): the contraction at Gemma-2-2B shapes (PLT one layer, CLT last layer with 26 source
 layers; bf16 and fp32; batch 256) on cuda, triton and torch; prune_graph at N = 16k and 63k;
-find_threshold on 1e9 scores. ``--cpu`` runs the same code on tiny shapes (a dry run). Cases are
+find_threshold on 1e9 scores; the cost of deterministic=True (repeated-row contraction, prune_graph
+at N = 16k, find_threshold on 1e8 scores). ``--cpu`` runs the same code on tiny shapes (a dry run). Cases are
 run in order until the budget is spent; the rest are listed as not run, with the reason. A case
 that fails is recorded with its error and the next one runs. ``--e2e`` adds the rows of a
 pytest-benchmark JSON (bench_engine.py) to the table.
@@ -194,6 +195,48 @@ def threshold(run: Run, cpu: bool):
     del scores
 
 
+def deterministic(run: Run, cpu: bool):
+    """The cost of deterministic=True where it changes the kernels: a contraction whose rows repeat
+    (each cross-layer feature's decoder rows into its one row), prune_graph and find_threshold."""
+    D, P, l0, sources, B = (64, 8, 4, 3, 16) if cpu else (2304, 32, 40, 26, 256)
+    gen = torch.Generator().manual_seed(1)
+    feats = l0 * P
+    grads = torch.randn(B, P, D, generator=gen).to(run.device)
+    vectors = (torch.randn(feats * sources, D, generator=gen) / math.sqrt(D)).to(run.device)
+    positions = torch.randint(0, P, (feats,), generator=gen).repeat(sources).to(run.device)
+    rows = torch.arange(feats).repeat(sources).to(run.device)  # every feature's rows meet in one row
+    out = torch.zeros(feats, B, device=run.device)
+    plan = ContractionPlan(vectors, positions, rows)
+    case = f"repeated rows D={D} S={feats * sources} into {feats} rows B={B} fp32"
+    for impl in (("cpu", "triton") if cpu else ("cuda", "triton")):
+        why = _backend_ok(impl, run.device)
+        if why:
+            run.skip("contraction", case, impl, why)
+            continue
+        for det in (False, True):
+            run.case("contraction", case, f"{impl} deterministic={det}",
+                     lambda: plan(grads, out, backend=impl, deterministic=det), reps=3)
+    del grads, vectors, out, plan
+    import bench_graph
+
+    graph = bench_graph.make_graph(600 if cpu else 16_384, run.device)
+    N = graph.adjacency_matrix.shape[0]
+    n = 100_000 if cpu else 100_000_000
+    scores = torch.rand(n, generator=torch.Generator(device=run.device).manual_seed(0), device=run.device) ** 4
+    for impl in (("cpu",) if cpu else ("cuda", "triton")):  # triton's graph passes take minutes interpreted
+        why = _backend_ok(impl, run.device)
+        for det in (False, True):
+            label = f"{impl} deterministic={det}"
+            if why:
+                run.skip("prune_graph", f"N={N}", label, why)
+                continue
+            run.case("prune_graph", f"N={N}", label,
+                     lambda: fastattr.prune_graph(graph, backend=impl, deterministic=det), reps=3)
+            run.case("find_threshold", f"{n:.0e} scores", label,
+                     lambda: fastattr.find_threshold(scores, 0.98, backend=impl, deterministic=det), reps=3)
+    bench_graph._GRAPHS.clear()
+
+
 def e2e_rows(path: Path) -> list[dict]:
     data = json.loads(path.read_text())
     rows = []
@@ -247,7 +290,7 @@ def main() -> int:
     ap.add_argument("--e2e", type=Path, default=None, help="a pytest-benchmark JSON to add (bench_engine.py)")
     ap.add_argument("--merge-e2e", type=Path, default=None,
                     help="add this JSON's rows to OUTDIR's existing timings.json/.md and stop")
-    ap.add_argument("--only", default="contraction,graph,threshold")
+    ap.add_argument("--only", default="contraction,graph,threshold,deterministic")
     ns = ap.parse_args()
     if ns.merge_e2e is not None:
         result = json.loads((ns.outdir / "timings.json").read_text())
@@ -260,7 +303,8 @@ def main() -> int:
     t0 = time.monotonic()
     roofline = benchutil.measure_roofline(device)
     run = Run(device, ns.budget - (time.monotonic() - t0), roofline)
-    for part, fn in (("contraction", contraction), ("graph", graph_ops), ("threshold", threshold)):
+    parts = (("contraction", contraction), ("graph", graph_ops), ("threshold", threshold), ("deterministic", deterministic))
+    for part, fn in parts:
         if part not in ns.only.split(","):
             continue
         try:
