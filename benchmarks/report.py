@@ -183,8 +183,8 @@ def markdown(rows: list[dict], machine: dict, not_run: list[dict], title: str) -
         "",
         "Time is the median over the timed rounds (after warm-up; GPU work synchronised inside the timed "
         "function). Speedup is circuit-tracer's median over this row's, on the same inputs in the same run. "
-        "Peak memory is above the level at entry: `torch.cuda.max_memory_allocated` on GPUs, sampled RSS on "
-        "CPUs (a lower bound). GB/s counts the fewest bytes the op must move, TFLOP/s its arithmetic; the "
+        "Peak memory is above the level at entry: `torch.cuda.max_memory_allocated` on GPUs, sampled "
+        "anonymous RSS (resident minus file-backed pages) on CPUs (a lower bound). GB/s counts the fewest bytes the op must move, TFLOP/s its arithmetic; the "
         "percentages are of the roofline measured at the start of the run. Error is against circuit-tracer's "
         "result (contraction: sampled rows against float64).",
         "",

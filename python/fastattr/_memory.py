@@ -65,7 +65,7 @@ class PeakMemory:
         self.interval = interval
         self.base_bytes = 0
         self.peak_bytes = 0
-        self.method = "cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled RSS"
+        self.method = "cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled anonymous RSS"
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
