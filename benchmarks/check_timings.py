@@ -254,6 +254,21 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def contraction_default(rows: list[dict]) -> dict[str, dict]:
+    """Per contraction case, the faster of the compiled backends timed (cuda and triton on a GPU):
+    the measurement the GPU default is to be chosen by."""
+    times: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("op") == "contraction" and r.get("impl") in ("cuda", "triton", "cpu") and r.get("median_s"):
+            times.setdefault(r["case"], {})[r["impl"]] = r["median_s"]
+    picks = {}
+    for case, t in times.items():
+        if len(t) >= 2:
+            (fast, tf), (other, to) = sorted(t.items(), key=lambda kv: kv[1])[:2]
+            picks[case] = {"fastest": fast, "other": other, "ratio": to / tf}
+    return picks
+
+
 def markdown(result: dict) -> str:
     rf = result["roofline"]
     lines = [
@@ -277,6 +292,11 @@ def markdown(result: dict) -> str:
         note = "; ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                          if k in ("max_rel_err_vs_fp64", "max_rel_err", "equal_to_reference") and v is not None)
         lines.append(f"| {r['op']} | {r['case']} | {r['impl']} | {tt} | {fl} | {bw} | {pk} | {_fmt(r.get('bytes_per_n2'), '.2f')} | {note} |")
+    picks = contraction_default(result["rows"])
+    if picks:
+        lines += ["", "Contraction default by measurement (the faster compiled backend per case; the automatic "
+                  "choice on CUDA tensors is cuda, then triton):", ""]
+        lines += [f"- {case}: {p['fastest']} ({p['ratio']:.2f}x faster than {p['other']})" for case, p in picks.items()]
     if result["not_run"]:
         lines += ["", "Not run:", ""] + [f"- {r['op']} {r['case']} {r['impl']}: {r['reason']}" for r in result["not_run"]]
     return "\n".join(lines) + "\n"
@@ -315,7 +335,8 @@ def main() -> int:
     if ns.e2e is not None and ns.e2e.exists():
         run.rows += e2e_rows(ns.e2e)
     result = {"roofline": roofline, "device": benchutil.device_name(device), "torch": torch.__version__,
-              "rows": run.rows, "not_run": run.not_run, "seconds": time.monotonic() - t0}
+              "rows": run.rows, "not_run": run.not_run, "seconds": time.monotonic() - t0,
+              "contraction_default": contraction_default(run.rows)}
     (ns.outdir / "timings.json").write_text(json.dumps(result, indent=1, default=str))
     md = markdown(result)
     (ns.outdir / "timings.md").write_text(md)
