@@ -7,6 +7,8 @@ first imported; import this module from test files only (conftest has run by the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -185,3 +187,32 @@ MODEL_KINDS = [
     pytest.param("nnsight", "clt", id="nnsight-clt"),
 ]
 """(backend, transcoder) of every model kind circuit-tracer builds, for ``parametrize``."""
+
+
+# ------------------------------------------------------------------------------------------------
+# torch's global switches, set for one block and restored
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(on)`` inside the block (fastattr's ops follow it when
+    their ``deterministic=`` is None)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside the block: circuit-tracer allocates its vectors in
+    the default dtype, so a float64 graph runs through its code only under a float64 default."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)

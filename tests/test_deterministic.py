@@ -9,7 +9,6 @@ that it agrees with the reference, and that repeated calls give the same bits.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 import fastattr
 from fastattr import ContractionPlan, reference
 
-from helpers import backend_params, interpreted, tracer_model, tracer_prompt
+from helpers import backend_params, deterministic_algorithms, interpreted, tracer_model, tracer_prompt
 
 BACKENDS = backend_params()
 
@@ -41,16 +40,6 @@ def _device(backend):
 def _skip_bf16(backend, dtype):
     if backend == "triton" and dtype == torch.bfloat16 and interpreted("triton"):
         pytest.skip("bf16 tl.dot returns garbage under TRITON_INTERPRET=1; bf16 Triton runs in the GPU suite")
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms(on: bool):
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def test_passes_hold_each_row_once_and_cover_every_vector():
@@ -176,7 +165,7 @@ def test_torch_switch_turns_it_on(backend):
     grads, vectors, positions, rows = _repeated_case(seed=12, device=dev)
     plan = ContractionPlan(vectors, positions, rows)
     out = torch.zeros(9, grads.shape[0], device=dev)
-    with _deterministic_algorithms(True):
+    with deterministic_algorithms(True):
         plan(grads, out, backend=backend)
         assert plan.last_launches.deterministic and not plan.last_launches.atomic
         # An explicit flag wins over torch's switch.
@@ -246,13 +235,13 @@ def test_attribute_deterministic_graphs_are_bitwise_identical(engine, max_nodes)
 
 
 def test_attribute_follows_torchs_switch_and_the_linear_engine_runs_under_it():
-    """Under torch.use_deterministic_algorithms(True) the linear engine's torch ops must not raise
+    """Under torch.usedeterministic_algorithms(True) the linear engine's torch ops must not raise
     (torch refuses ops that have no deterministic implementation), and the run is deterministic."""
     from fastattr.attribute import _LAST_RUN
 
     model = tracer_model("transformerlens", "clt")
     prompt = tracer_prompt(9, seed=6)
-    with _deterministic_algorithms(True):
+    with deterministic_algorithms(True):
         g0 = fastattr.attribute(prompt, model, batch_size=8, engine="linear")
         assert _LAST_RUN["deterministic"] is True
         g1 = fastattr.attribute(prompt, model, batch_size=8, engine="linear")

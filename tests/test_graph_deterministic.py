@@ -13,7 +13,6 @@ construction (static row splits merged in thread order), checked with threads in
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -22,20 +21,10 @@ import torch
 import fastattr
 from fastattr import pruning, reference, threshold
 
-from helpers import backend_device, backend_params, interpreted, random_graph
+from helpers import backend_device, backend_params, deterministic_algorithms, interpreted, random_graph
 
 RADIX = [p for p in backend_params() if p.values[0] in ("cuda", "triton", "cpu")]
 DEVICE = [p for p in backend_params() if p.values[0] in ("cuda", "triton")]
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms(on: bool):
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _exact_significand_sums(x: np.ndarray, level: int, prefix: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +104,7 @@ def test_find_threshold_deterministic_is_repeatable_and_exact(backend, source, m
             if source == "argument":
                 runs = [fastattr.find_threshold(x, t, backend=backend, deterministic=True) for _ in range(3)]
             else:
-                with _deterministic_algorithms(True):
+                with deterministic_algorithms(True):
                     runs = [fastattr.find_threshold(x, t, backend=backend) for _ in range(3)]
             assert all(torch.equal(r, runs[0]) for r in runs)
             assert torch.equal(runs[0], reference.find_threshold(x, t))

@@ -11,7 +11,6 @@ argument; an automatic choice takes the first of the device's order that can.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch
 import fastattr
 from fastattr import _backends, pruning, threshold
 
-from helpers import backend_device, backend_params, random_graph
+from helpers import backend_device, backend_params, default_dtype, random_graph
 
 BACKENDS = backend_params()
 COMPILED = ("cuda", "triton", "cpu")
@@ -89,18 +88,6 @@ def test_topk_edges_reports_what_ran(backend, dtype):
     assert fastattr.last_backend("topk_edges") == _automatic(dev, dtype)
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """circuit-tracer's prune_graph builds its logit weights in the default dtype: a graph of another
-    dtype prunes there only with that default."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 def test_prune_graph_dense_reports_what_ran(backend, dtype):
@@ -108,7 +95,7 @@ def test_prune_graph_dense_reports_what_ran(backend, dtype):
     graph = _graph(dev, dtype)
     graph.logit_probabilities = graph.logit_probabilities.to(dtype)
     _backends._last_used.pop("find_threshold", None)
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         _run("prune_graph", backend, dtype, lambda: fastattr.prune_graph(graph, backend=backend))
         if backend in COMPILED and dtype == torch.float32:  # its node threshold ran on the same backend
             assert fastattr.last_backend("find_threshold") == backend

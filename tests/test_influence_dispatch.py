@@ -18,7 +18,7 @@ from fastattr import _backends, _ext, edge_store, influence, reference
 from fastattr._backends import BackendDtypeError, BackendLayoutError, BackendUnavailableError
 from fastattr._checks import NonFiniteInfluenceError
 
-from helpers import backend_params, logit_weights, random_graph, shuffle_features
+from helpers import backend_params, default_dtype, logit_weights, random_graph, shuffle_features
 
 KINDS = ["dense", "sparse_edges", "torch_csr", "float64", "float16"]
 SPARSE_KINDS = ("sparse_edges", "torch_csr")
@@ -149,13 +149,9 @@ def test_partial_influences_in_a_float64_default_dtype_equal_circuit_tracers():
     automatic choice runs its operations (the torch backend) and returns its values bit for bit."""
     ct_graph = pytest.importorskip("circuit_tracer.graph", reason="the oracle here is circuit-tracer itself")
     e, p, idx = _partial_problem(seed=5)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with default_dtype(torch.float64):
         want = ct_graph.compute_partial_influences(e.double(), p.double(), idx, device="cpu")
         got = fastattr.compute_partial_influences(e.double(), p.double(), idx)
-    finally:
-        torch.set_default_dtype(previous)
     assert fastattr.last_backend("compute_partial_influences") == "torch"
     assert got.dtype == torch.float64 and torch.equal(got, want)
 
