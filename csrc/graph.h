@@ -6,6 +6,7 @@
 // can address an N x N matrix is int64.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace fastattr {
@@ -22,7 +23,7 @@ namespace fastattr {
 constexpr int kSelectLevels = 3;
 constexpr int kSelectShift[kSelectLevels] = {20, 9, 0};
 constexpr int kSelectBits[kSelectLevels] = {11, 11, 9};
-constexpr int kSelectMaxBuckets = 1 << 11;
+constexpr int kSelectMaxBuckets = 1 << std::max({kSelectBits[0], kSelectBits[1], kSelectBits[2]});
 static_assert(kSelectShift[0] + kSelectBits[0] == 31 && kSelectShift[1] + kSelectBits[1] == kSelectShift[0] &&
                   kSelectShift[2] + kSelectBits[2] == kSelectShift[1] && kSelectShift[2] == 0,
               "the digits must tile the 31 bits below the sign bit, highest first");
