@@ -96,6 +96,11 @@ struct SelectHist {
 SelectResult select_threshold_1d(const float* scores, std::int64_t n, float t, double rel_s, double dc,
                                  float s_fixed);
 
+// The n values of `in` (non-negative float32, as the select's status has established) in
+// descending order, written to `out`; `tmp` is n floats of scratch. What an ambiguous select falls
+// back on (csrc/radix_sort_cpu.cpp); its CUDA counterpart is kernels/cuda/radix_sort.cu.
+void sort_descending_cpu(const float* in, std::int64_t n, float* out, float* tmp);
+
 // ------------------------------------------------------------------------------------------------
 // Influence
 // ------------------------------------------------------------------------------------------------

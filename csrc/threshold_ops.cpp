@@ -75,7 +75,31 @@ py::tuple select_pick_bucket(std::uintptr_t count, std::uintptr_t sums, int leve
   return py::make_tuple(p.early, p.late, p.base_early, p.base_late, p.count_late);
 }
 
+void sort_descending_cpu_binding(std::uintptr_t scores, int scores_dtype, std::int64_t n, std::uintptr_t out,
+                                 std::uintptr_t tmp) {
+  check_dtype(scores_dtype, kFloat32, "scores");
+  if (n <= 0) fail("scores: expected a non-empty tensor, got ", n, " elements");
+  check_nonnull(scores, n, "scores");
+  check_nonnull(out, n, "out");
+  check_nonnull(tmp, n, "tmp");
+  py::gil_scoped_release nogil;
+  sort_descending_cpu(as_ptr<const float>(scores), n, as_ptr<float>(out), as_ptr<float>(tmp));
+}
+
 #ifdef FASTATTR_WITH_CUDA
+void sort_descending_cuda_binding(std::uintptr_t scores, int scores_dtype, std::int64_t n, std::uintptr_t out,
+                                  std::uintptr_t temp, std::size_t temp_bytes, std::uintptr_t stream) {
+  check_dtype(scores_dtype, kFloat32, "scores");
+  if (n <= 0) fail("scores: expected a non-empty tensor, got ", n, " elements");
+  check_nonnull(scores, n, "scores");
+  check_nonnull(out, n, "out");
+  const std::size_t need = sort_descending_cuda_temp_bytes(n);
+  if (temp_bytes < need) fail("temp_bytes: expected at least ", need, " (sort_descending_cuda_temp_bytes), got ",
+                              temp_bytes);
+  check_nonnull(temp, (std::int64_t)need, "temp");
+  sort_descending_cuda(as_ptr<const float>(scores), as_ptr<float>(out), n, as_ptr<void>(temp), temp_bytes, stream);
+}
+
 void hist_1d_cuda_binding(std::uintptr_t scores, int scores_dtype, std::int64_t n, int level, std::uint32_t prefix,
                           std::uintptr_t count, std::uintptr_t sums, std::uintptr_t sig_sums, std::uintptr_t stats,
                           bool deterministic, std::uintptr_t stream) {
@@ -120,7 +144,15 @@ void register_threshold_ops(py::module_& m) {
         py::arg("t"), py::arg("must_cross"),
         "The bucket holding the crossing (int64 counts, float64 sums); returns "
         "(early, late, base_early, base_late, count_late)");
+  m.def("sort_descending_cpu", &sort_descending_cpu_binding, py::kw_only(), py::arg("scores"),
+        py::arg("scores_dtype"), py::arg("n"), py::arg("out"), py::arg("tmp"),
+        "The non-negative float32 scores in descending order, into out (tmp: n floats of scratch)");
 #ifdef FASTATTR_WITH_CUDA
+  m.def("sort_descending_cuda_temp_bytes", &sort_descending_cuda_temp_bytes, py::kw_only(), py::arg("n"),
+        "Scratch bytes sort_descending_cuda needs for n scores");
+  m.def("sort_descending_cuda", &sort_descending_cuda_binding, py::kw_only(), py::arg("scores"),
+        py::arg("scores_dtype"), py::arg("n"), py::arg("out"), py::arg("temp"), py::arg("temp_bytes"),
+        py::arg("stream"), "The non-negative float32 scores in descending order, into out, on the device");
   m.def("hist_1d_cuda", &hist_1d_cuda_binding, py::kw_only(), py::arg("scores"), py::arg("scores_dtype"),
         py::arg("n"), py::arg("level"), py::arg("prefix"), py::arg("count"), py::arg("sums"), py::arg("sig_sums"),
         py::arg("stats"), py::arg("deterministic"), py::arg("stream"),

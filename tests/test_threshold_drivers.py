@@ -134,14 +134,15 @@ def test_fixed_total_drivers_match_the_sorting_definition(backend):
 
 @pytest.mark.parametrize("backend", _radix_backends())
 def test_fallback_rate_is_small_below_one(backend):
-    """The ambiguity band (torch.sum's rounding bound) rarely matters below t = 1, on every backend."""
+    """The ambiguity band (torch.sum's rounding bound) rarely matters below t = 1 at this size, on
+    every backend: the radix-sorted values are seldom needed."""
     dev = backend_device(backend)
     stats = threshold.threshold_stats()
-    before = (stats.calls, stats.fallbacks)
+    before = (stats.calls, stats.value_sorts)
     for seed in range(20):
         x = torch.rand(5000, generator=torch.Generator().manual_seed(100 + seed)) ** 4
         for t in (0.5, 0.8):
             assert torch.equal(fastattr.find_threshold(x.to(dev), t, backend=backend), reference.find_threshold(x.to(dev), t))
     calls = stats.calls - before[0]
-    fallbacks = stats.fallbacks - before[1]
+    fallbacks = stats.value_sorts - before[1]
     assert calls == 40 and fallbacks <= 4, (calls, fallbacks)

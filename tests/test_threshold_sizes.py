@@ -1,4 +1,5 @@
-"""find_threshold at sizes where the rounding of circuit-tracer's float32 total decides the answer.
+"""find_threshold at sizes where the rounding of circuit-tracer's float32 total decides the answer,
+and the radix sort of the values that resolves it.
 
 No circuit-tracer needed: fastattr.reference is its find_threshold (tests/test_reference.py).
 """
@@ -53,11 +54,76 @@ def test_above_the_sort_limit_no_sort_runs(backend, monkeypatch):
     assert checked >= 6  # and mostly agrees with the sort it replaces
 
 
-@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] == "cpu"])
-@pytest.mark.parametrize("n", [100_000, 1_000_000])
-def test_large_inputs_stay_exact(backend, n):
-    """Within torch.sort's limit the answer is circuit-tracer's, at every size. The total's
-    rounding is not reproducible without the sorted order, so ambiguous cases still sort (counted)."""
-    x = torch.rand(n, generator=torch.Generator().manual_seed(n)) ** 4
-    for t in (0.5, 0.8, 0.98):
-        assert fastattr.find_threshold(x, t, backend=backend).item() == reference.find_threshold(x, t).item()
+def _distributions(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sparse = torch.zeros(n)
+    k = n // 20
+    sparse[torch.randperm(n, generator=g)[:k]] = torch.rand(k, generator=g) ** 2
+    return {
+        "rand4": torch.rand(n, generator=g) ** 4,
+        "lognormal": torch.exp(torch.randn(n, generator=g) * 3),
+        "ties": torch.randint(0, 50, (n,), generator=g).float() / 7,
+        "sparse": sparse,  # mostly zeros, as the edge scores of a pruned graph
+    }
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] != "torch"])  # torch: the sort
+def test_large_inputs_stay_exact_without_torch_sort(backend, monkeypatch):
+    """circuit-tracer's answer at every size, and torch.sort never runs: where torch.sum's rounding of
+    the sorted total decides, the select hands over to fastattr's radix sort of the values."""
+    sizes = [20_000] if interpreted(backend) else [100_000, 1_000_000]
+    dev = backend_device(backend)
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("find_threshold called torch.sort")
+
+    stats = threshold.threshold_stats()
+    before = stats.value_sorts
+    for n in sizes:
+        for name, x in _distributions(n, seed=n + 7).items():
+            x = x.to(dev)
+            for t in (0.5, 0.8, 0.98, 1.0):
+                want = reference.find_threshold(x, t)
+                with monkeypatch.context() as m:
+                    m.setattr(torch, "sort", no_sort)
+                    got = fastattr.find_threshold(x, t, backend=backend)
+                assert torch.equal(got, want), (n, name, t, got.item(), want.item())
+    assert stats.value_sorts > before  # the hand-over ran (it does on most calls at these sizes)
+
+
+def _sort_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [
+        torch.tensor([0.7]),
+        torch.zeros(7),
+        torch.tensor([-0.0, 0.0, 1.0, -0.0, 2.0]),
+        torch.tensor([5e-45, 1e-45, 0.0, 3.4e38, 1.0, 1e-38]),  # subnormals and the largest floats
+        torch.full((1000,), 0.25),  # one key: every pass skipped
+        torch.randint(0, 4, (4097,), generator=g).float(),
+        torch.rand(12_345, generator=g) ** 8,
+        torch.exp(torch.randn(100_003, generator=g) * 10).clamp(max=3e38),
+        torch.rand(3001, generator=g).mul(2**-10).add(1.0),  # one exponent: the top digit skipped
+    ]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_descending_values_equal_torch_sort(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU: the CUDA radix sort runs in the device check")
+    if device == "cuda" and not hasattr(threshold._C, "sort_descending_cuda"):
+        pytest.skip("the extension was built without CUDA kernels")
+    for x in _sort_cases():
+        x = x.to(device)
+        got = threshold.descending_values(x)
+        assert got.dtype == x.dtype and got.device == x.device and got.shape == x.shape
+        assert torch.equal(got, torch.sort(x, descending=True).values), x[:8]
+        assert threshold.threshold_stats().torch_sorts == 0
+
+
+def test_descending_values_split_over_threads():
+    """From 2^24 values the CPU sort splits its passes over threads; the order is the same."""
+    n = (1 << 24) + 5
+    x = torch.rand(n, generator=torch.Generator().manual_seed(5)) ** 3
+    got = threshold.descending_values(x).numpy()
+    want = np.sort(x.numpy())[::-1]
+    assert np.array_equal(got, want)

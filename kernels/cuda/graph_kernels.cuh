@@ -6,6 +6,7 @@
 // synchronising. Launch failures throw std::runtime_error.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace fastattr {
@@ -43,6 +44,12 @@ struct HistOut {
 
 void hist_1d_cuda(const float* scores, std::int64_t n, int level, std::uint32_t prefix, const HistOut& out,
                   std::uintptr_t stream);
+
+// The n non-negative float32 scores in descending order, into `out` (CUB's radix sort of the keys:
+// no indices, 64-bit sizes); `temp` holds sort_descending_cuda_temp_bytes(n) bytes.
+std::size_t sort_descending_cuda_temp_bytes(std::int64_t n);
+void sort_descending_cuda(const float* scores, float* out, std::int64_t n, void* temp, std::size_t temp_bytes,
+                          std::uintptr_t stream);
 
 // The same over the edge scores fl32(fl32(|a_ij| / scale_i) * factor_i) of the pruned graph (rows
 // and columns with mask == 0 score 0), computed on the fly.

@@ -130,7 +130,11 @@ def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
     Returns a 0-d tensor. Ties at the returned value are all kept by the callers' ``>=``.
     """
-    ordered = torch.sort(scores, descending=True).values
+    return threshold_of_descending(torch.sort(scores, descending=True).values, threshold)
+
+
+def threshold_of_descending(ordered: torch.Tensor, threshold: float) -> torch.Tensor:
+    """:func:`find_threshold` after its sort: ``ordered`` holds the scores in descending order."""
     cumulative = torch.cumsum(ordered, dim=0) / torch.sum(ordered)
     index = int(torch.searchsorted(cumulative, threshold).item())
     index = min(index, len(cumulative) - 1)  # t = 1.0 can pass the last entry by rounding

@@ -1,4 +1,4 @@
-"""Cumulative-influence thresholds without sorting.
+"""Cumulative-influence thresholds by radix select, without torch.sort.
 
 circuit-tracer's ``find_threshold`` sorts the scores in descending order, divides their cumulative
 sum by the total and returns the first score whose cumulative fraction reaches the threshold. On the
@@ -15,17 +15,20 @@ element. The crossing test ``fl32(fl32(C) / S) >= fl32(t)`` is monotone in the p
 it at bucket ends is exact up to the order in which the double prefix is accumulated (a relative
 difference of about n * 2^-53, included in the error band below). The one quantity that cannot be
 reproduced without the sorted order is ``torch.sum(sorted)``: torch's cascade summation rounds
-differently from a correctly rounded sum (they disagree in roughly 40% of random cases). So the
-select runs with S known only to an interval derived from the error bound of torch's summation
-algorithm (:func:`torch_sum_error_bound`); if both ends of the interval give the same answer, that
-answer is circuit-tracer's; if not (the crossing sits within ~1e-5 of the threshold), the scores are
-sorted after all and the reference computes the answer. ``find_threshold`` is therefore always
-exact; :func:`threshold_stats` counts the sorting fallbacks. Measured on 2400 random score vectors
-(n <= 5000, six distributions, ties and zeros included): no fallback at t = 0, about 1% at t = 0.5
-and 0.8, up to 10% at t = 0.98 for flat distributions, and every time at t = 1.0, where
-circuit-tracer's answer itself hinges on whether its float32 total rounds above the cumulative sum.
-On CUDA torch's float32 cumsum accumulates in float32, so the interval also widens the prefix by
-a bound on that scan's error and fallbacks (torch's own sort, on the GPU) are more frequent.
+differently from a correctly rounded sum (they disagree in roughly 40% of random cases), and which
+way depends on every element's rank (and, on the CPU, on the thread count). So the select runs with
+S known only to an interval derived from the error bound of torch's summation algorithm
+(:func:`torch_sum_error_bound`); if both ends of the interval give the same answer, that answer is
+circuit-tracer's. If not, no further histogram pass can decide, because the deciding bit of S
+comes from the order itself: the select hands over to the sorted values, produced by fastattr's
+radix sort of the values (:func:`descending_values`: no comparison sort, no index tensor, no size
+limit), and circuit-tracer's cumsum, sum and search run on them. ``find_threshold`` is therefore
+always exact and never calls ``torch.sort``; :func:`threshold_stats` counts the hand-overs.
+How often it hands over grows with n and t (docs/tolerances.md has the measured rates): rarely
+at n = 5e3 and t <= 0.8, on every call at n = 1e6 and t >= 0.8, and at t = 1.0, where
+circuit-tracer's answer itself hinges on whether its float32 total rounds above the cumulative
+sum. On CUDA torch's float32 cumsum accumulates in float32, so the interval also widens the
+prefix by a bound on that scan's error and hand-overs (a CUB radix sort) are more frequent.
 
 The fused variant for the edges of ``prune_graph`` (see :mod:`fastattr.pruning`) cannot sort the
 N^2 scores it never builds: it takes S as the double sum rounded to float32, which is the one
@@ -44,13 +47,15 @@ tests/test_threshold_drivers.py runs one table of adversarial score vectors thro
 backend's driver and compares each answer bit for bit with ``reference.find_threshold``.
 
 Backends. ``last_backend("find_threshold")`` names the backend whose radix select ran; the
-ambiguous answers it hands to the sort are part of that backend's algorithm (counted in
-:func:`threshold_stats`, sorted on the same device).
+hand-over to the sorted values is part of every radix backend's algorithm (counted in
+:func:`threshold_stats`, sorted on the scores' device: the C++ sort on the CPU, CUB on CUDA; a
+build without CUDA kernels orders CUDA scores with torch.sort, logged and counted as
+``torch_sorts``).
 
 Determinism. ``deterministic=True`` (or torch.use_deterministic_algorithms) makes the cuda and
 triton histograms sum each bucket's float32 significands exactly in int64, so every run picks the
 same buckets; by default they add doubles with float atomics, whose order varies, so a cumulative
-sum that ties with the threshold can fall either way (the sort fallback keeps ``find_threshold``
+sum that ties with the threshold can fall either way (the hand-over keeps ``find_threshold``
 exact regardless; the fixed-total selects of ``prune_graph`` are where it shows). The cpu kernels
 are deterministic in both modes: static row splits merged in thread order.
 """
@@ -92,7 +97,8 @@ _UD = 2.0**-53  # float64 unit roundoff
 @dataclass
 class ThresholdStats:
     calls: int = 0
-    fallbacks: int = 0  # ambiguous answers resolved by sorting
+    value_sorts: int = 0  # ambiguous answers resolved on the radix-sorted values
+    torch_sorts: int = 0  # of those, ordered by torch.sort (a build without CUDA kernels, on a GPU)
     exact_total: int = 0  # ambiguous answers above torch.sort's size limit, resolved with the exact total
 
 
@@ -100,7 +106,8 @@ _stats = ThresholdStats()
 
 
 def threshold_stats() -> ThresholdStats:
-    """How often find_threshold had to sort because torch's rounding of the total mattered."""
+    """How often find_threshold needed the sorted values because torch's rounding of the total
+    decided the answer."""
     return _stats
 
 
@@ -315,6 +322,37 @@ def select_1d(scores: torch.Tensor, t: float, backend: str, *, deterministic: bo
                         scores.numel(), t, rel_s=rel_s, dc=dc, s_fixed=s_fixed)
 
 
+def _descending_cpu(scores: torch.Tensor) -> torch.Tensor:
+    out, tmp = torch.empty_like(scores), torch.empty_like(scores)
+    _C.sort_descending_cpu(scores=scores.data_ptr(), scores_dtype=_ext.dtype_code(scores), n=scores.numel(),
+                           out=out.data_ptr(), tmp=tmp.data_ptr())
+    return out
+
+
+def _descending_cuda(scores: torch.Tensor) -> torch.Tensor:
+    n = scores.numel()
+    out = torch.empty_like(scores)
+    temp_bytes = _C.sort_descending_cuda_temp_bytes(n=n)
+    temp = torch.empty(max(temp_bytes, 1), dtype=torch.uint8, device=scores.device)
+    _C.sort_descending_cuda(scores=scores.data_ptr(), scores_dtype=_ext.dtype_code(scores), n=n,
+                            out=out.data_ptr(), temp=temp.data_ptr(), temp_bytes=temp_bytes,
+                            stream=_ext.cuda_stream(scores.device))
+    return out
+
+
+def descending_values(scores: torch.Tensor) -> torch.Tensor:
+    """Contiguous, non-negative, finite float32 ``scores`` in descending order: what circuit-tracer's
+    ``torch.sort(scores, descending=True).values`` holds, by fastattr's radix sort of the values
+    (no index tensor, no size limit; csrc/radix_sort_cpu.cpp, kernels/cuda/radix_sort.cu)."""
+    if scores.device.type == "cpu":
+        return _descending_cpu(scores)
+    if hasattr(_C, "sort_descending_cuda"):
+        return _descending_cuda(scores)
+    _stats.torch_sorts += 1
+    logger.info("find_threshold: this build has no CUDA kernels, so torch.sort orders the scores")
+    return torch.sort(scores, descending=True).values
+
+
 # ------------------------------------------------------------------------------------------------
 # find_threshold
 # ------------------------------------------------------------------------------------------------
@@ -363,9 +401,10 @@ def _radix_find_threshold(scores: torch.Tensor, threshold: float, backend: str, 
         if sel.status not in (OK, ALL_ZERO):
             raise RuntimeError(f"find_threshold: histogram passes disagree with a fixed total (status {sel.status})")
     elif sel.status == AMBIGUOUS:
-        _stats.fallbacks += 1
-        logger.debug("find_threshold: the answer depends on torch's rounding of the total; sorting")
-        return reference.find_threshold(scores, threshold)
+        # torch.sum's float32 rounding of the sorted total decides, and only the order reproduces it.
+        _stats.value_sorts += 1
+        logger.debug("find_threshold: torch's rounding of the total decides; resolving on the sorted values")
+        return reference.threshold_of_descending(descending_values(scores), threshold)
     return _as_tensor(sel.value, scores)
 
 
