@@ -188,8 +188,10 @@ def threshold(run: Run, cpu: bool):
         if why:
             run.skip("find_threshold", case, impl, why)
             continue
+        sorts = fastattr.threshold.threshold_stats().value_sorts
         got = fastattr.find_threshold(scores, 0.98, backend=impl)
-        extra = {"value": float(got)} | ({} if want is None else {"equal_to_reference": bool(torch.equal(got, want))})
+        extra = {"value": float(got), "handed_over": fastattr.threshold.threshold_stats().value_sorts > sorts}
+        extra |= {} if want is None else {"equal_to_reference": bool(torch.equal(got, want))}
         run.case("find_threshold", case, impl, lambda: fastattr.find_threshold(scores, 0.98, backend=impl),
                  min_bytes=4 * n, reps=3, extra=extra)
     del scores
