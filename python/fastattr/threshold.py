@@ -101,6 +101,11 @@ class ThresholdStats:
     torch_sorts: int = 0  # of those, ordered by torch.sort (a build without CUDA kernels, on a GPU)
     exact_total: int = 0  # ambiguous answers above torch.sort's size limit, resolved with the exact total
 
+    @property
+    def fallbacks(self) -> int:
+        """``value_sorts`` under the name it had while the hand-over was torch.sort (kept for callers)."""
+        return self.value_sorts
+
 
 _stats = ThresholdStats()
 
