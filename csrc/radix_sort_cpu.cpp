@@ -72,10 +72,7 @@ void scatter_pass(const float* src, float* dst, const Chunks& ch, int pass, std:
   }
 }
 
-}  // namespace
-
-void sort_descending_cpu(const float* in, std::int64_t n, float* out, float* tmp) {
-  if (n <= 0) return;
+void lsd_sort(const float* in, std::int64_t n, float* out, float* tmp) {
   const int T = graphk::threads_for(n);
   const Chunks ch{n, T};
 
@@ -124,6 +121,41 @@ void sort_descending_cpu(const float* in, std::int64_t n, float* out, float* tmp
     scatter_pass(src, dst, ch, p, offsets, T);
     src = dst;
   }
+}
+
+}  // namespace
+
+void sort_descending_cpu(const float* in, std::int64_t n, float* out, float* tmp) {
+  if (n <= 0) return;
+  const int T = graphk::threads_for(n);
+  const Chunks ch{n, T};
+  std::vector<std::int64_t> zeros(ch.count + 1, 0);
+#pragma omp parallel for num_threads(T) schedule(static)
+  for (int c = 0; c < ch.count; ++c) {
+    std::int64_t z = 0;
+    for (std::int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) z += in[i] == 0.0f;
+    zeros[c + 1] = z;
+  }
+  for (int c = 0; c < ch.count; ++c) zeros[c + 1] += zeros[c];
+  const std::int64_t nnz = n - zeros[ch.count];
+  if (nnz == 0 || 2 * nnz > n) {
+    lsd_sort(in, n, out, tmp);
+    return;
+  }
+  // Mostly zeros (the edge scores of a pruned graph): the zeros go straight to the tail in input
+  // order, the non-zeros are compacted into tmp[0, nnz) and sorted with tmp[nnz, 2 nnz) as scratch.
+#pragma omp parallel for num_threads(T) schedule(static)
+  for (int c = 0; c < ch.count; ++c) {
+    float* z = out + nnz + zeros[c];
+    float* v = tmp + (ch.begin(c) - zeros[c]);
+    for (std::int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
+      if (in[i] == 0.0f)
+        *z++ = in[i];
+      else
+        *v++ = in[i];
+    }
+  }
+  lsd_sort(tmp, nnz, out, tmp + nnz);
 }
 
 }  // namespace fastattr

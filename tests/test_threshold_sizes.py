@@ -103,6 +103,8 @@ def _sort_cases() -> list[torch.Tensor]:
         torch.rand(12_345, generator=g) ** 8,
         torch.exp(torch.randn(100_003, generator=g) * 10).clamp(max=3e38),
         torch.rand(3001, generator=g).mul(2**-10).add(1.0),  # one exponent: the top digit skipped
+        torch.rand(50_001, generator=g).pow(3).mul(torch.rand(50_001, generator=g) < 0.1),  # mostly zeros
+        torch.tensor([0.0, 3.0, -0.0, 0.0, 1.0, -0.0, 0.0]),  # zeros of both signs, the majority
     ]
 
 
@@ -127,3 +129,6 @@ def test_descending_values_split_over_threads():
     got = threshold.descending_values(x).numpy()
     want = np.sort(x.numpy())[::-1]
     assert np.array_equal(got, want)
+    x[torch.rand(n, generator=torch.Generator().manual_seed(6)) < 0.7] = 0.0  # the compacting path
+    got = threshold.descending_values(x).numpy()
+    assert np.array_equal(got, np.sort(x.numpy())[::-1])
