@@ -1,6 +1,6 @@
 """Cases above 2^31 elements, where a 32-bit index or offset would wrap: a contraction with
-S * D > 2^31 (and grads whose per-tile offsets need 64 bits), and prune_graph on a 47k x 47k
-adjacency. They need a GPU with tens of GB free and are skipped elsewhere, with the reason;
+S * D > 2^31 (and grads whose per-tile offsets need 64 bits), find_threshold and its radix sort on
+2^31 + 4099 scores, and prune_graph on a 47k x 47k adjacency. They need a GPU with tens of GB free and are skipped elsewhere, with the reason;
 benchmarks/gpu_check.sh runs them."""
 
 from __future__ import annotations
@@ -58,6 +58,41 @@ def test_contraction_vectors_over_2_31_elements(backend, dtype):
     fastattr.contract(grads, vectors, positions, rows, out, backend=backend)
     sample = torch.cat([torch.arange(S - 2000, S, device=device), torch.randint(0, S, (2000,), generator=gen, device=device)])
     assert _sampled_rows_check(out, grads, vectors, positions, rows, sample) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_descending_values_over_2_31_scores():
+    """CUB's sort with a 64-bit item count, where torch.sort refuses: sorted, and the same multiset."""
+    n = (1 << 31) + 4099
+    device = _need_gpu(n * 4 * 3.2 / GIB + 2)  # scores, the sorted copy, CUB's scratch
+    from fastattr import threshold
+
+    x = torch.rand(n, generator=torch.Generator(device=device).manual_seed(3), device=device) ** 2
+    ordered = threshold.descending_values(x)
+    assert threshold.threshold_stats().torch_sorts == 0
+    assert bool((ordered[:-1] >= ordered[1:]).all())
+    assert ordered[0] == x.max() and ordered[-1] == x.min()
+    assert ordered.double().sum().item() == x.double().sum().item()
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_find_threshold_over_2_31_scores(backend):
+    """Above torch.sort's limit circuit-tracer has no answer; fastattr's is its rule with the total
+    taken as the exactly rounded sum (checked here on the CUB-sorted values)."""
+    n = (1 << 31) + 4099
+    device = _need_gpu(n * 4 * 6.5 / GIB + 2)  # scores, the sorted copy, its float64 prefix sums
+    from fastattr import threshold
+
+    x = torch.rand(n, generator=torch.Generator(device=device).manual_seed(4), device=device) ** 4
+    for t in (0.8, 0.98):
+        got = fastattr.find_threshold(x, t, backend=backend)
+        ordered = threshold.descending_values(x)
+        cum = torch.cumsum(ordered.double(), 0)
+        s = torch.tensor(float(cum[-1].item()), dtype=torch.float32, device=device)
+        del ordered
+        idx = int(torch.searchsorted(cum.float().div_(s), torch.tensor(t, dtype=torch.float32, device=device)).item())
+        del cum
+        want = threshold.descending_values(x)[min(idx, n - 1)]
+        assert got.item() == want.item(), (t, got.item(), want.item())
 
 
 @pytest.mark.parametrize("backend", _gpu_backends())
