@@ -159,6 +159,24 @@ def test_unique_rows_deterministic_is_the_default_path(backend):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_out_with_repeated_rows_is_not_atomic(out_dtype):
+    """The cpu kernel has no half-precision atomic add: it runs repeated rows' tasks in order, so
+    the default path is already run-to-run identical and last_launches says no atomics ran."""
+    grads, vectors, positions, rows = _repeated_case(dtype=out_dtype, seed=13)
+    plan = ContractionPlan(vectors, positions, rows)
+    runs = []
+    for _ in range(3):
+        runs.append(plan(grads, torch.zeros(9, grads.shape[0], dtype=out_dtype), backend="cpu", deterministic=False))
+        assert not plan.last_launches.deterministic and not plan.last_launches.atomic
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    expected = torch.zeros(9, grads.shape[0], dtype=torch.float64)
+    reference.contract(grads.double(), vectors.double(), positions, rows, expected)
+    # every add rounds to the half-precision out: error relative to the largest row's magnitude
+    tol = {torch.float16: 1e-2, torch.bfloat16: 4e-2}[out_dtype]
+    assert (runs[0].double() - expected).abs().max() <= tol * expected.abs().max()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_switch_turns_it_on(backend):
     dev = _device(backend)

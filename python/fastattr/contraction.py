@@ -431,7 +431,10 @@ def _contract_triton(call: _Call) -> None:
 def _contract_cpu(call: _Call) -> None:
     # Deterministic with repeated rows: one launch whose threads own batch columns and add in tile
     # order (csrc/contraction_cpu.cpp), cheaper than one fork and join per pass.
-    for tiles, atomic in call.schedule(tile_height("cpu"), passes=False):
+    launches = call.schedule(tile_height("cpu"), passes=False)
+    # A half-precision out has no atomic add: the kernel runs repeated rows' tasks in order instead.
+    call.atomic = call.atomic and call.out.dtype not in (torch.float16, torch.bfloat16)
+    for tiles, atomic in launches:
         _ext.ext.contract_cpu(**_kernel_kwargs(call, tiles, atomic), deterministic=call.deterministic)
 
 
