@@ -48,6 +48,9 @@ struct CrossingTest {
   bool early(double c) const;
   bool late(double c) const;
   bool exact() const { return s_lo == s_hi && dc == 0.0; }
+  // torch.sum's float32 total may be inf: circuit-tracer's ratios are then 0 and NaN, and its
+  // binary search over the NaNs is not a crossing test, so only the sorted values can answer.
+  bool may_overflow() const { return s_lo != s_hi && !(s_hi <= 3.4028234663852886e38f); }
 };
 
 // The test of a select whose level-0 bucket sums are sum[0..nb): S = s_fixed when it is positive;

@@ -212,7 +212,7 @@ SelectResult select_threshold_1d(const float* scores, std::int64_t n, float t, d
   const int nb0 = 1 << kSelectBits[0];
   const CrossingTest test = crossing_test(l0.hist.sum, nb0, t, rel_s, dc, s_fixed);
   const BucketPick p = pick_bucket(l0.hist.count, l0.hist.sum, nb0, 0.0, test, false);
-  if (p.early != p.late) {
+  if (p.early != p.late || test.may_overflow()) {
     res.status = kSelectAmbiguous;
     return res;
   }

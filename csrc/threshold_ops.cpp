@@ -58,7 +58,7 @@ py::tuple select_crossing_test(std::uintptr_t sums, std::int64_t n_buckets, doub
   check_relative(dc, "dc");
   if (!std::isfinite(s_fixed)) fail("s_fixed: expected a finite total (<= 0: derive it), got ", s_fixed);
   const CrossingTest c = crossing_test(as_ptr<const double>(sums), (int)n_buckets, (float)t, rel_s, dc, s_fixed);
-  return py::make_tuple(c.s_lo, c.s_hi, c.dc, c.t);
+  return py::make_tuple(c.s_lo, c.s_hi, c.dc, c.t, c.may_overflow());
 }
 
 py::tuple select_pick_bucket(std::uintptr_t count, std::uintptr_t sums, int level, std::int64_t n_buckets,
@@ -138,7 +138,8 @@ void register_threshold_ops(py::module_& m) {
         "circuit-tracer's find_threshold by radix select; returns (status, value, clamped)");
   m.def("select_crossing_test", &select_crossing_test, py::kw_only(), py::arg("sums"), py::arg("n_buckets"),
         py::arg("t"), py::arg("rel_s"), py::arg("dc"), py::arg("s_fixed"),
-        "The crossing test of a select from its level-0 bucket sums (float64); returns (s_lo, s_hi, dc, t)");
+        "The crossing test of a select from its level-0 bucket sums (float64); returns "
+        "(s_lo, s_hi, dc, t, may_overflow)");
   m.def("select_pick_bucket", &select_pick_bucket, py::kw_only(), py::arg("count"), py::arg("sums"),
         py::arg("level"), py::arg("n_buckets"), py::arg("base"), py::arg("s_lo"), py::arg("s_hi"), py::arg("dc"),
         py::arg("t"), py::arg("must_cross"),

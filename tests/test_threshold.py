@@ -60,6 +60,10 @@ def test_edge_cases(backend):
         torch.tensor([1e30, 1.0, 1e-30]),
         torch.tensor([5e-45, 1e-45, 0.0]),  # subnormals
         torch.tensor([-0.0, 0.0, 1.0]),
+        # finite scores whose float32 total is inf: circuit-tracer's ratios are 0 then NaN
+        torch.tensor([3.0e38, 2.0e38, 1.0e38]),
+        torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 1e37,
+        torch.tensor([3.0e38, 1e-3, 2.0e38, 0.0]),
     ]
     for x in cases:
         for t in THRESHOLDS + [1e-9, 0.999999]:

@@ -242,7 +242,7 @@ class _Pick:
 def _pick(h: Hist, level: int, base: float, test: tuple, must_cross: bool) -> _Pick:
     count = np.ascontiguousarray(h.count, dtype=np.int64)
     sums = np.ascontiguousarray(h.sums, dtype=np.float64)
-    s_lo, s_hi, dc, t = test
+    s_lo, s_hi, dc, t = test[:4]
     return _Pick(*_C.select_pick_bucket(
         count=count.ctypes.data, sums=sums.ctypes.data, level=level, n_buckets=count.size, base=base, s_lo=s_lo,
         s_hi=s_hi, dc=dc, t=t, must_cross=must_cross,
@@ -265,7 +265,7 @@ def radix_select(hist_pass, n: int, t: float, *, rel_s: float = 0.0, dc: float =
     test = _C.select_crossing_test(sums=sums0.ctypes.data, n_buckets=sums0.size, t=t, rel_s=rel_s, dc=dc,
                                    s_fixed=s_fixed)
     p = _pick(h, 0, 0.0, test, False)
-    if p.early != p.late:
+    if p.early != p.late or test[4]:  # test[4]: torch.sum's total may overflow (graph.h, may_overflow)
         return Selection(AMBIGUOUS)
     if p.late < 0:
         return Selection(OK, 0.0 if h.nnz < n else h.min_nz, True)
