@@ -16,9 +16,9 @@
 //   reading each node, then "waves" of rows with no dependencies among themselves are swept, split
 //   among threads (each with its own accumulator, reduced at the wave end) when they are large.
 // The raise-on-non-convergence semantics are kept by tracking the longest path from a weighted
-// node: circuit-tracer's loop runs exactly that many steps before the vector becomes zero, so it
-// raises iff that length exceeds max_iter. A matrix with a cycle falls back to the power series,
-// which reproduces circuit-tracer's loop (including convergence by float32 underflow).
+// node: circuit-tracer's loop runs at most that many steps before the vector becomes zero. A path
+// longer than max_iter, or a cycle, falls back to the power series, which reproduces
+// circuit-tracer's loop (including convergence by float32 underflow or exact cancellation).
 //
 // Every sum here is fixed-order, so results are bitwise identical from run to run (for a given
 // FASTATTR_NUM_THREADS / OpenMP thread count): a wave's rows are split among threads by index
@@ -546,8 +546,9 @@ void edge_stats_pass(const InfluenceArgs& args, const std::vector<float>& colmas
   res.edge_min = res.edge_nnz > 0 ? mn : 0.0f;
 }
 
-// A cycle: the power series decides, as in circuit-tracer (raise, or underflow to zero); then the
-// per-row scales and factors, and the edge-score statistics, from its result.
+// A cycle, or a path longer than max_iter: the power series decides, as in circuit-tracer (raise,
+// or underflow to zero); then the per-row scales and factors, and the edge-score statistics, from
+// its result.
 InfluenceResult series_fallback(const InfluenceArgs& args, const Sweep& sw, InfluenceResult& res) {
   const std::int64_t n = args.n;
   const bool abs = args.normalize, masked = sw.masked;
@@ -622,8 +623,9 @@ InfluenceResult influence_dense_cpu(const InfluenceArgs& args) {
     for (std::int64_t i = 0; i < n; ++i) depth = std::max(depth, sw.len[i]);
     res.depth = depth;
     for (std::int64_t j = 0; j < n; ++j) args.out[j] = (float)sw.infl[j];
-    if (depth > args.max_iter) res.status = kInfluenceNoConvergence;
-    return res;
+    if (depth <= args.max_iter) return res;
+    // A path longer than max_iter: circuit-tracer raises unless its float32 terms underflow (or
+    // cancel) to exactly zero first, which only its own series can tell.
   }
 
   return series_fallback(args, sw, res);

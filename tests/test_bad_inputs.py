@@ -211,6 +211,10 @@ CASES = [
     ("prune_graph", "too many nodes", V, "graph", lambda b: fastattr.prune_graph(_graph(_dev(b), n=3), backend=b)),
     ("prune_graph", "logit_probabilities wrong length", V, "graph.logit_probabilities",
      lambda b: fastattr.prune_graph(_graph(_dev(b), logit_probabilities=torch.ones(2, device=_dev(b))), backend=b)),
+    ("prune_graph", "logit_probabilities NaN", V, "graph.logit_probabilities",
+     lambda b: fastattr.prune_graph(_graph(_dev(b), logit_probabilities=torch.tensor([float("nan")], device=_dev(b))), backend=b)),
+    ("prune_graph", "logit_probabilities Inf", V, "graph.logit_probabilities",
+     lambda b: fastattr.prune_graph(_graph(_dev(b), logit_probabilities=torch.tensor([float("inf")], device=_dev(b))), backend=b)),
     ("compute_graph_scores", "no cfg", T, "graph",
      lambda b: fastattr.compute_graph_scores(types.SimpleNamespace(**{k: v for k, v in vars(_graph(_dev(b))).items() if k != "cfg"}), backend=b)),
     # ---------------------------------------------------------------- prune_graph_sparse

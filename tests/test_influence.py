@@ -133,6 +133,33 @@ def test_decaying_cycle_converges_by_underflow_like_circuit_tracer(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_path_longer_than_max_iter_converges_by_underflow_like_circuit_tracer(backend):
+    """A DAG whose longest path exceeds max_iter still converges where circuit-tracer's float32
+    terms underflow (or cancel) to exactly zero first; it raises only where circuit-tracer does."""
+    dev = backend_device(backend)
+    n = 12
+    chain = torch.zeros(n, n, device=dev)
+    chain[torch.arange(1, n), torch.arange(n - 1)] = 1e-20  # node i reads node i - 1
+    w = torch.zeros(n, device=dev)
+    w[-1] = 1.0
+    signed = torch.zeros(4, 4, device=dev)
+    signed[3, 1] = signed[3, 2] = signed[1, 0] = 1.0
+    signed[2, 0] = -1.0  # the second term cancels to exactly zero
+    w4 = torch.tensor([0.0, 0.0, 0.0, 1.0], device=dev)
+    for A, weights in ((chain, w), (signed, w4)):
+        for max_iter in range(0, 4):
+            try:
+                ref = ctg.compute_influence(A, weights.clone(), max_iter=max_iter)
+            except RuntimeError as exc:
+                with pytest.raises(RuntimeError) as info:
+                    fastattr.compute_influence(A, weights, max_iter=max_iter, backend=backend)
+                assert str(info.value) == str(exc)
+                continue
+            got = fastattr.compute_influence(A, weights, max_iter=max_iter, backend=backend)
+            assert torch.equal(got == 0, ref == 0) and rel_err(got, ref) <= 1e-6, (max_iter, got, ref)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_matrix_raises_value_error(backend, bad):
     graph = graph_for(backend, 0)

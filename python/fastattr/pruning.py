@@ -109,6 +109,8 @@ def _check_graph(graph: Any) -> tuple[torch.Tensor, int, int, int]:
     probs = graph.logit_probabilities
     _checks.check_tensor(probs, "graph.logit_probabilities", ndim=1)
     _checks.check_shape(probs, "graph.logit_probabilities", (n_logits,))
+    # circuit-tracer iterates to max_iter on a NaN weight; the influence would name no argument.
+    _checks.check_finite(probs, "graph.logit_probabilities")
     return A, n_tokens, n_logits, n_features
 
 
