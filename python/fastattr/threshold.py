@@ -345,6 +345,7 @@ def _descending_cuda(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@_device.guard("scores")
 def descending_values(scores: torch.Tensor) -> torch.Tensor:
     """Contiguous, non-negative, finite float32 ``scores`` in descending order: what circuit-tracer's
     ``torch.sort(scores, descending=True).values`` holds, by fastattr's radix sort of the values
