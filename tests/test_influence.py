@@ -85,24 +85,27 @@ def test_edge_influence_matches_circuit_tracer(backend):
     assert rel_err(got, ref) <= 1e-6
 
 
+def _same_outcome_as_circuit_tracer(A, w, max_iter, backend) -> str:
+    """compute_influence raises circuit-tracer's error where it raises, else returns its values
+    (zeros where its are zero): "raise" or "ok"."""
+    try:
+        ref = ctg.compute_influence(A, w.clone(), max_iter=max_iter)
+    except RuntimeError as exc:
+        with pytest.raises(RuntimeError) as info:
+            fastattr.compute_influence(A, w, max_iter=max_iter, backend=backend)
+        assert str(info.value) == str(exc)
+        return "raise"
+    got = fastattr.compute_influence(A, w, max_iter=max_iter, backend=backend)
+    assert torch.equal(got == 0, ref == 0) and rel_err(got, ref) <= 1e-6, (max_iter, got, ref)
+    return "ok"
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_early_stop_and_max_iter_like_circuit_tracer(backend):
     graph = graph_for(backend, 3)
     A, w = graph.adjacency_matrix, logit_weights(graph)
     N = ctg.normalize_matrix(A)
-    outcomes = []
-    for max_iter in range(0, 8):
-        try:
-            ref = ctg.compute_influence(N, w.clone(), max_iter=max_iter)
-        except RuntimeError as exc:
-            with pytest.raises(RuntimeError) as info:
-                fastattr.compute_influence(N, w, max_iter=max_iter, backend=backend)
-            assert str(info.value) == str(exc)
-            outcomes.append("raise")
-            continue
-        got = fastattr.compute_influence(N, w, max_iter=max_iter, backend=backend)
-        assert rel_err(got, ref) <= 1e-6
-        outcomes.append("ok")
+    outcomes = [_same_outcome_as_circuit_tracer(N, w, max_iter, backend) for max_iter in range(0, 8)]
     assert "raise" in outcomes and "ok" in outcomes  # the depth lies inside the range tried
 
 
@@ -148,15 +151,7 @@ def test_path_longer_than_max_iter_converges_by_underflow_like_circuit_tracer(ba
     w4 = torch.tensor([0.0, 0.0, 0.0, 1.0], device=dev)
     for A, weights in ((chain, w), (signed, w4)):
         for max_iter in range(0, 4):
-            try:
-                ref = ctg.compute_influence(A, weights.clone(), max_iter=max_iter)
-            except RuntimeError as exc:
-                with pytest.raises(RuntimeError) as info:
-                    fastattr.compute_influence(A, weights, max_iter=max_iter, backend=backend)
-                assert str(info.value) == str(exc)
-                continue
-            got = fastattr.compute_influence(A, weights, max_iter=max_iter, backend=backend)
-            assert torch.equal(got == 0, ref == 0) and rel_err(got, ref) <= 1e-6, (max_iter, got, ref)
+            _same_outcome_as_circuit_tracer(A, weights, max_iter, backend)
 
 
 @pytest.mark.parametrize("backend", backend_params())
