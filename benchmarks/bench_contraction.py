@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastattr import ContractionPlan, contraction, reference
+from fastattr import ContractionPlan, reference
+from fastattr.ops import contraction
 
 import benchutil
 from benchutil import BASELINE, DEVICE, impl_params, per_tier

@@ -169,7 +169,7 @@ def _attribute_timings() -> dict:
     loop's share outside it (with FASTATTR_PROFILE=1), influence updates."""
     import importlib
 
-    last = importlib.import_module("fastattr.attribute")._LAST_RUN
+    last = importlib.import_module("fastattr.attribution.driver")._LAST_RUN
     keys = ("engine", "engine_time", "loop_outside_engine", "influence_updates", "edge_storage")
     return {f"attribute_{k}": last[k] for k in keys if k in last}
 
@@ -199,7 +199,7 @@ def test_attribute_prune_topk(measure, benchmark, case: Case):
         graph.to(DEVICE)  # as create_graph_files does; prune_graph moves the recorded sums along
         return graph, fastattr.prune_graph(graph)
 
-    from fastattr.attribute import DEFAULT_TOPK
+    from fastattr.attribution.driver import DEFAULT_TOPK
 
     graph, pruned = measure(
         pipeline, op="e2e attribute+prune", case=case.label, family=case.name, impl=f"topk{DEFAULT_TOPK}",

@@ -125,7 +125,7 @@ def test_attribute_engine(measure, benchmark, case: Case, engine: str):
     info = benchmark.extra_info
     info.update(n_nodes=int(adjacency.shape[0]), n_active_features=int(graph.active_features.shape[0]))
     if engine != BASELINE:
-        last = importlib.import_module("fastattr.attribute")._LAST_RUN
+        last = importlib.import_module("fastattr.attribution.driver")._LAST_RUN
         info.update({f"attribute_{k}": last[k] for k in ("engine", "forward", "logits", "features", "assemble") if k in last})
     if engine == BASELINE:
         _BASELINE[case.name] = (adjacency, graph.selected_features.cpu())

@@ -44,7 +44,7 @@ try:
 except ImportError:
     # Without circuit-tracer (a GPU image may lack it) the baseline column runs fastattr.reference:
     # circuit-tracer's graph.py, the same operations in the same order (equal bit for bit where both
-    # are installed, tests/test_reference.py). Each row records which one ran as ``oracle``.
+    # are installed, tests/ops/test_reference.py). Each row records which one ran as ``oracle``.
     from fastattr import reference as ctg
 
     ORACLE = "fastattr.reference"
@@ -225,7 +225,7 @@ def test_find_threshold(measure, benchmark, n, impl, which, deterministic):
             return ctg.find_threshold(scores, t)
         return fastattr.find_threshold(scores, t, backend=impl, deterministic=deterministic)
 
-    stats = fastattr.threshold.threshold_stats()
+    stats = fastattr.ops.threshold.threshold_stats()
     before = (stats.calls, stats.value_sorts)
     measure(fn, op=f"find_threshold ({which})", case=f"N={graph.adjacency_matrix.shape[0]}, {scores.numel()} scores",
             impl=_label(impl, deterministic), size=scores.numel(), size_label="scores",

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from fastattr import _backends
-from fastattr._memory import PeakMemory
+from fastattr._runtime import backends as _backends
+from fastattr._runtime.memory import PeakMemory
 
 TIERS = ("smoke", "cpu", "full")
 BASELINE = "circuit-tracer"  # the ``impl`` name of circuit-tracer's own path in every op

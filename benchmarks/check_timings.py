@@ -31,7 +31,8 @@ os.environ.setdefault("FASTATTR_BENCH_TIER", "smoke")
 import benchutil  # noqa: E402
 
 import fastattr  # noqa: E402
-from fastattr import ContractionPlan, _backends, reference  # noqa: E402
+from fastattr import ContractionPlan, reference  # noqa: E402
+from fastattr._runtime import backends as _backends
 
 GIB = 1 << 30
 
@@ -188,9 +189,9 @@ def threshold(run: Run, cpu: bool):
         if why:
             run.skip("find_threshold", case, impl, why)
             continue
-        sorts = fastattr.threshold.threshold_stats().value_sorts
+        sorts = fastattr.ops.threshold.threshold_stats().value_sorts
         got = fastattr.find_threshold(scores, 0.98, backend=impl)
-        extra = {"value": float(got), "handed_over": fastattr.threshold.threshold_stats().value_sorts > sorts}
+        extra = {"value": float(got), "handed_over": fastattr.ops.threshold.threshold_stats().value_sorts > sorts}
         extra |= {} if want is None else {"equal_to_reference": bool(torch.equal(got, want))}
         run.case("find_threshold", case, impl, lambda: fastattr.find_threshold(scores, 0.98, backend=impl),
                  min_bytes=4 * n, reps=3, extra=extra)

@@ -101,7 +101,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "loadavg_start": _SESSION["loadavg_start"],
         "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "roofline": _SESSION["roofline"],
-        "backends": {n: {"available": ok, "reason": why} for n, (ok, why) in fastattr._backends.backend_status().items()},
+        "backends": {n: {"available": ok, "reason": why} for n, (ok, why) in fastattr._runtime.backends.backend_status().items()},
     }
 
 

@@ -167,12 +167,12 @@ PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 "$PY" -c 'import xdist' 2>/dev/null && [ "$DRYRUN" = 0 ] && PAR=(-n 8) || PAR=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && TMO=(--timeout 240) || TMO=()
 if [ "$DRYRUN" = 1 ]; then
-  SEL=(tests/test_contraction_tf32.py -k "split or three or float64")
+  SEL=(tests/ops/test_contraction_tf32.py -k "split or three or float64")
 else
   # Every kernel test; not the CPU-side ones (CI compiles the kernels and builds wheels), nor the
   # ones that need circuit-tracer (they skip themselves when it is absent).
-  SEL=(tests/ --ignore=tests/test_kernel_compile.py --ignore=tests/test_wheels.py --ignore=tests/test_gpu_check.py
-       --ignore=tests/test_benchmarks_smoke.py --ignore=tests/test_readme.py -m "not large and not wheels")
+  SEL=(tests/ --ignore=tests/package/test_kernel_compile.py --ignore=tests/package/test_wheels.py --ignore=tests/package/test_gpu_check.py
+       --ignore=tests/package/test_benchmarks_smoke.py --ignore=tests/package/test_readme.py -m "not large and not wheels")
 fi
 if run_stage tests "$TESTS" "${PYTEST[@]}" "${PAR[@]}" "${TMO[@]}" "${SEL[@]}"; then
   record tests PASS "$LAST_SECS" "$(pytest_tail "$TESTS")"
@@ -180,7 +180,7 @@ else
   record tests FAIL "$LAST_SECS" "$LAST_NOTE: $(pytest_tail "$TESTS")"
 fi
 # One at a time: each needs tens of GB of the card.
-if run_stage large "$TESTS" "${PYTEST[@]}" tests/test_large.py -m large; then
+if run_stage large "$TESTS" "${PYTEST[@]}" tests/ops/test_large.py -m large; then
   record large PASS "$LAST_SECS" "$(pytest_tail "$TESTS")"
 else
   record large FAIL "$LAST_SECS" "$LAST_NOTE: $(pytest_tail "$TESTS")"
@@ -226,7 +226,7 @@ else
   # access is caught even where it would land inside a pooled block.
   if PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage sanitizer "$SAN" compute-sanitizer --tool memcheck \
        --error-exitcode 99 --print-limit 20 --target-processes all "${PYTEST[@]}" -x \
-       tests/test_contraction.py tests/test_pruning.py tests/test_topk_edges.py -k "cuda or triton" -m "not large"; then
+       tests/ops/test_contraction.py tests/ops/test_pruning.py tests/ops/test_topk_edges.py -k "cuda or triton" -m "not large"; then
     record sanitizer PASS "$LAST_SECS" "$(grep 'ERROR SUMMARY' "$SAN" | tail -n1); $(pytest_tail "$SAN")"
   else
     record sanitizer FAIL "$LAST_SECS" "$LAST_NOTE: $(grep 'ERROR SUMMARY' "$SAN" | tail -n1)"

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import circuit_tracer  # noqa: E402
 import fastattr  # noqa: E402
 from fastattr import synthetic  # noqa: E402
-from fastattr._memory import PeakMemory, peak_resident_bytes  # noqa: E402
+from fastattr._runtime.memory import PeakMemory, peak_resident_bytes  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,7 @@
 
 namespace fastattr {
 
-// Must match fastattr/_ext.py DTYPE_CODES.
+// Must match fastattr/_runtime/ext.py DTYPE_CODES.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5, kFloat64 = 6 };
 
 inline const char* dtype_name(int code) {

@@ -158,7 +158,7 @@ InfluenceResult influence_dense_cpu(const InfluenceArgs& args);
 
 // compute_partial_influences: rows of E are the nodes row_to_node[r]; columns are all nodes; row r
 // is normalised by max(fl32(sum_j |E_rj|), eps). `eps` is the caller's (circuit-tracer's floor for
-// this function, which differs from normalize_matrix's: see fastattr/influence.py).
+// this function, which differs from normalize_matrix's: see fastattr/ops/influence.py).
 int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                           const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
                           float* out, std::int64_t max_iter, float eps);

@@ -14,14 +14,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastattr import _backends, reference
+from fastattr import reference
+from fastattr._runtime import backends as _backends
 
 try:
     import circuit_tracer.graph as ctg
 except ImportError:
     # A GPU machine may have no circuit-tracer; the graph-kernel tests must still run there.
     # fastattr.reference is then the oracle: it equals circuit-tracer's graph.py bit for bit, which
-    # tests/test_reference.py asserts wherever circuit-tracer is installed.
+    # tests/ops/test_reference.py asserts wherever circuit-tracer is installed.
     ctg = reference
 
 HAS_CUDA = torch.cuda.is_available()

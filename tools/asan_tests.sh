@@ -26,9 +26,9 @@ ln -s "$here/kernels/triton_kernels" "$overlay/fastattr/triton_kernels"
 cp "$build"/cmake/_C*.so "$overlay/fastattr/"
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
-  args=(tests/test_influence.py tests/test_influence_dispatch.py tests/test_threshold.py tests/test_threshold_drivers.py
-        tests/test_topk_edges.py tests/test_pruning.py tests/test_prune_statuses.py tests/test_graph_dispatch.py
-        tests/test_graph_deterministic.py tests/test_contraction.py tests/test_deterministic.py tests/test_bad_inputs.py)
+  args=(tests/ops/test_influence.py tests/ops/test_influence_dispatch.py tests/ops/test_threshold.py tests/ops/test_threshold_drivers.py
+        tests/ops/test_topk_edges.py tests/ops/test_pruning.py tests/ops/test_prune_statuses.py tests/ops/test_graph_dispatch.py
+        tests/ops/test_graph_deterministic.py tests/ops/test_contraction.py tests/attribution/test_deterministic.py tests/ops/test_bad_inputs.py)
 fi
 # libstdc++ preloaded beside libasan, so that ASan's exception interceptor finds the real __cxa_throw
 # (the extension's argument errors are C++ exceptions); leaks are torch's and Python's, not ours.

@@ -15,5 +15,5 @@ cd "$here"
 # nnsight finds a trace's with-block by reading the source file: do not edit fastattr while this runs.
 export HF_HUB_OFFLINE=1 PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
 "$py" -c "import circuit_tracer, fastattr.patch as p; print('circuit-tracer', p.circuit_tracer_version(), 'from', circuit_tracer.__file__)"
-exec "$py" -m pytest -q -p no:cacheprovider tests/test_reference.py tests/test_patch.py tests/test_attribute.py \
-  tests/test_pruning.py -m "not slow" "$@"
+exec "$py" -m pytest -q -p no:cacheprovider tests/ops/test_reference.py tests/integrations/test_patch.py tests/attribution/test_attribute.py \
+  tests/ops/test_pruning.py -m "not slow" "$@"

@@ -1,4 +1,4 @@
-// CUDA radix-select histograms for the cumulative thresholds (see fastattr/threshold.py).
+// CUDA radix-select histograms for the cumulative thresholds (see fastattr/ops/threshold.py).
 //
 // Each level histograms counts and sums of the values whose higher digits equal `prefix`, over the
 // level's digit of the float32 pattern (non-negative floats order like their bit patterns; the

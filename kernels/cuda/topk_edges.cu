@@ -1,4 +1,4 @@
-// CUDA top-k incoming edges per row, as CSR (see fastattr/topk_edges.py).
+// CUDA top-k incoming edges per row, as CSR (see fastattr/ops/topk_edges.py).
 //
 // One block per row. The k-th largest |a| is found by a 4-pass radix select over the bit patterns
 // of |a| (8 bits per pass, shared 256-bucket counts), which also gives how many entries equal to it

@@ -1,4 +1,4 @@
-"""Triton radix-select histograms for the cumulative thresholds (see fastattr/threshold.py).
+"""Triton radix-select histograms for the cumulative thresholds (see fastattr/ops/threshold.py).
 
 One level histograms counts and sums of the values whose higher digits equal ``prefix``, over the
 level's digit of the float32 pattern (the digits are csrc/graph.h's, read from ``fastattr._C``).
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastattr import _ext
+from fastattr._runtime import ext as _ext
 
 if _ext.ext is None:  # the digits are defined once, in the compiled extension
     raise ImportError(f"fastattr.triton_kernels.threshold reads the radix-select digits from fastattr._C: {_ext.EXT_ERROR}")

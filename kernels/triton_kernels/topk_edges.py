@@ -1,4 +1,4 @@
-"""Triton top-k incoming edges per row, as CSR (see fastattr/topk_edges.py).
+"""Triton top-k incoming edges per row, as CSR (see fastattr/ops/topk_edges.py).
 
 One program per row. The bit pattern T of the k-th largest |a| is found by a bitwise binary search
 (non-negative floats order like their patterns: T is the largest pattern with at least k entries

@@ -4,7 +4,7 @@ The public graph functions keep circuit-tracer's names, signatures and return ty
 takes ``backend=`` to force one of ``cuda``, ``triton``, ``cpu`` or ``torch``.
 """
 
-from fastattr._backends import (
+from fastattr._runtime.backends import (
     BackendDtypeError,
     BackendLayoutError,
     BackendUnavailableError,
@@ -12,20 +12,20 @@ from fastattr._backends import (
     last_backend,
     use_backend,
 )
-from fastattr._info import __version__, info
-from fastattr.contraction import ContractionPlan, contract
-from fastattr.influence import (
+from fastattr._runtime.info import __version__, info
+from fastattr.ops.contraction import ContractionPlan, contract
+from fastattr.ops.influence import (
     compute_edge_influence,
     compute_influence,
     compute_node_influence,
     compute_partial_influences,
     normalize_matrix,
 )
-from fastattr.pruning import PruneResult, compute_graph_scores, prune_graph, prune_graph_sparse
-from fastattr.threshold import find_threshold
-from fastattr.sparse_edges import SparseEdges
-from fastattr.topk_edges import topk_edges
-from fastattr.attribute import attribute  # noqa: I001 - after the graph ops it uses
+from fastattr.ops.pruning import PruneResult, compute_graph_scores, prune_graph, prune_graph_sparse
+from fastattr.ops.threshold import find_threshold
+from fastattr.ops.sparse_edges import SparseEdges
+from fastattr.ops.topk_edges import topk_edges
+from fastattr.attribution.driver import attribute  # noqa: I001 - after the graph ops it uses
 from fastattr.patch import patch_circuit_tracer
 
 __all__ = [

@@ -22,7 +22,7 @@ SIZES = {
 
 
 def _measure(fn, device):
-    from fastattr._memory import PeakMemory
+    from fastattr._runtime.memory import PeakMemory
 
     with PeakMemory(device) as mem:
         start = time.perf_counter()

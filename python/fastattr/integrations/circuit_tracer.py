@@ -1,12 +1,12 @@
 """The circuit-tracer adapter: ``patch_circuit_tracer()`` and what fastattr knows of circuit-tracer.
 
-fastattr's ops (``fastattr.contraction``, ``influence``, ``threshold``, ``pruning``, ...) take plain
+fastattr's ops (``fastattr.ops.contraction``, ``influence``, ``threshold``, ``pruning``, ...) take plain
 tensors and know nothing of any tracer. This module is the adapter that routes circuit-tracer's hot
 paths through them:
 
 - the backward-hook contraction of the attribution contexts (TransformerLens and nnsight): each
   layer's feature and error hooks become one :class:`~fastattr.ContractionPlan` call, planned once
-  per context (:mod:`fastattr.hook_plans`), so no (batch x features x d_model) tensor is gathered;
+  per context (:mod:`fastattr.attribution.context_hooks`), so no (batch x features x d_model) tensor is gathered;
 - the graph functions of ``circuit_tracer.graph`` (influence, thresholds, pruning, scores);
 - ``circuit_tracer.attribute``, routed to :func:`fastattr.attribute`.
 
@@ -37,175 +37,16 @@ from typing import Any
 
 import torch
 
-from fastattr import _patching
-
-
-class UnsupportedCircuitTracerError(RuntimeError):
-    """The installed circuit-tracer does not have the structure this patch replaces."""
-
-
-def circuit_tracer_version() -> str:
-    """The imported circuit-tracer's version; a source tree on sys.path shadows an installed one."""
-    import os
-
-    module = sys.modules.get("circuit_tracer") or importlib.import_module("circuit_tracer")
-    try:
-        from importlib.metadata import distribution
-
-        dist = distribution("circuit-tracer")
-        installed = os.path.realpath(str(dist.locate_file("circuit_tracer/__init__.py")))
-        if installed == os.path.realpath(module.__file__ or ""):
-            return dist.version
-    except Exception:  # noqa: BLE001 - no metadata: a source checkout
-        pass
-    where = os.path.dirname(os.path.dirname(module.__file__ or "?"))
-    return getattr(module, "__version__", None) or f"source tree at {where}"
-
-
-def unsupported(version: str, what: str) -> UnsupportedCircuitTracerError:
-    return UnsupportedCircuitTracerError(
-        f"circuit-tracer {version} is not supported by fastattr.patch_circuit_tracer(): {what}. "
-        "Supported: circuit-tracer 0.5.0 (PyPI) and the upstream layout with "
-        "attribution/attribute_transformerlens.py and attribute_nnsight.py."
-    )
-
-
-def check_method(cls: type, name: str, params: tuple[str, ...], version: str) -> None:
-    fn = getattr(cls, name, None)
-    if fn is None:
-        raise unsupported(version, f"{cls.__module__}.{cls.__name__} has no method {name}")
-    got = tuple(inspect.signature(fn).parameters)[: len(params)]
-    if got != params:
-        raise unsupported(version, f"{cls.__module__}.{cls.__name__}.{name} takes {got}, expected {params}")
-
-
-# ------------------------------------------------------------------- the replacement model
-
-def model_device(ctx: Any) -> torch.device:
-    return ctx.decoder_vecs.device
-
-
-# circuit-tracer 0.5.0 (PyPI) gives both backends one attribution interface (run_forward_pass,
-# unembed_proj, model_config, get_offload_targets_phase*); upstream's split layout has each
-# backend's attribute() spell these out inline. The helpers below use the interface when the model
-# has it and otherwise do what upstream's attribute_transformerlens.py / attribute_nnsight.py do.
-
-
-def _nnsight_model_classes() -> tuple[type, ...]:
-    """nnsight's Hugging Face model classes: ``LanguageModel`` up to 0.7, ``TransformersModel`` from
-    0.8 (where ``LanguageModel`` is a deprecated subclass of it). Read from an nnsight already
-    imported (a model of it exists only then), by attribute, never by version."""
-    nnsight = sys.modules.get("nnsight")
-    if nnsight is None:
-        return ()
-    found = []
-    for name in ("TransformersModel", "LanguageModel"):
-        try:
-            cls = getattr(nnsight, name)  # lazy in nnsight >= 0.8: may import, may be unavailable
-        except (AttributeError, ImportError):
-            continue
-        if isinstance(cls, type):
-            found.append(cls)
-    return tuple(found)
-
-
-def _is_nnsight(model: Any) -> bool:
-    backend = getattr(model, "backend", None)
-    if backend is not None:
-        return backend == "nnsight"
-    classes = _nnsight_model_classes()
-    return bool(classes) and isinstance(model, classes)
-
-
-def check_nnsight_tracer(tracer: Any) -> None:
-    """The nnsight tracing calls upstream's nnsight attribute makes (``invoke``, ``barrier``)."""
-    missing = [name for name in ("invoke", "barrier") if not callable(getattr(tracer, name, None))]
-    if missing:
-        raise unsupported(
-            circuit_tracer_version(),
-            f"nnsight's tracer {type(tracer).__module__}.{type(tracer).__name__} has no {', '.join(missing)}() "
-            "(the forward pass of upstream's attribute_nnsight.py needs both)",
-        )
-
-
-def run_forward(model: Any, input_ids: torch.Tensor, batch_size: int, ctx: Any) -> None:
-    if hasattr(model, "run_forward_pass"):
-        model.run_forward_pass(input_ids, batch_size, ctx)
-    elif _is_nnsight(model):
-        with model.trace() as tracer:
-            check_nnsight_tracer(tracer)
-            with tracer.invoke(input_ids.expand(batch_size, -1)):
-                pass
-            barrier = tracer.barrier(2)
-            model.configure_gradient_flow(tracer)
-            model.configure_skip_connection(tracer, barrier=barrier)
-            ctx.cache_residual(model, tracer, barrier=barrier)
-    else:
-        with ctx.install_hooks(model):
-            residual = model.forward(input_ids.expand(batch_size, -1), stop_at_layer=model.cfg.n_layers)
-            ctx._resid_activations[-1] = model.ln_final(residual)
-
-
-def unembed(model: Any) -> torch.Tensor:
-    if hasattr(model, "unembed_proj"):
-        return model.unembed_proj
-    return model.unembed_weight if _is_nnsight(model) else model.unembed.W_U
-
-
-def graph_cfg(model: Any) -> Any:
-    if hasattr(model, "model_config"):
-        return model.model_config
-    # Upstream's nnsight attribute passes the HF config; a model built from a config may hold it elsewhere.
-    if _is_nnsight(model) and getattr(model, "config", None) is not None:
-        return model.config
-    return model.cfg
-
-
-def _transcoder_list(model: Any) -> list:
-    tc = model.transcoders
-    return list(tc) if hasattr(tc, "__iter__") else [tc]
-
-
-def offload_targets(model: Any, phase: int) -> list:
-    method = getattr(model, f"get_offload_targets_phase{phase}", None)
-    if method is not None:
-        return method()
-    if not _is_nnsight(model):
-        return [_transcoder_list(model), [block.mlp for block in model.blocks], [model.unembed, model.embed]][phase]
-    skip = bool(getattr(model, "skip_transcoder", False))
-    if phase == 0:
-        return [] if skip else _transcoder_list(model)
-    if phase == 1:
-        return [layer.mlp for layer in model.pre_logit_location.layers] + (_transcoder_list(model) if skip else [])
-    tied = model.embed_weight.untyped_storage().data_ptr() == model.unembed_weight.untyped_storage().data_ptr()
-    return [model.embed_location] + ([] if tied else [model.lm_head])
-
-
-def model_scan(model: Any) -> Any:
-    """The transcoders' identifier: ``model.scan``, or ``scan_name`` where a version renamed it."""
-    return model.scan if hasattr(model, "scan") else getattr(model, "scan_name", None)
-
-
-def graph_kwargs(graph_cls: type, scan: Any, **fields: Any) -> dict[str, Any]:
-    """Keyword arguments for circuit-tracer's ``Graph``, with the scan under the name its
-    ``__init__`` takes (``scan`` in 0.5.0, ``scan_name`` where renamed)."""
-    params = inspect.signature(graph_cls.__init__).parameters
-    for name in ("scan", "scan_name"):
-        if name in params:
-            return {**fields, name: scan}
-    raise unsupported(circuit_tracer_version(), f"{graph_cls.__module__}.Graph takes neither scan nor scan_name")
-
-
-def require_api(model: Any) -> None:
-    missing = [name for name in ("ensure_tokenized", "setup_attribution", "tokenizer") if not hasattr(model, name)]
-    if not hasattr(model, "scan") and not hasattr(model, "scan_name"):
-        missing.append("scan")
-    if missing:
-        raise TypeError(
-            f"model: expected a circuit-tracer ReplacementModel (TransformerLens or nnsight backend, with "
-            f"{', '.join(missing)}), got {type(model).__name__}"
-        )
-
+from fastattr._runtime import patching as _patching
+from fastattr.attribution import context_hooks
+from fastattr.attribution.driver import attribute as fast_attribute
+from fastattr.attribution.replacement_model import (
+    UnsupportedCircuitTracerError,
+    circuit_tracer_version,
+    nnsight_model_classes,
+    unsupported,
+)
+from fastattr.ops import influence, pruning, threshold
 
 logger = logging.getLogger("fastattr")
 
@@ -270,7 +111,7 @@ def _backend_gap(library: str, modules: tuple[str, ...], exc: ImportError) -> st
         # circuit-tracer's TransformerLens model subclasses HookedTransformer; TransformerLens 4
         # replaced it with TransformerBridge.
         return "transformer_lens.HookedTransformer (TransformerLens 4 replaced it with TransformerBridge)"
-    if library == "nnsight" and lib is not None and not _nnsight_model_classes():
+    if library == "nnsight" and lib is not None and not nnsight_model_classes():
         return "nnsight.LanguageModel or nnsight.TransformersModel"
     return f"an importable {' and '.join(modules)} ({type(exc).__name__}: {exc})"
 
@@ -302,7 +143,7 @@ class PatchHandle:
         self._wrappers: dict[str, Callable] = {}
 
     def _set(self, owner: Any, name: str, value: Any, label: str, key: str | None = None) -> None:
-        # A layer in the shared record (fastattr._patching): handles undone in any order, and the
+        # A layer in the shared record (fastattr._runtime.patching): handles undone in any order, and the
         # contraction patch fastattr.attribute applies while it runs, restore circuit-tracer exactly.
         if self.count_calls and inspect.isfunction(value):
             value = self._counted(key or label, value)
@@ -373,8 +214,6 @@ def _replace_everywhere(handle: PatchHandle, replacements: dict[int, tuple[Calla
 
 
 def _graph_replacements() -> dict[str, Callable]:
-    from fastattr import influence, pruning, threshold
-
     return {
         "normalize_matrix": influence.normalize_matrix,
         "compute_influence": influence.compute_influence,
@@ -415,8 +254,6 @@ def _patch_attribute(handle: PatchHandle, version: str) -> None:
     ``attribute_transformerlens.py`` and ``attribute_nnsight.py``, which it imports at call time,
     so their ``attribute`` is replaced too (for callers that import a backend's module directly).
     """
-    from fastattr.attribute import attribute as fast_attribute
-
     try:
         module = importlib.import_module("circuit_tracer.attribution.attribute")
     except ImportError as exc:
@@ -457,10 +294,6 @@ def patch_circuit_tracer(
         count_calls: count the calls of each replaced function in ``handle.calls`` (the pytest
             plugin's report); the replacements are then counting wrappers around fastattr's.
     """
-    from fastattr import (
-        hook_plans,  # imports this module's helpers: imported here, not at the top
-    )
-
     if attribute and not contraction:
         raise ValueError("attribute: expected contraction=True as well (fastattr.attribute writes through the patched hooks)")
     version = circuit_tracer_version()
@@ -468,7 +301,7 @@ def patch_circuit_tracer(
     handle = PatchHandle(version, count_calls=count_calls)
     try:
         if contraction:
-            hook_plans.patch_contexts(handle._set, version)
+            context_hooks.patch_contexts(handle._set, version)
         if graph:
             _patch_graph(handle, version)
         if attribute:

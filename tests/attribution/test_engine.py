@@ -1,0 +1,255 @@
+"""The linear engine (fastattr.attribution.linear_engine) against circuit-tracer's own attribute().
+
+Every TransformerLens architecture and transcoder placement the engine expresses, on random-weight
+models that circuit-tracer builds (fastattr.synthetic), with shapes and seeds that the benchmarks
+do not use: edge rows within 1e-5 of the largest entry, identical selected features, identical
+prune masks. Plus what the engine promises beyond that: batch-size independence, the autograd
+fallback with its reason, concurrent calls, dtypes, storage and offload.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+
+import pytest
+import torch
+from helpers import tracer_prompt
+
+import fastattr
+
+ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
+from circuit_tracer.graph import prune_graph  # noqa: E402
+
+attribute_module = importlib.import_module("fastattr.attribution.driver")
+_MODELS: dict = {}
+
+
+def _model(**kwargs):
+    from fastattr import synthetic
+
+    key = tuple(sorted(kwargs.items()))
+    if key not in _MODELS:
+        params = {"backend": "transformerlens", "n_layers": 2, "d_model": 32, "d_transcoder": 64, "n_heads": 4, "seed": 11} | kwargs
+        _MODELS[key] = synthetic.make_replacement_model(**params)
+    return _MODELS[key]
+
+
+def _assert_same_graph(g0, g1, *, masks: bool = True) -> None:
+    a0 = g0.adjacency_matrix
+    a1 = g1.adjacency_matrix.to(a0.device)
+    assert a0.shape == a1.shape
+    assert torch.equal(g0.selected_features, g1.selected_features.to(g0.selected_features.device))
+    err = (a0 - a1).abs().max() / a0.abs().max()
+    assert err <= 1e-5, f"max |difference| {err:.2e} of the largest entry"
+    if masks:
+        p0, p1 = prune_graph(g0, 0.8, 0.98), prune_graph(g1, 0.8, 0.98)
+        assert torch.equal(p0.node_mask, p1.node_mask)
+        assert torch.equal(p0.edge_mask, p1.edge_mask)
+
+
+ARCHITECTURES = [
+    pytest.param({"architecture": "llama"}, id="llama-rms-rotary-gated"),
+    pytest.param({"architecture": "gpt2"}, id="gpt2-layernorm"),
+    pytest.param({"architecture": "gemma2", "n_kv_heads": 2}, id="gemma2-postnorms-gqa"),
+    pytest.param({"architecture": "gemma2", "feature_hooks": ("ln2.hook_normalized", "hook_mlp_out")}, id="gemma2-ln2-normalized"),
+    pytest.param({"architecture": "gpt2", "feature_hooks": ("hook_resid_mid", "hook_mlp_out")}, id="gpt2-resid-mid"),
+    pytest.param({"architecture": "gemma2", "n_kv_heads": 1, "feature_hooks": ("mlp.hook_in", "mlp.hook_out")}, id="gemma2-mqa-mlp-hooks"),
+]
+
+
+@pytest.mark.parametrize("transcoder", ["plt", "clt"])
+@pytest.mark.parametrize("skip", [False, True], ids=["noskip", "skip"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_linear_engine_equals_circuit_tracer(arch, skip, transcoder):
+    model = _model(transcoder=transcoder, skip_connection=skip, **arch)
+    prompt = tracer_prompt(13, seed=7)
+    g0 = ct.attribute(prompt, model, batch_size=24)
+    g1 = fastattr.attribute(prompt, model, batch_size=24, engine="linear")
+    assert attribute_module._LAST_RUN["engine"] == "linear"
+    _assert_same_graph(g0, g1)
+
+
+@pytest.mark.parametrize("arch", [ARCHITECTURES[0], ARCHITECTURES[2]])
+@pytest.mark.parametrize("transcoder", ["plt", "clt"])
+def test_linear_engine_below_all_features(arch, transcoder):
+    # Rows are ranked by partial influences every update_interval batches, as circuit-tracer does;
+    # the engine also reorders each queue by position, which must not change the selection.
+    model = _model(transcoder=transcoder, skip_connection=True, **arch)
+    prompt = tracer_prompt(17, seed=3)
+    g0 = ct.attribute(prompt, model, batch_size=16, max_feature_nodes=70, update_interval=2)
+    g1 = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=70, update_interval=2)
+    assert attribute_module._LAST_RUN["engine"] == "linear"
+    _assert_same_graph(g0, g1)
+
+
+def test_default_engine_under_the_patch_is_linear():
+    model = _model(transcoder="clt", architecture="gpt2")
+    prompt = tracer_prompt(9, seed=5)
+    g0 = ct.attribute(prompt, model, batch_size=32)
+    with fastattr.patch_circuit_tracer():
+        g1 = ct.attribute(prompt, model, batch_size=32)
+    assert attribute_module._LAST_RUN["engine"] == "linear"
+    _assert_same_graph(g0, g1, masks=False)
+
+
+def test_graph_does_not_depend_on_batch_size():
+    model = _model(transcoder="plt", architecture="gemma2", n_kv_heads=2)
+    prompt = tracer_prompt(15, seed=9)
+    small = fastattr.attribute(prompt, model, batch_size=16)
+    large = fastattr.attribute(prompt, model, batch_size=256)
+    a, b = small.adjacency_matrix, large.adjacency_matrix
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+
+
+def test_engines_agree_and_autograd_is_selectable():
+    model = _model(transcoder="plt", skip_connection=True)
+    prompt = tracer_prompt(11, seed=2)
+    lin = fastattr.attribute(prompt, model, batch_size=20, engine="linear")
+    auto = fastattr.attribute(prompt, model, batch_size=20, engine="autograd")
+    assert attribute_module._LAST_RUN["engine"] == "autograd"
+    _assert_same_graph(auto, lin)
+
+
+def test_unexpressed_model_falls_back_with_the_reason(caplog):
+    model = _model(transcoder="plt")
+    prompt = tracer_prompt(8, seed=4)
+    model.cfg.parallel_attn_mlp = True  # what the engine checks; the forward does not run here
+    try:
+        with pytest.raises(ValueError, match="engine: 'linear' cannot express this model: cfg.parallel_attn_mlp"):
+            fastattr.attribute(prompt, model, engine="linear")
+        from fastattr.attribution.linear_engine import unsupported_reason
+
+        assert "parallel_attn_mlp" in unsupported_reason(model)
+    finally:
+        model.cfg.parallel_attn_mlp = False
+    attribute_module._LOGGED_FALLBACKS.clear()
+    nn_model = _model(backend="nnsight", transcoder="plt", n_layers=2)
+    with caplog.at_level(logging.INFO, logger="fastattr"):
+        fastattr.attribute(prompt, nn_model, batch_size=32)
+        fastattr.attribute(prompt, nn_model, batch_size=32)
+    assert attribute_module._LAST_RUN["engine"] == "autograd"
+    reasons = [r.getMessage() for r in caplog.records if "autograd engine (" in r.getMessage()]
+    assert len(reasons) == 1 and "nnsight" in reasons[0]  # logged once per model
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        fastattr.attribute(prompt, model, engine="jacobian")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models(dtype):
+    # circuit-tracer's backward runs in the model's dtype; so does the sweep, with the norms in
+    # fp32 as TransformerLens computes them and the contraction accumulating in fp32. Rounding
+    # differs from the B-copy autograd graph, so agreement is at half precision's level.
+    model = _model(transcoder="plt", dtype=dtype, architecture="gemma2", n_kv_heads=2)
+    prompt = tracer_prompt(10, seed=8)
+    g0 = ct.attribute(prompt, model, batch_size=32)
+    g1 = fastattr.attribute(prompt, model, batch_size=32, engine="linear")
+    a0, a1 = g0.adjacency_matrix.float(), g1.adjacency_matrix.float()
+    assert torch.equal(g0.selected_features, g1.selected_features)
+    assert (a0 - a1).abs().max() <= 2e-2 * a0.abs().max()
+    assert torch.corrcoef(torch.stack([a0.flatten(), a1.flatten()]))[0, 1] > 0.999
+
+
+def test_topk_storage_and_offload_with_the_linear_engine():
+    model = _model(transcoder="clt", skip_connection=True, architecture="gpt2")
+    prompt = tracer_prompt(12, seed=6)
+    dense = fastattr.attribute(prompt, model, batch_size=32, offload="cpu")
+    assert attribute_module._LAST_RUN["engine"] == "linear"
+    n = dense.adjacency_matrix.shape[0]
+    topk = fastattr.attribute(prompt, model, batch_size=32, edge_storage="topk", topk=n)
+    assert torch.allclose(topk.adjacency_matrix, dense.adjacency_matrix, rtol=0, atol=1e-6 * dense.adjacency_matrix.abs().max())
+    # Offload put every module back where it was.
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() <= 1e-6 * b.abs().max())
+
+
+def test_concurrent_attributions_give_the_serial_graphs(monkeypatch):
+    """Two autograd calls in two threads, one ending while the other is between backward passes:
+    the contraction patch they need is shared, so the survivor keeps its hooks (an unshared patch
+    undone under it gave an all-zero graph)."""
+    m_first = _model(transcoder="clt", architecture="gpt2")
+    m_second = _model(transcoder="plt", skip_connection=True)
+    prompt = tracer_prompt(9, seed=1)
+    serial = {name: fastattr.attribute(prompt, m, batch_size=16, engine="autograd") for name, m in (("first", m_first), ("second", m_second))}
+
+    first_done = threading.Event()
+    real = attribute_module._AutogradRows.compute
+    calls: dict = {}
+
+    def compute(self, *args, **kwargs):
+        me = threading.current_thread().name
+        calls[me] = calls.get(me, 0) + 1
+        if me == "second" and calls[me] == 2:  # its second batch waits until the first call has ended
+            assert first_done.wait(120)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(attribute_module._AutogradRows, "compute", compute)
+    results: dict = {}
+    errors: list = []
+
+    def run(name, model, done=None):
+        try:
+            results[name] = fastattr.attribute(prompt, model, batch_size=16, engine="autograd")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            if done is not None:
+                done.set()
+
+    threads = [threading.Thread(target=run, args=("second", m_second), name="second"),
+               threading.Thread(target=run, args=("first", m_first, first_done), name="first")]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert calls.get("second", 0) > 2  # the interleaving happened
+    for name in ("first", "second"):
+        assert results[name].adjacency_matrix.abs().sum() > 0
+        assert _close(results[name].adjacency_matrix, serial[name].adjacency_matrix)
+
+
+def test_concurrent_linear_and_autograd_calls():
+    m_lin = _model(transcoder="plt", architecture="gemma2", n_kv_heads=2)
+    m_auto = _model(transcoder="clt")
+    prompt = tracer_prompt(9, seed=12)
+    jobs = [(m_lin, "linear"), (m_auto, "autograd")]
+    serial = [fastattr.attribute(prompt, m, batch_size=8, engine=e) for m, e in jobs]
+    results: list = [None, None]
+
+    def run(i, m, e):
+        results[i] = fastattr.attribute(prompt, m, batch_size=8, engine=e)
+
+    threads = [threading.Thread(target=run, args=(i, m, e)) for i, (m, e) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for got, want in zip(results, serial):
+        assert _close(got.adjacency_matrix, want.adjacency_matrix)
+
+
+def test_a_users_hook_runs_the_autograd_engine(caplog):
+    # A hook of the user's (here one that scales the residual stream) changes the model in a way the
+    # linear engine does not see: the automatic choice takes circuit-tracer's path, and says why.
+    model = _model(transcoder="plt", architecture="gpt2")
+    prompt = tracer_prompt(8, seed=13)
+
+    def scale(acts, hook):
+        return acts * 0.5
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", scale)]):
+        g0 = ct.attribute(prompt, model, batch_size=16)
+        with caplog.at_level(logging.INFO, logger="fastattr"):
+            g1 = fastattr.attribute(prompt, model, batch_size=16)
+        assert attribute_module._LAST_RUN["engine"] == "autograd"
+        with pytest.raises(ValueError, match="blocks.0.hook_resid_post has hooks that circuit-tracer did not install"):
+            fastattr.attribute(prompt, model, engine="linear")
+    assert any("blocks.0.hook_resid_post" in r.getMessage() for r in caplog.records)
+    _assert_same_graph(g0, g1)
+    fastattr.attribute(prompt, model, batch_size=16)
+    assert attribute_module._LAST_RUN["engine"] == "linear"  # the hook is gone with its block

@@ -1,0 +1,53 @@
+"""The benchmark suite's plumbing: one benchmark file at the smoke tier through pytest-benchmark,
+then report.py on its JSON. Nothing here is timed or compared: speed lives in benchmarks/ only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_contraction_smoke_benchmark_and_report(tmp_path):
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install '.[bench]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install '.[bench]')")
+    env = {**os.environ, "FASTATTR_BENCH_TIER": "smoke"}
+    # This test session's conftest turns on the Triton interpreter without a GPU; the benchmarks
+    # must see the machine as it is, and no developer's forced backend.
+    for name in ("TRITON_INTERPRET", "FASTATTR_BACKEND"):
+        env.pop(name, None)
+    bench_json = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_contraction.py",
+         f"--benchmark-json={bench_json}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    data = json.loads(bench_json.read_text())
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    impls = {r["impl"] for r in rows}
+    assert "circuit-tracer" in impls and len(impls) >= 2, impls
+    for r in rows:
+        assert r["op"] == "contraction" and r["tier"] == "smoke"
+        assert r["median_s"] > 0 and r["peak_mem_bytes"] >= 0 and r["flops"] > 0 and r["gbps"] > 0
+    assert data["machine_info"]["fastattr"]["roofline"]["copy_gbps"] > 0
+    assert "not_run" in data["fastattr"]
+
+    out = tmp_path / "report"
+    rep = subprocess.run(
+        [sys.executable, "benchmarks/report.py", str(bench_json), "--out", str(out), "--summary"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    md = (out / "report.md").read_text()
+    assert "## contraction" in md and "circuit-tracer" in md
+    for png in ("speedup.png", "memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "contraction" in rep.stdout  # the --summary lines
