@@ -119,19 +119,24 @@ def test_unexpressed_model_falls_back_with_the_reason(caplog):
     try:
         with pytest.raises(ValueError, match="engine: 'linear' cannot express this model: cfg.parallel_attn_mlp"):
             fastattr.attribute(prompt, model, engine="linear")
-        from fastattr.attribution.linear_engine import unsupported_reason
+        from fastattr.attribution.readers import unsupported_reason
 
         assert "parallel_attn_mlp" in unsupported_reason(model)
     finally:
         model.cfg.parallel_attn_mlp = False
     attribute_module._LOGGED_FALLBACKS.clear()
     nn_model = _model(backend="nnsight", transcoder="plt", n_layers=2)
-    with caplog.at_level(logging.INFO, logger="fastattr"):
-        fastattr.attribute(prompt, nn_model, batch_size=32)
-        fastattr.attribute(prompt, nn_model, batch_size=32)
+    # A user's own torch hook changes the forward in a way no map can see.
+    handle = nn_model._model.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out * 1.5)
+    try:
+        with caplog.at_level(logging.INFO, logger="fastattr"):
+            fastattr.attribute(prompt, nn_model, batch_size=32)
+            fastattr.attribute(prompt, nn_model, batch_size=32)
+    finally:
+        handle.remove()
     assert attribute_module._LAST_RUN["engine"] == "autograd"
     reasons = [r.getMessage() for r in caplog.records if "autograd engine (" in r.getMessage()]
-    assert len(reasons) == 1 and "nnsight" in reasons[0]  # logged once per model
+    assert len(reasons) == 1 and "forward hook" in reasons[0]  # logged once per model
     with pytest.raises(ValueError, match="engine: expected one of"):
         fastattr.attribute(prompt, model, engine="jacobian")
 

@@ -39,7 +39,8 @@ from fastattr._runtime import backends as _backends
 from fastattr.attribution import context_hooks, hook_plans
 from fastattr.attribution import replacement_model as ct
 from fastattr.attribution.edge_store import DEFAULT_TOPK, DenseRows, RowStore, TopKRows
-from fastattr.attribution.linear_engine import TransformerLensEngine, frozen_state_hooks, unsupported_reason
+from fastattr.attribution import readers
+from fastattr.attribution.linear_engine import LinearEngine
 from fastattr.ops import pruning
 
 logger = logging.getLogger("fastattr")
@@ -90,7 +91,7 @@ class _LinearRows:
 
     name = "linear"
 
-    def __init__(self, engine: TransformerLensEngine):
+    def __init__(self, engine: LinearEngine):
         self.engine = engine
 
     def block_rows(self, n: int) -> int:
@@ -175,7 +176,7 @@ class _Setup:
 def _choose_engine(model: Any, engine: str) -> str:
     if engine == "autograd":
         return "autograd"
-    reason = unsupported_reason(model)
+    reason = readers.unsupported_reason(model)
     if reason is None:
         return "linear"
     if engine == "linear":
@@ -196,11 +197,11 @@ def _setup(run: _Run, prompt: Any, *, chosen: str, batch_size: int, offload: str
     input_ids = model.ensure_tokenized(prompt)
     if chosen == "linear":
         # The setup runs the model once over the prompt; the engine's frozen state is taken from it.
-        hooks, frozen = frozen_state_hooks(model)
-        with model.hooks(fwd_hooks=hooks):
+        reader = readers.reader_for(model)
+        with reader.capture(model) as frozen:
             ctx = model.setup_attribution(input_ids)
         # Before any offload: the engine reads the transcoders' skip path and the model's weights.
-        engine = TransformerLensEngine(model, ctx, input_ids, frozen, deterministic=run.deterministic)
+        engine = LinearEngine(reader.read(model, ctx, input_ids, frozen), ctx, deterministic=run.deterministic)
         rows: _LinearRows | _AutogradRows = _LinearRows(engine)
         del frozen
     else:
