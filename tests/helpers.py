@@ -217,3 +217,20 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(before)
+
+
+def assert_same_graph(g0, g1, *, masks: bool = True, tol: float = 1e-5) -> None:
+    """Edge rows within ``tol`` of the largest entry of ``g0`` (circuit-tracer's), identical selected
+    features and, with ``masks``, identical prune masks."""
+    a0 = g0.adjacency_matrix
+    a1 = g1.adjacency_matrix.to(a0.device)
+    assert a0.shape == a1.shape
+    assert torch.equal(g0.selected_features, g1.selected_features.to(g0.selected_features.device))
+    err = (a0 - a1).abs().max() / a0.abs().max()
+    assert err <= tol, f"max |difference| {err:.2e} of the largest entry"
+    if masks:
+        from circuit_tracer.graph import prune_graph
+
+        p0, p1 = prune_graph(g0, 0.8, 0.98), prune_graph(g1, 0.8, 0.98)
+        assert torch.equal(p0.node_mask, p1.node_mask)
+        assert torch.equal(p0.edge_mask, p1.edge_mask)

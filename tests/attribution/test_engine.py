@@ -15,12 +15,11 @@ import threading
 
 import pytest
 import torch
-from helpers import tracer_prompt
+from helpers import assert_same_graph, tracer_prompt
 
 import fastattr
 
 ct = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
-from circuit_tracer.graph import prune_graph  # noqa: E402
 
 attribute_module = importlib.import_module("fastattr.attribution.driver")
 _MODELS: dict = {}
@@ -34,19 +33,6 @@ def _model(**kwargs):
         params = {"backend": "transformerlens", "n_layers": 2, "d_model": 32, "d_transcoder": 64, "n_heads": 4, "seed": 11} | kwargs
         _MODELS[key] = synthetic.make_replacement_model(**params)
     return _MODELS[key]
-
-
-def _assert_same_graph(g0, g1, *, masks: bool = True) -> None:
-    a0 = g0.adjacency_matrix
-    a1 = g1.adjacency_matrix.to(a0.device)
-    assert a0.shape == a1.shape
-    assert torch.equal(g0.selected_features, g1.selected_features.to(g0.selected_features.device))
-    err = (a0 - a1).abs().max() / a0.abs().max()
-    assert err <= 1e-5, f"max |difference| {err:.2e} of the largest entry"
-    if masks:
-        p0, p1 = prune_graph(g0, 0.8, 0.98), prune_graph(g1, 0.8, 0.98)
-        assert torch.equal(p0.node_mask, p1.node_mask)
-        assert torch.equal(p0.edge_mask, p1.edge_mask)
 
 
 ARCHITECTURES = [
@@ -68,7 +54,7 @@ def test_linear_engine_equals_circuit_tracer(arch, skip, transcoder):
     g0 = ct.attribute(prompt, model, batch_size=24)
     g1 = fastattr.attribute(prompt, model, batch_size=24, engine="linear")
     assert attribute_module._LAST_RUN["engine"] == "linear"
-    _assert_same_graph(g0, g1)
+    assert_same_graph(g0, g1)
 
 
 @pytest.mark.parametrize("arch", [ARCHITECTURES[0], ARCHITECTURES[2]])
@@ -81,7 +67,7 @@ def test_linear_engine_below_all_features(arch, transcoder):
     g0 = ct.attribute(prompt, model, batch_size=16, max_feature_nodes=70, update_interval=2)
     g1 = fastattr.attribute(prompt, model, batch_size=16, max_feature_nodes=70, update_interval=2)
     assert attribute_module._LAST_RUN["engine"] == "linear"
-    _assert_same_graph(g0, g1)
+    assert_same_graph(g0, g1)
 
 
 def test_default_engine_under_the_patch_is_linear():
@@ -91,7 +77,7 @@ def test_default_engine_under_the_patch_is_linear():
     with fastattr.patch_circuit_tracer():
         g1 = ct.attribute(prompt, model, batch_size=32)
     assert attribute_module._LAST_RUN["engine"] == "linear"
-    _assert_same_graph(g0, g1, masks=False)
+    assert_same_graph(g0, g1, masks=False)
 
 
 def test_graph_does_not_depend_on_batch_size():
@@ -109,7 +95,7 @@ def test_engines_agree_and_autograd_is_selectable():
     lin = fastattr.attribute(prompt, model, batch_size=20, engine="linear")
     auto = fastattr.attribute(prompt, model, batch_size=20, engine="autograd")
     assert attribute_module._LAST_RUN["engine"] == "autograd"
-    _assert_same_graph(auto, lin)
+    assert_same_graph(auto, lin)
 
 
 def test_unexpressed_model_falls_back_with_the_reason(caplog):
@@ -255,6 +241,6 @@ def test_a_users_hook_runs_the_autograd_engine(caplog):
         with pytest.raises(ValueError, match="blocks.0.hook_resid_post has hooks that circuit-tracer did not install"):
             fastattr.attribute(prompt, model, engine="linear")
     assert any("blocks.0.hook_resid_post" in r.getMessage() for r in caplog.records)
-    _assert_same_graph(g0, g1)
+    assert_same_graph(g0, g1)
     fastattr.attribute(prompt, model, batch_size=16)
     assert attribute_module._LAST_RUN["engine"] == "linear"  # the hook is gone with its block

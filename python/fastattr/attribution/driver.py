@@ -93,6 +93,11 @@ class _LinearRows:
 
     def __init__(self, engine: LinearEngine):
         self.engine = engine
+        # Which reader took the model apart, and as what: logged and kept in _LAST_RUN.
+        self.source = dict(engine.frozen.source)
+        places = {layer.place for layer in engine.layers}
+        if len(places) > 1:
+            self.source["placements"] = len(places)
 
     def block_rows(self, n: int) -> int:
         return n
@@ -106,6 +111,7 @@ class _AutogradRows:
     patched hooks write into this context's route (:mod:`fastattr.attribution.hook_plans`)."""
 
     name = "autograd"
+    source: dict[str, Any] = {}
 
     def __init__(self, ctx: Any, batch: int, deterministic: bool):
         self.ctx = ctx
@@ -231,8 +237,9 @@ def _setup(run: _Run, prompt: Any, *, chosen: str, batch_size: int, offload: str
     n_layers, n_pos, _ = ctx.activation_matrix.shape
     total_active = ctx.activation_matrix._nnz()
     n_features = min(max_feature_nodes or total_active, total_active)
-    logger.info("fastattr.attribute: %d active features, %d of them as nodes, %d logits, %s engine",
-                total_active, n_features, len(targets), rows.name)  # fmt: skip
+    read = "".join(f", {k} {v}" for k, v in rows.source.items())
+    logger.info("fastattr.attribute: %d active features, %d of them as nodes, %d logits, %s engine%s",
+                total_active, n_features, len(targets), rows.name, read)  # fmt: skip
     return _Setup(input_ids, ctx, rows, targets, device, n_layers, n_pos, total_active, n_features)
 
 
@@ -481,7 +488,8 @@ def _report(run: _Run, s: _Setup, total: float, edge_storage: str) -> None:
     _LAST_RUN.clear()
     _LAST_RUN.update(timings, total=total, engine=s.rows.name, engine_time=engine_time, loop_outside_engine=outside,
                      influence_updates=n_updates, peak_device_bytes=peak_bytes, edge_storage=edge_storage,
-                     deterministic=run.deterministic)  # fmt: skip
+                     deterministic=run.deterministic, reader=s.rows.source.get("reader"),
+                     architecture=s.rows.source.get("architecture"))  # fmt: skip
     detail = "" if outside is None else f"; engine {engine_time:.2f}s, {100 * outside:.1f}% of the loop outside it"
     peak = "" if peak_bytes is None else f", peak device memory {peak_bytes / 2**20:.0f} MiB"
     level = logging.INFO if run.verbose else logging.DEBUG

@@ -105,8 +105,8 @@ def _collect_feature_io(model, tokens: torch.Tensor):
 
     n_layers = model.cfg.n_layers
     n_seq, seq_len = tokens.shape
+    ins, outs = [], []  # outside the trace: nnsight 0.6 does not hand names bound inside it back
     with model.trace(tokens):
-        ins, outs = [], []
         for layer in range(n_layers):
             ins.append(save(model.get_feature_input_loc(layer).output))
             outs.append(save(model.get_feature_output_loc(layer).output))

@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from .hf_models import HF_ARCHITECTURES, make_hf_replacement_model
 from .tokenizer import _saved_vocab_size, build_tokenizer, default_tokenizer_dir
 from .transcoders import (
     _FEATURE_INPUT_HOOK,
@@ -47,7 +48,8 @@ from .transcoders import (
 )
 
 Backend = Literal["transformerlens", "nnsight"]
-Architecture = Literal["llama", "gpt2", "gemma2"]
+Architecture = Literal["llama", "gpt2", "gemma2", "qwen3", "gemma3", "gemma3-conditional", "gpt-oss"]
+_TL_ARCHITECTURES = ("llama", "gpt2", "gemma2")
 
 
 def make_replacement_model(
@@ -132,7 +134,16 @@ def make_replacement_model(
     llama_cfg = _llama_config(n_layers, d_model, n_heads, 4 * d_model if d_mlp is None else d_mlp, d_vocab, n_ctx,
                               tokenizer_dir)  # fmt: skip
     device = torch.device(device)
-    if architecture != "llama" or hooks != (_FEATURE_INPUT_HOOK, _FEATURE_OUTPUT_HOOK):
+    default_hooks = hooks == (_FEATURE_INPUT_HOOK, _FEATURE_OUTPUT_HOOK)
+    if backend == "nnsight" and (architecture != "llama" or not default_hooks or n_kv_heads is not None):
+        model = make_hf_replacement_model(architecture, transcoder=transcoder, activation=activation,
+                                          n_layers=n_layers, d_model=d_model, d_transcoder=d_transcoder,
+                                          n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                          d_mlp=4 * d_model if d_mlp is None else d_mlp, d_vocab=d_vocab, n_ctx=n_ctx,
+                                          seed=seed, skip_connection=skip_connection, density=density,
+                                          feature_hooks=feature_hooks, tokenizer_dir=tokenizer_dir, tok_size=tok_size,
+                                          random_streams=_random_streams)  # fmt: skip
+    elif architecture != "llama" or not default_hooks:
         model = _native_tl_model(architecture, llama_cfg, n_ctx, tokenizer_dir, n_kv_heads, seed, hooks, transcoder,
                                  activation, d_transcoder, skip_connection, density, tok_size, device)  # fmt: skip
     else:
@@ -154,17 +165,19 @@ def _check_arguments(backend, transcoder, activation, d_model, n_heads, architec
         raise ValueError(f"activation must be 'relu' or 'jumprelu', got {activation!r}")
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-    if architecture not in ("llama", "gpt2", "gemma2"):
-        raise ValueError(f"architecture must be 'llama', 'gpt2' or 'gemma2', got {architecture!r}")
-    native_tl = architecture != "llama" or hooks != (_FEATURE_INPUT_HOOK, _FEATURE_OUTPUT_HOOK)
-    if backend == "nnsight" and native_tl:
-        raise ValueError(
-            f"architecture/feature_hooks: the nnsight backend builds Llama models with mlp.hook_in/mlp.hook_out "
-            f"transcoders, got architecture={architecture!r}, feature_hooks={hooks}"
-        )
-    if n_kv_heads is not None and (architecture == "llama" or n_heads % n_kv_heads):
-        raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads} with architecture 'gpt2' or 'gemma2', "
-                         f"got {n_kv_heads} with {architecture!r}")  # fmt: skip
+    known = sorted(set(_TL_ARCHITECTURES) | set(HF_ARCHITECTURES))
+    if architecture not in known:
+        raise ValueError(f"architecture: expected one of {', '.join(known)}, got {architecture!r}")
+    if backend == "transformerlens" and architecture not in _TL_ARCHITECTURES:
+        raise ValueError(f"architecture: the transformerlens backend builds {', '.join(_TL_ARCHITECTURES)}, "
+                         f"got {architecture!r} (circuit-tracer maps it for the nnsight backend only)")  # fmt: skip
+    if backend == "nnsight" and architecture not in HF_ARCHITECTURES:
+        raise ValueError(f"architecture: the nnsight backend builds {', '.join(HF_ARCHITECTURES)}, got {architecture!r}")
+    # TransformerLens' Llama shares its weights with the nnsight one, drawn with one head per key/value.
+    shares_llama = architecture == "llama" and backend == "transformerlens"
+    if n_kv_heads is not None and (shares_llama or n_heads % n_kv_heads):
+        raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads}, and no value with the transformerlens "
+                         f"'llama', got {n_kv_heads} with {backend!r} {architecture!r}")  # fmt: skip
     if not 0.0 < density <= 1.0:
         raise ValueError(f"feature_density must be in (0, 1], got {density}")
 
