@@ -1,7 +1,9 @@
 """Attribution engines side by side: circuit-tracer's ``attribute()``, ``fastattr.attribute`` with
 ``engine="autograd"`` (circuit-tracer's forward over B copies and backward passes, fastattr's
 contraction and device-resident rows) and with ``engine="linear"`` (one batch-1 forward and
-explicit transposed maps), on the same synthetic TransformerLens model and prompt, in one run.
+explicit transposed maps), on the same synthetic model and prompt, in one run. Models are
+TransformerLens ones, or Hugging Face ones through circuit-tracer's nnsight backend
+(``backend="nnsight"``: Llama, Qwen3, Gemma-2, Gemma-3 and GPT-OSS configs).
 
 Attribution only (pruning is benchmarked in bench_e2e and bench_graph). Model building is not
 timed. Each case records the graph's agreement with circuit-tracer's (max relative error of the
@@ -36,18 +38,23 @@ class Case:
     n_kv_heads: int | None = None
     d_mlp: int | None = None
     engines: tuple[str, ...] = ("circuit-tracer", "autograd", "linear")
+    backend: str = "transformerlens"
 
     @property
     def label(self) -> str:
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
-        return (f"{self.name}: {self.architecture} {self.n_layers}L d{self.d_model} {self.d_transcoder}f "
+        via = " nnsight" if self.backend == "nnsight" else ""
+        return (f"{self.name}: {self.architecture}{via} {self.n_layers}L d{self.d_model} {self.d_transcoder}f "
                 f"{self.transcoder.upper()} L0~{self.l0} {self.n_tokens}tok B{self.batch_size} "
                 f"N{self.max_feature_nodes or 'all'} {dt}")  # fmt: skip
 
 
+ENGINE_NAMES = ("circuit-tracer", "autograd", "linear")
 CASES = per_tier(
     smoke=[
         Case("tiny-plt", "plt", n_layers=2, d_model=64, d_transcoder=128, l0=8, n_tokens=8, batch_size=16, max_feature_nodes=32),
+        Case("tiny-nnsight-gemma3", "clt", n_layers=2, d_model=64, d_transcoder=128, l0=8, n_tokens=8, batch_size=16,
+             max_feature_nodes=32, architecture="gemma3", n_kv_heads=2, backend="nnsight"),
     ],
     # A workload where the model's passes dominate circuit-tracer's time: 8 layers, d_model 256, 4,096 features, 64 positions,
     # ~48 active per position and layer, 3,000 feature nodes, batch 128; and a CLT of that shape.
@@ -56,6 +63,14 @@ CASES = per_tier(
         Case("clt-8L", "clt", n_layers=8, d_model=256, d_transcoder=4096, l0=48, n_tokens=64, batch_size=128, max_feature_nodes=3000),
         Case("gemma2-gqa-plt", "plt", n_layers=6, d_model=256, d_transcoder=2048, l0=40, n_tokens=128, batch_size=64,
              max_feature_nodes=2048, architecture="gemma2", n_heads=8, n_kv_heads=2),  # fmt: skip
+        # circuit-tracer's nnsight backend (Hugging Face modules): a small size where circuit-tracer's
+        # fixed costs weigh, and one where the model's passes do.
+        *[Case(f"nnsight-{arch}-4L", "plt", n_layers=4, d_model=64, d_transcoder=512, l0=64, n_tokens=24, batch_size=32,
+               max_feature_nodes=None, architecture=arch, n_kv_heads=2, backend="nnsight")
+          for arch in ("llama", "qwen3", "gemma2", "gemma3", "gpt-oss")],
+        *[Case(f"nnsight-{arch}-6L", "plt", n_layers=6, d_model=192, d_transcoder=2048, l0=64, n_tokens=48, batch_size=64,
+               max_feature_nodes=1500, architecture=arch, n_kv_heads=2, backend="nnsight")
+          for arch in ("qwen3", "gemma3")],
     ],
     # Gemma-2-2B shaped: 26 layers, d_model 2304, 8 heads (4 kv heads), d_mlp 9216, 16,384 features,
     # bf16, batch 256. circuit-tracer keeps B copies' patterns (B x 8 x P^2 x 26 layers), so it runs
@@ -69,6 +84,14 @@ CASES = per_tier(
         Case("gemma2-2b-4k", "plt", n_layers=26, d_model=2304, d_transcoder=16384, l0=64, n_heads=8, n_kv_heads=4, d_mlp=9216,
              n_tokens=4096, batch_size=256, max_feature_nodes=4096, dtype=torch.bfloat16, architecture="gemma2",
              engines=("linear",)),
+        # The nnsight targets: Gemma-3-1B and Qwen3-4B widths (d_model, heads, kv heads, d_mlp; head_dim is
+        # d_model / heads) with 8 of their layers, 16,384 features, bf16, 1,024 tokens, batch 256; circuit-tracer
+        # at batch 32 for its time per batch.
+        *[Case(f"{name}-1k{suffix}", "plt", n_layers=8, d_model=d, d_transcoder=16384, l0=64, n_heads=h, n_kv_heads=kv,
+               d_mlp=mlp, n_tokens=1024, batch_size=b, max_feature_nodes=n, dtype=torch.bfloat16, architecture=arch,
+               backend="nnsight", engines=engines)
+          for name, arch, d, h, kv, mlp in (("gemma3-1b", "gemma3", 1152, 4, 1, 6912), ("qwen3-4b", "qwen3", 2560, 32, 8, 9728))
+          for suffix, b, n, engines in (("", 256, 4096, ("linear",)), ("-b32", 32, 1024, ENGINE_NAMES))],
     ],  # fmt: skip
 )
 ENGINES = [BASELINE, "autograd", "linear"]
@@ -78,8 +101,8 @@ _BASELINE: dict = {}
 
 
 def _model_key(case: Case) -> tuple:
-    return (case.transcoder, case.n_layers, case.d_model, case.d_transcoder, case.l0, case.n_heads, case.n_kv_heads,
-            case.d_mlp, case.dtype, case.architecture)  # fmt: skip
+    return (case.backend, case.transcoder, case.n_layers, case.d_model, case.d_transcoder, case.l0, case.n_heads,
+            case.n_kv_heads, case.d_mlp, case.dtype, case.architecture)  # fmt: skip
 
 
 def _model(case: Case):
@@ -88,7 +111,7 @@ def _model(case: Case):
         from fastattr import synthetic
 
         _MODEL["model"] = synthetic.make_replacement_model(
-            backend="transformerlens", transcoder=case.transcoder, n_layers=case.n_layers, d_model=case.d_model,
+            backend=case.backend, transcoder=case.transcoder, n_layers=case.n_layers, d_model=case.d_model,
             d_transcoder=case.d_transcoder, n_heads=case.n_heads, d_vocab=VOCAB, n_ctx=max(2048, case.n_tokens + 8),
             feature_density=case.l0 / case.d_transcoder, seed=0, dtype=case.dtype, device=DEVICE,
             architecture=case.architecture, n_kv_heads=case.n_kv_heads, d_mlp=case.d_mlp,

@@ -5,6 +5,7 @@ Run each path in its own process: the CPU peak is sampled RSS above the level be
 
     python benchmarks/long_prompt_memory.py PATH [--tokens 512] [--layers 6] [--d-model 128]
         [--features 512] [--l0 16] [--batch 32] [--max-nodes 4096] [--storage dense|topk] [--prune]
+        [--backend transformerlens|nnsight] [--architecture llama|qwen3|gemma2|gemma3|gpt-oss ...]
 
 PATH is ``ct`` (circuit-tracer's attribute as installed), ``linear`` or ``autograd``
 (fastattr.attribute with that engine). Prints one ``RES`` line.
@@ -42,10 +43,13 @@ def main() -> None:
     p.add_argument("--prune", action="store_true", help="also prune (fastattr.prune_graph; circuit-tracer's for ct)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--backend", choices=["transformerlens", "nnsight"], default="transformerlens")
+    p.add_argument("--architecture", default="llama", help="see fastattr.synthetic.make_replacement_model")
+    p.add_argument("--kv-heads", type=int, default=None)
     a = p.parse_args()
 
     model = synthetic.make_replacement_model(
-        backend="transformerlens", transcoder=a.transcoder, n_layers=a.layers, d_model=a.d_model, n_heads=a.heads,
+        backend=a.backend, architecture=a.architecture, n_kv_heads=a.kv_heads, transcoder=a.transcoder, n_layers=a.layers, d_model=a.d_model, n_heads=a.heads,
         d_transcoder=a.features, feature_density=a.l0 / a.features, n_ctx=max(2048, a.tokens + 8), seed=0,
         device=a.device, dtype=getattr(torch, a.dtype),
     )  # fmt: skip
@@ -68,7 +72,7 @@ def main() -> None:
         graph, pruned = run()
         dt = time.perf_counter() - t
     kept = "" if pruned is None else f" kept={int(pruned.node_mask.sum())}"
-    print(f"RES {a.path} storage={a.storage if a.path != 'ct' else 'dense'} tokens={a.tokens} layers={a.layers} "
+    print(f"RES {a.path} {a.backend}:{a.architecture} storage={a.storage if a.path != 'ct' else 'dense'} tokens={a.tokens} layers={a.layers} "
           f"d_model={a.d_model} batch={a.batch} N={graph.adjacency_matrix.shape[0]} active={graph.active_features.shape[0]}"
           f"{kept} time={dt:.1f}s peak_above_start={pm.peak_bytes / 2**20:.0f}MiB ({pm.method}) "
           f"process_peak_rss={peak_resident_bytes() / 2**30:.2f}GiB", flush=True)  # fmt: skip

@@ -632,13 +632,38 @@ InfluenceResult influence_dense_cpu(const InfluenceArgs& args) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// compute_partial_influences: the power iteration over a rectangular block of rows, each row the
-// input of node row_to_node[r]. The matrix stays where it is; no normalised copy is made.
+// compute_partial_influences: circuit-tracer's power iteration over a rectangular block of rows,
+// each row the input of node row_to_node[r]. The matrix stays where it is; no normalised copy.
+//
+// The series only feeds back through the rows' own nodes: term k+1 needs term k at those columns
+// alone, and the total is linear in the coefficients, total = sum_r (sum_k coef_k[r]) |A[r, :]|.
+// So each step reads |A| at the rows x rows node columns, and the full width of the matrix is
+// read twice per call (row sums, the total) instead of once per term. The node entries of each
+// term are rounded to float32 as circuit-tracer's matvec rounds them, so the coefficients, the
+// stopping term and the non-convergence error follow its loop; the total differs from the sum of
+// rounded terms by float32 rounding.
 // ------------------------------------------------------------------------------------------------
+namespace {
+
+// True when the term coef @ |A| has an entry that is not exactly zero in float32.
+bool term_is_nonzero(const float* e, std::int64_t cols, std::int64_t lde, const std::vector<std::int64_t>& active,
+                     const std::vector<double>& coef, const std::vector<std::uint8_t>& nonzero_row,
+                     const std::vector<float>& at_nodes) {
+  if (std::any_of(at_nodes.begin(), at_nodes.end(), [](float v) { return v != 0.0f; })) return true;
+  if (std::none_of(active.begin(), active.end(), [&](std::int64_t r) { return nonzero_row[r] != 0; })) return false;
+  // Only the columns no row reads are left, and a product there may underflow: the full term says.
+  std::vector<float> term(cols);
+  weighted_row_sum(e, lde, cols, active, coef, term.data(), [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
+  return std::any_of(term.begin(), term.end(), [](float v) { return v != 0.0f; });
+}
+
+}  // namespace
+
 int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                           const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
                           float* out, std::int64_t max_iter, float eps) {
   std::vector<float> scale(rows);
+  std::vector<std::uint8_t> nonzero_row(rows);
   bool bad = false;
 #pragma omp parallel for schedule(static) reduction(|| : bad) num_threads(graphk::threads_for(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -648,18 +673,53 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
     for (std::int64_t j = 0; j < cols; ++j) s += (double)std::fabs(row[j]);
     if (!std::isfinite(s)) bad = true;
     scale[r] = std::max((float)s, eps);
+    nonzero_row[r] = s != 0.0;
   }
   if (bad) return kInfluenceNonFinite;
-  std::vector<float> term(cols, 0.0f);
-  for (std::int64_t q = 0; q < n_logits; ++q) term[cols - n_logits + q] = logit_p[q];
-  const Series s{e, rows, cols, lde, row_to_node, scale.data(), nullptr, max_iter};
-  std::vector<double> total;
-  std::int64_t terms = 0;
-  const int status =
-      power_series(s, [](const float* row, std::int64_t j) { return std::fabs(row[j]); }, term, total, terms);
-  if (status == kInfluenceOk)
-    for (std::int64_t j = 0; j < cols; ++j) out[j] = (float)total[j];
-  return status;
+  // The term at each row's node; x_0 is the logit probabilities at the last n_logits columns.
+  std::vector<float> at_nodes(rows, 0.0f), next_at(rows);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t q = row_to_node[r] - (cols - n_logits);
+    if (q >= 0 && q < n_logits) at_nodes[r] = logit_p[q];
+  }
+  std::vector<double> coef(rows), total_coef(rows, 0.0);
+  std::vector<std::int64_t> active;
+  int status = kInfluenceNoConvergence;
+  for (std::int64_t terms = 1; terms <= max_iter; ++terms) {
+    active.clear();
+    for (std::int64_t r = 0; r < rows; ++r) {
+      coef[r] = (double)at_nodes[r] / (double)scale[r];
+      if (coef[r] != 0.0) active.push_back(r);
+    }
+    // Row by row (each row's node entries lie within one row), over blocks of node columns.
+    constexpr std::int64_t kNodes = 2048;
+    const std::int64_t nblocks = (rows + kNodes - 1) / kNodes;
+    const int T = graphk::threads_for((std::int64_t)active.size() * rows);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
+      const std::int64_t t0 = blk * kNodes, t1 = std::min(rows, t0 + kNodes);
+      double acc[kNodes];
+      std::fill(acc, acc + (t1 - t0), 0.0);
+      for (std::int64_t r : active) {
+        const float* row = e + r * lde;
+        const double c = coef[r];
+        for (std::int64_t t = t0; t < t1; ++t) acc[t - t0] += c * (double)std::fabs(row[row_to_node[t]]);
+      }
+      for (std::int64_t t = t0; t < t1; ++t) next_at[t] = (float)acc[t - t0];
+    }
+    if (!term_is_nonzero(e, cols, lde, active, coef, nonzero_row, next_at)) {
+      status = kInfluenceOk;
+      break;
+    }
+    for (std::int64_t r : active) total_coef[r] += coef[r];
+    at_nodes.swap(next_at);
+  }
+  if (status != kInfluenceOk) return status;
+  active.clear();
+  for (std::int64_t r = 0; r < rows; ++r)
+    if (total_coef[r] != 0.0) active.push_back(r);
+  weighted_row_sum(e, lde, cols, active, total_coef, out, [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
+  return kInfluenceOk;
 }
 
 }  // namespace fastattr

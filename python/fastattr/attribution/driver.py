@@ -102,6 +102,9 @@ class _LinearRows:
     def block_rows(self, n: int) -> int:
         return n
 
+    def rows_per_write(self, batch_size: int, row_bytes: int) -> int:
+        return self.engine.rows_per_run(batch_size, row_bytes)
+
     def compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, retain: bool) -> None:
         self.engine.run(block.T, layers, positions, values)
 
@@ -122,6 +125,9 @@ class _AutogradRows:
 
     def block_rows(self, n: int) -> int:
         return self.batch
+
+    def rows_per_write(self, batch_size: int, row_bytes: int) -> int:
+        return batch_size  # circuit-tracer's forward ran over exactly this many copies
 
     def compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, retain: bool) -> None:
         self.route.out = block.T
@@ -320,8 +326,10 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
             # cannot change the graph (no update happens inside it), so take them by position.
             pending = _by_position(rank[~visited[rank]][:queue_size], feat_pos)
         store.select(pending)
-        for i in range(0, len(pending), batch_size):
-            idx = pending[i : i + batch_size]
+        # The queue is circuit-tracer's (update_interval batches); how it is cut into engine runs is not.
+        step = s.rows.rows_per_write(batch_size, 4 * s.total_nodes)
+        for i in range(0, len(pending), step):
+            idx = pending[i : i + step]
             # Upper layers first inside a batch: the linear engine then sweeps each row from its own layer.
             idx = idx[torch.argsort(feat_layers[idx], descending=True, stable=True)]
             n_visited += len(idx)
@@ -375,7 +383,8 @@ def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, ve
               topk: int | None, keep_on_device: bool) -> _Rows:  # fmt: skip
     """Phases 2-4: the logit rows, the feature rows and the assembled adjacency."""
     n_rows = s.n_features + s.n_logits
-    spare = s.rows.block_rows(batch_size)
+    # Room for the largest write: the feature loop's (the logit rows come in batch_size).
+    spare = s.rows.block_rows(max(batch_size, s.rows.rows_per_write(batch_size, 4 * s.total_nodes)))
     if edge_storage == "dense":
         store: RowStore = DenseRows(n_rows, s.total_nodes, spare, s.device)
     else:

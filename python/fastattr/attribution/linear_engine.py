@@ -43,6 +43,11 @@ from fastattr.attribution import hook_plans
 
 # Key blocks of the causal pattern product: large enough for efficient matmuls.
 _MIN_KEY_BLOCK = 64
+# Rows per sweep when the caller's batch is smaller: each sweep pays a fixed cost per layer (launches,
+# Python), so small batches waste it; the working set stays bounded by this many bytes of
+# cotangent (a few times that with the attention transpose's temporaries), whatever the batch.
+_SWEEP_BYTES = 16 * 2**20
+_MAX_SWEEP_ROWS = 1024
 
 
 class FrozenNorm:
@@ -181,6 +186,14 @@ class LinearEngine:
         rows, local = torch.unique(plan.rows.to(torch.int64), return_inverse=True)
         vectors = plan.vectors.to(device)
         return _PlacedPlan(type(plan)(vectors, plan.positions.to(device), local.to(device)), rows.to(self.out_device))
+
+    def rows_per_run(self, batch_size: int, out_row_bytes: int = 0) -> int:
+        """How many seeds one :meth:`run` takes: the caller's batch, or more where a sweep of that
+        many fits in ``_SWEEP_BYTES`` of cotangent and of output block (``out_row_bytes`` per
+        row, a store's scratch). Rows do not depend on which run computes them (beyond float
+        rounding), so this changes time, never the graph."""
+        per_row = max(1, self.n_pos * self.d_model * torch.finfo(self.dtype).bits // 8, out_row_bytes)
+        return max(batch_size, min(_MAX_SWEEP_ROWS, _SWEEP_BYTES // per_row))
 
     # ----------------------------------------------------------------------------------- sweep
 

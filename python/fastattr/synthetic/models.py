@@ -108,16 +108,21 @@ def make_replacement_model(
             at most 20% of them for small ones.
         skip_connection: give the transcoders a small random ``W_skip``. Drawn from its own
             random stream, so the other weights are the same with or without it.
-        architecture: "llama" (both backends), or, TransformerLens only, "gpt2" (LayerNorm with
-            bias, learned absolute positions, GELU MLP) or "gemma2" (RMSNorm before and after
-            each sublayer, rotary, gated GELU MLP, attention-score soft cap). These two are
-            drawn by TransformerLens' own initialiser, with norm weights perturbed around 1.
-        n_kv_heads: key/value heads for grouped-query attention ("gemma2" and "gpt2" only;
-            default: one per head).
+        architecture: "llama" (both backends); TransformerLens: "gpt2" (LayerNorm with bias,
+            learned absolute positions, GELU MLP) or "gemma2" (RMSNorm before and after each
+            sublayer, rotary, gated GELU MLP, attention-score soft cap), drawn by TransformerLens'
+            own initialiser with norm weights perturbed around 1; nnsight: "gemma2", "qwen3",
+            "gemma3", "gemma3-conditional" or "gpt-oss" (and "llama" with other hooks or
+            n_kv_heads), an HF model of that class built by circuit-tracer's ``from_config``
+            (see :mod:`fastattr.synthetic.hf_models`).
+        n_kv_heads: key/value heads for grouped-query attention (every architecture but the
+            TransformerLens "llama"; default: one per head).
         feature_hooks: (feature_input_hook, feature_output_hook) of the transcoders, default
             ("mlp.hook_in", "mlp.hook_out"); TransformerLens also takes "hook_resid_mid" or
-            "ln2.hook_normalized" as input and "hook_mlp_out" as output. Transcoders are then
-            calibrated on the TransformerLens model's own activations at those hooks.
+            "ln2.hook_normalized" as input and "hook_mlp_out" as output; nnsight models take any
+            pair circuit-tracer's mapping names for the architecture (default: Llama and Qwen3
+            the MLP's, the others hook_resid_mid / hook_mlp_out). Transcoders are then
+            calibrated on the model's own activations at those hooks.
 
     Returns:
         A ``TransformerLensReplacementModel`` or ``NNSightReplacementModel``, ready for
