@@ -27,6 +27,7 @@ from fastattr.ops.sparse_edges import SparseEdges
 from fastattr.ops.topk_edges import topk_edges
 from fastattr.attribution.driver import attribute  # noqa: I001 - after the graph ops it uses
 from fastattr.patch import patch_circuit_tracer
+from fastattr.selftest import selftest
 
 __all__ = [
     "BackendDtypeError",
@@ -51,6 +52,7 @@ __all__ = [
     "patch_circuit_tracer",
     "prune_graph",
     "prune_graph_sparse",
+    "selftest",
     "topk_edges",
     "use_backend",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattr info`` and ``python -m fastattr demo``."""
+"""Command line: ``python -m fastattr info``, ``python -m fastattr demo`` and ``python -m fastattr selftest``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="end-to-end demo on a bundled synthetic model")
     demo.add_argument("--size", choices=["small", "medium"], default="small")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    _add_selftest(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "selftest":
+        return _run_selftest(args)
 
     if args.command == "info":
         from fastattr import info
@@ -23,6 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     from fastattr.demo import run_demo
 
     return run_demo(size=args.size, device=args.device)
+
+
+def _add_selftest(sub) -> None:
+    st = sub.add_parser("selftest", help="every op on every available backend against the reference; "
+                                         "exit 1 on any mismatch")
+    st.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
+    st.add_argument("--backend", action="append", default=None, help="only this backend (repeatable)")
+    st.add_argument("--op", action="append", default=None, help="only this op (repeatable)")
+
+
+def _run_selftest(args) -> int:
+    from fastattr.selftest import selftest
+
+    report = selftest(backends=args.backend, ops=args.op, json_path=args.json)
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":
