@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattr info`` and ``python -m fastattr demo``."""
+"""Command line: ``python -m fastattr info``, ``demo`` and ``attribute-many``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="end-to-end demo on a bundled synthetic model")
     demo.add_argument("--size", choices=["small", "medium"], default="small")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    from fastattr import attribute_many
+
+    attribute_many.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "attribute-many":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return attribute_many.run(args)
 
     if args.command == "info":
         from fastattr import info
