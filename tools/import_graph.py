@@ -27,7 +27,8 @@ LAYERS = (
     ("ops", ("fastattr.ops",)),
     ("attribution", ("fastattr.attribution",)),
     ("integrations", ("fastattr.integrations", "fastattr.patch", "fastattr.pytest_plugin")),
-    ("package", ("fastattr", "fastattr.__main__", "fastattr.demo", "fastattr.selftest", "fastattr.synthetic")),
+    ("package", ("fastattr", "fastattr.__main__", "fastattr.attribute_many", "fastattr.demo", "fastattr.selftest",
+                 "fastattr.synthetic")),
 )
 
 

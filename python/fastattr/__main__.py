@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattr info``, ``python -m fastattr demo`` and ``python -m fastattr selftest``."""
+"""Command line: ``python -m fastattr info``, ``demo``, ``selftest`` and ``attribute-many``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", choices=["small", "medium"], default="small")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     _add_selftest(sub)
+    from fastattr import attribute_many
+
+    attribute_many.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "attribute-many":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return attribute_many.run(args)
 
     if args.command == "selftest":
         return _run_selftest(args)

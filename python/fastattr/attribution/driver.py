@@ -37,6 +37,7 @@ import torch
 
 from fastattr._runtime import backends as _backends
 from fastattr.attribution import context_hooks, hook_plans
+from fastattr.attribution import distributed as _distributed
 from fastattr.attribution import replacement_model as ct
 from fastattr.attribution.edge_store import DEFAULT_TOPK, DenseRows, RowStore, TopKRows
 from fastattr.attribution import readers
@@ -152,6 +153,8 @@ class _Run:
     offload_handles: list = field(default_factory=list)
     # Per-batch device synchronisation, only to split out the engine's own time when asked.
     profile: bool = False
+    # The rank layout when one graph is split over a process group (distributed.Ranks), else None.
+    ranks: Any = None
 
     def offload(self, how: str | None, phase: int) -> None:
         if how:
@@ -257,10 +260,35 @@ class _RowWriter:
         self.row_to_node = torch.zeros(s.n_features + s.n_logits, dtype=torch.int64, device=s.device)
         self.st = 0
 
-    def write(self, nodes: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
-              *, retain: bool = True, features: torch.Tensor | None = None) -> None:  # fmt: skip
-        n = len(nodes)
-        block = self.store.target(self.st, self.s.rows.block_rows(n))[:, : self.s.logit_offset]
+    def phase(self, batches: list[dict]) -> None:
+        """Write the batches of one phase (no influence update inside it), in order. Over ranks,
+        each batch is computed by its owner alone and committed everywhere in this order."""
+        ranks = self.run.ranks
+        if ranks is None:
+            for b in batches:
+                self.write(**b)
+            return
+        mine: dict[int, torch.Tensor] = {}
+
+        def compute() -> None:
+            for j, b in enumerate(batches):
+                if ranks.owner(j) == ranks.rank:
+                    n = len(b["nodes"])
+                    buf = torch.zeros(self.s.rows.block_rows(n), self.s.total_nodes, device=self.s.device)
+                    # Every rank keeps the graph alive: which batch is the last one is not its own.
+                    self._compute(buf[:, : self.s.logit_offset], b["layers"], b["positions"], b["values"], True)
+                    mine[j] = buf[:n]
+
+        ranks.agree(compute)
+        ref = torch.empty(0, device=self.s.device)
+        for j, b in enumerate(batches):
+            n = len(b["nodes"])
+            rows = ranks.share(mine.pop(j, None), (n, self.s.total_nodes), ranks.owner(j), ref)
+            self.store.target(self.st, self.s.rows.block_rows(n))[:n] = rows
+            self._commit(b["nodes"], b["layers"], b.get("features"))
+
+    def _compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
+                 retain: bool) -> None:  # fmt: skip
         on_cuda = self.s.device.type == "cuda"
         if self.run.profile and on_cuda:
             torch.cuda.synchronize(self.s.device)
@@ -270,22 +298,30 @@ class _RowWriter:
             if on_cuda:
                 torch.cuda.synchronize(self.s.device)
             self.run.timings["engine"] = self.run.timings.get("engine", 0.0) + time.perf_counter() - t0
+
+    def _commit(self, nodes: torch.Tensor, layers: torch.Tensor, features: torch.Tensor | None) -> None:
+        n = len(nodes)
         self.store.commit(self.st, n, features, None if features is None else layers)
         self.row_to_node[self.st : self.st + n] = nodes.to(self.s.device)
         self.st += n
 
+    def write(self, nodes: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
+              *, retain: bool = True, features: torch.Tensor | None = None) -> None:  # fmt: skip
+        n = len(nodes)
+        block = self.store.target(self.st, self.s.rows.block_rows(n))[:, : self.s.logit_offset]
+        self._compute(block, layers, positions, values, retain)
+        self._commit(nodes, layers, features)
+
 
 def _logit_rows(run: _Run, s: _Setup, writer: _RowWriter, batch_size: int) -> None:
     t = time.perf_counter()
+    batches = []
     for i in range(0, s.n_logits, batch_size):
         vecs = s.targets.logit_vectors[i : i + batch_size]
         n = vecs.shape[0]
-        writer.write(
-            torch.arange(i, i + n) + s.logit_offset,
-            layers=torch.full((n,), s.n_layers),
-            positions=torch.full((n,), s.n_pos - 1),
-            values=vecs,
-        )
+        batches.append(dict(nodes=torch.arange(i, i + n) + s.logit_offset, layers=torch.full((n,), s.n_layers),
+                            positions=torch.full((n,), s.n_pos - 1), values=vecs))  # fmt: skip
+    writer.phase(batches)
     run.timings["logits"] = time.perf_counter() - t
 
 
@@ -326,17 +362,21 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
             # cannot change the graph (no update happens inside it), so take them by position.
             pending = _by_position(rank[~visited[rank]][:queue_size], feat_pos)
         store.select(pending)
+        batches = []
         # The queue is circuit-tracer's (update_interval batches); how it is cut into engine runs is not.
         step = s.rows.rows_per_write(batch_size, 4 * s.total_nodes)
+        if run.ranks is not None:  # every rank gets a share of the queue
+            step = max(batch_size, min(step, -(-len(pending) // run.ranks.size)))
         for i in range(0, len(pending), step):
             idx = pending[i : i + step]
             # Upper layers first inside a batch: the linear engine then sweeps each row from its own layer.
             idx = idx[torch.argsort(feat_layers[idx], descending=True, stable=True)]
             n_visited += len(idx)
-            writer.write(idx, layers=feat_layers[idx], positions=feat_pos[idx], values=s.ctx.encoder_vecs[idx],
-                         retain=n_visited < s.n_features, features=idx)  # fmt: skip
-            visited[idx] = True
-            pbar.update(len(idx))
+            batches.append(dict(nodes=idx, layers=feat_layers[idx], positions=feat_pos[idx],
+                                values=s.ctx.encoder_vecs[idx], retain=n_visited < s.n_features, features=idx))  # fmt: skip
+        writer.phase(batches)
+        visited[pending] = True
+        pbar.update(len(pending))
     pbar.close()
     run.timings["features"] = time.perf_counter() - t
     run.timings["influence_updates"] = n_updates
@@ -440,6 +480,8 @@ def attribute(
     keep_on_device: bool = False,
     engine: Literal["auto", "linear", "autograd"] = "auto",
     deterministic: bool | None = None,
+    process_group: Any = None,
+    gather: Literal["all", "rank0"] = "all",
 ):
     """Compute an attribution graph for ``prompt``: circuit-tracer's ``attribute``, fast.
 
@@ -459,19 +501,31 @@ def attribute(
             inputs and batch size give bitwise-identical graphs. None follows
             ``torch.use_deterministic_algorithms``. torch's own kernels (the autograd engine's
             backward passes) follow torch's switch only.
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``)
+            whose ranks all call attribute() with the same arguments and the same model: the
+            batches of each phase are split over them and the graph is the one-process graph.
+            None: this process alone. See docs/distributed.md.
+        gather: with a process group, "all" returns the graph on every rank, "rank0" on rank 0
+            only (the others return None).
     """
-    _validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk, max_n_logits, engine)
-    ct.require_api(model)
+    group = _distributed.check_group(process_group, gather)
+    ranks = None if group is None else _distributed.Ranks(group)
+    checks = lambda: (_validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk,  # noqa: E731
+                                max_n_logits, engine), ct.require_api(model))  # fmt: skip
+    checks() if ranks is None else ranks.agree(checks)
     run = _Run(model, verbose, deterministic=_backends.deterministic(deterministic),
-               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1")  # fmt: skip
+               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks)  # fmt: skip
     start = time.perf_counter()
     try:
         chosen = _choose_engine(model, engine)
+        if ranks is not None:
+            logger.info("fastattr.attribute: %r, %s engine, batches of each phase dealt round-robin", ranks, chosen)
         # Only circuit-tracer's backward passes go through its contexts' (patched) hooks.
         with context_hooks.contraction_patch() if chosen == "autograd" else contextlib.nullcontext():
-            s = _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,
-                       attribution_targets=attribution_targets, max_n_logits=max_n_logits,
-                       desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes)  # fmt: skip
+            setup = lambda: _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,  # noqa: E731
+                                   attribution_targets=attribution_targets, max_n_logits=max_n_logits,
+                                   desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes)  # fmt: skip
+            s = setup() if ranks is None else ranks.agree(setup)
             rows = _all_rows(run, s, batch_size=batch_size, update_interval=update_interval, verbose=verbose,
                              edge_storage=edge_storage, topk=topk, keep_on_device=keep_on_device)  # fmt: skip
         graph = _graph(model, s, rows)
@@ -483,6 +537,10 @@ def attribute(
         for reload in run.offload_handles:
             reload()
     _report(run, s, time.perf_counter() - start, edge_storage)
+    if ranks is not None:
+        _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent)
+        if gather == "rank0" and ranks.rank != 0:
+            return None
     return graph
 
 

@@ -1,0 +1,102 @@
+"""One graph split over 1, 2 and 3 gloo ranks (one thread each) vs one process (one thread).
+
+    python benchmarks/bench_distributed.py [--ranks 1 2 3] [--out benchmarks/results/distributed.json]
+
+The workload of issue 22: a cross-layer transcoder, 6 layers, d_model 128, 40 positions, 1,200
+feature nodes. Each configuration is a fresh set of processes; the time is attribute()'s, on rank
+0, after one untimed warm-up call. Bytes are those each rank broadcast, against
+docs/distributed.md's formula (rows * N * 4 * (R - 1) in all, rows = features + logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+WORKLOAD = dict(n_layers=6, d_model=128, d_transcoder=512, n_pos=40, nodes=1200, batch_size=64)
+
+
+def worker(rank: int, world: int, port: str, smoke: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import fastattr
+    from fastattr import synthetic
+    from fastattr.attribution import driver
+
+    w = dict(WORKLOAD, n_layers=2, d_model=32, d_transcoder=64, n_pos=8, nodes=40, batch_size=8) if smoke else WORKLOAD
+    group = None
+    if world > 0:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=600))  # fmt: skip
+        group = dist.group.WORLD
+    model = synthetic.make_replacement_model(transcoder="clt", n_layers=w["n_layers"], d_model=w["d_model"],
+                                             d_transcoder=w["d_transcoder"], seed=0)  # fmt: skip
+    prompt = synthetic.random_prompt(w["n_pos"], seed=1)
+    kw = dict(batch_size=w["batch_size"], max_feature_nodes=w["nodes"], process_group=group)
+    fastattr.attribute(prompt, model, **kw)  # warm-up
+    t = time.perf_counter()
+    graph = fastattr.attribute(prompt, model, **kw)
+    seconds = time.perf_counter() - t
+    last = dict(driver._LAST_RUN)
+    if rank == 0:
+        n_cols = graph.active_features.shape[0] + (w["n_layers"] + 1) * w["n_pos"] + len(graph.logit_targets)
+        rows = len(graph.selected_features) + len(graph.logit_targets)
+        print(json.dumps({"seconds": seconds, "bytes_sent_rank0": last.get("bytes_sent", 0), "rows": rows,
+                          "n_cols": n_cols, "engine": last["engine"],
+                          "phases": {k: last[k] for k in ("precompute", "forward", "logits", "features", "assemble") if k in last}}))  # fmt: skip
+
+
+def launch(world: int, smoke: bool) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    n = max(world, 1)
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), port] + (["--smoke"] if smoke else []),
+                              env=env, stdout=subprocess.PIPE, text=True) for r in range(n)]  # fmt: skip
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"world {world}: exit codes {[p.returncode for p in procs]}")
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model, to check that the script runs")
+    ap.add_argument("--worker", nargs=3, default=None)
+    args = ap.parse_args()
+    if args.worker:
+        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.smoke)
+        return
+    load = os.getloadavg()
+    result = {"workload": WORKLOAD, "loadavg_before": load, "one_process": launch(0, args.smoke), "ranks": {}}
+    base = result["one_process"]["seconds"]
+    print(f"load {load[0]:.2f}; one process: {base:.2f}s ({result['one_process']['engine']} engine)")
+    for r in args.ranks:
+        got = launch(r, args.smoke)
+        # Every batch's rows go from its owner to the R - 1 others; rank 0 owns every R-th batch.
+        formula_total = got["rows"] * got["n_cols"] * 4 * (r - 1)
+        got.update(speedup=base / got["seconds"], formula_bytes_total=formula_total)
+        result["ranks"][r] = got
+        print(f"{r} rank(s): {got['seconds']:.2f}s, {base / got['seconds']:.2f}x; rank 0 sent "
+              f"{got['bytes_sent_rank0'] / 2**20:.2f} MiB (its share by the formula about "
+              f"{formula_total / r / 2**20:.2f} MiB; all ranks {formula_total / 2**20:.2f} MiB)")
+    result["loadavg_after"] = os.getloadavg()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""One rank of the distributed tests (run as a script by test_distributed.py, not collected).
+
+argv: rank world port out_dir mode. Each rank attributes every case and saves what the tests
+compare; mode "plain" runs without a process group (the one-process reference)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+
+CASES = [  # (transcoder, edge_storage, engine, deterministic)
+    ("plt", "dense", "linear", False),
+    ("clt", "dense", "linear", True),
+    ("plt", "topk", "linear", True),
+    ("clt", "topk", "autograd", False),
+]
+
+
+def summary(graph, ct_prune) -> dict:
+    node_mask, edge_mask, _ = ct_prune(graph, node_threshold=0.8, edge_threshold=0.98)
+    return {"selected": graph.selected_features, "adjacency": graph.adjacency_matrix,
+            "node_mask": node_mask, "edge_mask": edge_mask}
+
+
+def main() -> int:
+    rank, world, port, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    torch.set_num_threads(1)
+    import fastattr
+    from fastattr import synthetic
+
+    group = None
+    if mode != "plain":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        group = dist.group.WORLD
+    prompt = synthetic.random_prompt(8, seed=1)
+    try:
+        if mode in ("bad-input", "mid-phase"):
+            model = synthetic.make_replacement_model(transcoder="plt", n_layers=2, d_model=32, d_transcoder=64, seed=0)
+            batch = 0 if (mode == "bad-input" and rank == 1) else 4
+            if mode == "mid-phase" and rank == world - 1:
+                from fastattr.attribution import driver
+
+                def boom(*a, **k):
+                    raise RuntimeError("injected failure")
+
+                driver._LinearRows.compute = boom
+            fastattr.attribute(prompt, model, batch_size=batch, max_feature_nodes=12, process_group=group)
+            return 0
+        from fastattr.ops.pruning import prune_graph
+
+        results = []
+        models = {}
+        for transcoder, storage, engine, det in CASES:
+            if transcoder not in models:
+                models[transcoder] = synthetic.make_replacement_model(
+                    transcoder=transcoder, n_layers=2, d_model=32, d_transcoder=64, seed=0)
+            graph = fastattr.attribute(prompt, models[transcoder], batch_size=4, update_interval=2, max_feature_nodes=20,
+                                       edge_storage=storage, topk=16, engine=engine, deterministic=det,
+                                       process_group=group, gather="all")
+            results.append(summary(graph, prune_graph))
+        torch.save(results, os.path.join(out, f"{mode}-{world}-{rank}.pt"))
+        return 0
+    except Exception as exc:
+        with open(os.path.join(out, f"{mode}-{world}-{rank}.err"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

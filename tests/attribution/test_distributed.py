@@ -1,0 +1,85 @@
+"""One graph over 2 and 3 gloo ranks equals the one-process graph; a failing rank ends all ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, mode: str, out: Path) -> list[subprocess.CompletedProcess]:
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(out), mode],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]  # fmt: skip
+    done = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=TIMEOUT)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout))
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    for world, mode in ((1, "plain"), (2, "split"), (3, "split")):
+        for r, p in enumerate(launch(world, mode, out)):
+            assert p.returncode == 0, f"{mode} {world} rank {r}:\n{p.stdout}\n{_err(out, mode, world, r)}"
+    return out
+
+
+def _err(out: Path, mode: str, world: int, rank: int) -> str:
+    f = out / f"{mode}-{world}-{rank}.err"
+    return f.read_text() if f.exists() else ""
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_split_graph_equals_one_process(runs, world):
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import CASES
+
+    ref = torch.load(runs / "plain-1-0.pt")
+    for rank in range(world):
+        got = torch.load(runs / f"split-{world}-{rank}.pt")
+        for case, a, b in zip(CASES, ref, got):
+            assert torch.equal(a["selected"], b["selected"]), case
+            assert torch.equal(a["node_mask"], b["node_mask"]), case
+            assert torch.equal(a["edge_mask"], b["edge_mask"]), case
+            if case[3]:  # deterministic=True: bitwise
+                assert torch.equal(a["adjacency"], b["adjacency"]), case
+            else:
+                scale = float(a["adjacency"].abs().max())
+                assert float((a["adjacency"] - b["adjacency"]).abs().max()) <= 1e-6 * scale, case
+
+
+@pytest.mark.parametrize("mode", ["bad-input", "mid-phase"])
+def test_failing_rank_ends_every_rank(tmp_path, mode):
+    world = 3 if mode == "mid-phase" else 2
+    failing = world - 1 if mode == "mid-phase" else 1
+    procs = launch(world, mode, tmp_path)
+    for r, p in enumerate(procs):
+        assert p.returncode == 3, p.stdout
+        err = _err(tmp_path, mode, world, r)
+        if r == failing:
+            assert ("batch_size" in err) if mode == "bad-input" else ("injected failure" in err), err
+        else:
+            assert f"rank {failing} of {world} failed" in err, err
