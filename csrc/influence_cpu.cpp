@@ -691,22 +691,9 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
       coef[r] = (double)at_nodes[r] / (double)scale[r];
       if (coef[r] != 0.0) active.push_back(r);
     }
-    // Row by row (each row's node entries lie within one row), over blocks of node columns.
-    constexpr std::int64_t kNodes = 2048;
-    const std::int64_t nblocks = (rows + kNodes - 1) / kNodes;
-    const int T = graphk::threads_for((std::int64_t)active.size() * rows);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
-    for (std::int64_t blk = 0; blk < nblocks; ++blk) {
-      const std::int64_t t0 = blk * kNodes, t1 = std::min(rows, t0 + kNodes);
-      double acc[kNodes];
-      std::fill(acc, acc + (t1 - t0), 0.0);
-      for (std::int64_t r : active) {
-        const float* row = e + r * lde;
-        const double c = coef[r];
-        for (std::int64_t t = t0; t < t1; ++t) acc[t - t0] += c * (double)std::fabs(row[row_to_node[t]]);
-      }
-      for (std::int64_t t = t0; t < t1; ++t) next_at[t] = (float)acc[t - t0];
-    }
+    // The rows' node columns only: entry t of a row is its value at node row_to_node[t].
+    weighted_row_sum(e, lde, rows, active, coef, next_at.data(),
+                     [row_to_node](const float* row, std::int64_t t) { return std::fabs(row[row_to_node[t]]); });
     if (!term_is_nonzero(e, cols, lde, active, coef, nonzero_row, next_at)) {
       status = kInfluenceOk;
       break;
