@@ -159,9 +159,25 @@ InfluenceResult influence_dense_cpu(const InfluenceArgs& args);
 // compute_partial_influences: rows of E are the nodes row_to_node[r]; columns are all nodes; row r
 // is normalised by max(fl32(sum_j |E_rj|), eps). `eps` is the caller's (circuit-tracer's floor for
 // this function, which differs from normalize_matrix's: see fastattr/ops/influence.py).
+//
+// A matrix that only grows by rows (attribution writes rows and never changes them) can keep a
+// PartialState: each row's |sum| and the |entries| of every row at every row's node column, so
+// that an update reads only the new rows, the old rows at the new nodes' columns, and the full
+// width once for the result, instead of the full width once per term.
+struct PartialState {
+  float* row_sum;  // (capacity,): sum_j |E_rj| in float32
+  float* block;    // (capacity, ldb): block[r, t] = |E[r, row_to_node[t]]|
+  std::int64_t ldb;
+};
+
 int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                           const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
-                          float* out, std::int64_t max_iter, float eps);
+                          float* out, std::int64_t max_iter, float eps, const PartialState* state = nullptr);
+
+// Brings `state` from rows [0, st0) to rows [0, st): the rows [st0, st) are new. Returns
+// kInfluenceNonFinite when a new row is not finite.
+int partial_influence_grow_cpu(const float* e, std::int64_t lde, std::int64_t cols, const std::int64_t* row_to_node,
+                               std::int64_t st0, std::int64_t st, const PartialState& state);
 
 // ------------------------------------------------------------------------------------------------
 // Edge thresholding of the pruned graph, without an N x N score matrix.

@@ -448,6 +448,27 @@ void weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols, const
   }
 }
 
+// weighted_row_sum for rows read contiguously (entry |a| when Abs, else a), through the CPU's
+// vector kernel: the float chunks of WeightedSumArgs instead of a double per product.
+void dense_weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols, const std::vector<std::int64_t>& active,
+                            const std::vector<double>& coef, float* next, bool abs) {
+  constexpr std::int64_t kBlock = 2048;
+  const std::int64_t nblocks = (cols + kBlock - 1) / kBlock;
+  std::vector<float> c(active.size());
+  for (std::size_t q = 0; q < active.size(); ++q) c[q] = (float)coef[active[q]];
+  const graphk::WeightedSumFn fn = Kernels::get().weighted_sum[abs ? 1 : 0];
+  const int T = graphk::threads_for((std::int64_t)active.size() * cols);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+  for (std::int64_t blk = 0; blk < nblocks; ++blk) {
+    const std::int64_t c0 = blk * kBlock, c1 = std::min(cols, c0 + kBlock);
+    double acc[kBlock];
+    float chunk[kBlock];
+    std::fill(acc, acc + (c1 - c0), 0.0);
+    fn(graphk::WeightedSumArgs{a, lda, active.data(), c.data(), (std::int64_t)active.size(), c0, c1, acc, chunk});
+    for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // The one power series of both entry points where the one-pass sweep does not apply (a matrix with
 // a cycle; the rectangular rows of compute_partial_influences): circuit-tracer's loop
@@ -645,6 +666,22 @@ InfluenceResult influence_dense_cpu(const InfluenceArgs& args) {
 // ------------------------------------------------------------------------------------------------
 namespace {
 
+// Float partial sums over runs of 1024 columns, added in double: vector-wide, and each run's sum of
+// non-negative terms is split over the vector lanes, so its rounding stays near circuit-tracer's
+// own float32 row sum.
+double abs_row_sum(const float* row, std::int64_t cols) {
+  constexpr std::int64_t kRun = 1024;
+  double s = 0.0;
+  for (std::int64_t j0 = 0; j0 < cols; j0 += kRun) {
+    const std::int64_t j1 = std::min(cols, j0 + kRun);
+    float f = 0.0f;
+#pragma omp simd reduction(+ : f)
+    for (std::int64_t j = j0; j < j1; ++j) f += std::fabs(row[j]);
+    s += (double)f;
+  }
+  return s;
+}
+
 // True when the term coef @ |A| has an entry that is not exactly zero in float32.
 bool term_is_nonzero(const float* e, std::int64_t cols, std::int64_t lde, const std::vector<std::int64_t>& active,
                      const std::vector<double>& coef, const std::vector<std::uint8_t>& nonzero_row,
@@ -661,21 +698,26 @@ bool term_is_nonzero(const float* e, std::int64_t cols, std::int64_t lde, const 
 
 int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                           const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
-                          float* out, std::int64_t max_iter, float eps) {
+                          float* out, std::int64_t max_iter, float eps, const PartialState* state) {
   std::vector<float> scale(rows);
   std::vector<std::uint8_t> nonzero_row(rows);
-  bool bad = false;
+  if (state != nullptr) {
+    // Rows never change once written, so their sums were taken when they arrived.
+    for (std::int64_t r = 0; r < rows; ++r) {
+      scale[r] = std::max(state->row_sum[r], eps);
+      nonzero_row[r] = state->row_sum[r] != 0.0f;
+    }
+  } else {
+    bool bad = false;
 #pragma omp parallel for schedule(static) reduction(|| : bad) num_threads(graphk::threads_for(rows * cols))
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const float* row = e + r * lde;
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t j = 0; j < cols; ++j) s += (double)std::fabs(row[j]);
-    if (!std::isfinite(s)) bad = true;
-    scale[r] = std::max((float)s, eps);
-    nonzero_row[r] = s != 0.0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const double s = abs_row_sum(e + r * lde, cols);
+      if (!std::isfinite(s)) bad = true;
+      scale[r] = std::max((float)s, eps);
+      nonzero_row[r] = s != 0.0;
+    }
+    if (bad) return kInfluenceNonFinite;
   }
-  if (bad) return kInfluenceNonFinite;
   // The term at each row's node; x_0 is the logit probabilities at the last n_logits columns.
   std::vector<float> at_nodes(rows, 0.0f), next_at(rows);
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -691,9 +733,23 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
       coef[r] = (double)at_nodes[r] / (double)scale[r];
       if (coef[r] != 0.0) active.push_back(r);
     }
-    // The rows' node columns only: entry t of a row is its value at node row_to_node[t].
-    weighted_row_sum(e, lde, rows, active, coef, next_at.data(),
-                     [row_to_node](const float* row, std::int64_t t) { return std::fabs(row[row_to_node[t]]); });
+    // The rows' node columns only: entry t of a row is its value at node row_to_node[t]. With a
+    // state they sit contiguous in its block, so a term reads rows x rows floats, not the matrix.
+    if (state != nullptr) {
+      dense_weighted_row_sum(state->block, state->ldb, rows, active, coef, next_at.data(), false);
+    } else {
+      weighted_row_sum(e, lde, rows, active, coef, next_at.data(),
+                       [row_to_node](const float* row, std::int64_t t) { return std::fabs(row[row_to_node[t]]); });
+    }
+    const bool at_nodes_zero = std::none_of(next_at.begin(), next_at.end(), [](float v) { return v != 0.0f; });
+    if (at_nodes_zero && terms < max_iter) {
+      // The next term is zero, so the loop ends here or one term later; this term's columns that no
+      // row reads enter the total either way (where they are all zero they add nothing), so
+      // whether it is zero everywhere only matters when it would be the last allowed term.
+      for (std::int64_t r : active) total_coef[r] += coef[r];
+      status = kInfluenceOk;
+      break;
+    }
     if (!term_is_nonzero(e, cols, lde, active, coef, nonzero_row, next_at)) {
       status = kInfluenceOk;
       break;
@@ -705,8 +761,28 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
   active.clear();
   for (std::int64_t r = 0; r < rows; ++r)
     if (total_coef[r] != 0.0) active.push_back(r);
-  weighted_row_sum(e, lde, cols, active, total_coef, out, [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
+  dense_weighted_row_sum(e, lde, cols, active, total_coef, out, true);
   return kInfluenceOk;
+}
+
+int partial_influence_grow_cpu(const float* e, std::int64_t lde, std::int64_t cols, const std::int64_t* row_to_node,
+                               std::int64_t st0, std::int64_t st, const PartialState& state) {
+  bool bad = false;
+  const int T = graphk::threads_for((st - st0) * cols + st0 * (st - st0));
+  // New rows: their sums and their entries at every row's node; old rows: entries at the new nodes.
+#pragma omp parallel for schedule(dynamic, 16) reduction(|| : bad) num_threads(T)
+  for (std::int64_t r = 0; r < st; ++r) {
+    const float* row = e + r * lde;
+    float* out = state.block + r * state.ldb;
+    const std::int64_t t0 = r >= st0 ? 0 : st0;
+    if (r >= st0) {
+      const double s = abs_row_sum(row, cols);
+      if (!std::isfinite(s)) bad = true;
+      state.row_sum[r] = (float)s;
+    }
+    for (std::int64_t t = t0; t < st; ++t) out[t] = std::fabs(row[row_to_node[t]]);
+  }
+  return bad ? kInfluenceNonFinite : kInfluenceOk;
 }
 
 }  // namespace fastattr

@@ -89,9 +89,24 @@ py::tuple influence_dense(std::uintptr_t a, int a_dtype, std::int64_t n, std::in
   return py::make_tuple(r.status, r.n_waves, r.depth, r.edge_sum, r.edge_nnz, r.edge_min);
 }
 
+void check_row_to_node(const std::int64_t* idx, std::int64_t rows, std::int64_t cols) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    if (idx[r] < 0 || idx[r] >= cols)
+      fail("row_to_node_index: expected indices in [0, ", cols, "), got ", idx[r], " at row ", r);
+}
+
+// A state of `rows` rows: row sums and a (rows, rows) block of row stride ldb.
+PartialState partial_state(std::uintptr_t row_sum, std::uintptr_t block, std::int64_t ldb, std::int64_t rows) {
+  check_nonnull(row_sum, rows, "row_sum");
+  if (ldb < rows) fail("ldb: expected at least ", rows, " (the rows), got ", ldb);
+  check_nonnull(block, rows * ldb, "block");
+  return PartialState{as_ptr<float>(row_sum), as_ptr<float>(block), ldb};
+}
+
 int partial_influence(std::uintptr_t e, int e_dtype, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                       std::uintptr_t logit_p, std::int64_t n_logits, std::uintptr_t row_to_node, std::uintptr_t out,
-                      std::int64_t max_iter, float eps) {
+                      std::int64_t max_iter, float eps, std::uintptr_t row_sum, std::uintptr_t block,
+                      std::int64_t ldb) {
   check_matrix(e, e_dtype, rows, cols, lde, "edge_matrix");
   if (n_logits < 0 || n_logits > cols) fail("logit_p: expected at most ", cols, " entries, got ", n_logits);
   check_nonnull(logit_p, n_logits, "logit_p");
@@ -100,12 +115,26 @@ int partial_influence(std::uintptr_t e, int e_dtype, std::int64_t rows, std::int
   check_eps(eps);
   check_max_iter(max_iter);
   const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
-  for (std::int64_t r = 0; r < rows; ++r)
-    if (idx[r] < 0 || idx[r] >= cols)
-      fail("row_to_node_index: expected indices in [0, ", cols, "), got ", idx[r], " at row ", r);
+  check_row_to_node(idx, rows, cols);
+  if ((row_sum == 0) != (block == 0)) fail("row_sum, block: expected both or neither");
+  PartialState state{};
+  if (block != 0) state = partial_state(row_sum, block, ldb, rows);
   py::gil_scoped_release nogil;
   return partial_influence_cpu(as_ptr<const float>(e), rows, cols, lde, as_ptr<const float>(logit_p), n_logits, idx,
-                               as_ptr<float>(out), max_iter, eps);
+                               as_ptr<float>(out), max_iter, eps, block != 0 ? &state : nullptr);
+}
+
+int partial_influence_grow(std::uintptr_t e, int e_dtype, std::int64_t cols, std::int64_t lde,
+                           std::uintptr_t row_to_node, std::int64_t st0, std::int64_t st, std::uintptr_t row_sum,
+                           std::uintptr_t block, std::int64_t ldb) {
+  if (st0 < 0 || st < st0) fail("st0, st: expected 0 <= st0 <= st, got ", st0, ", ", st);
+  check_matrix(e, e_dtype, st, cols, lde, "edge_matrix");
+  check_nonnull(row_to_node, st, "row_to_node_index");
+  const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
+  check_row_to_node(idx, st, cols);
+  const PartialState state = partial_state(row_sum, block, ldb, st);
+  py::gil_scoped_release nogil;
+  return partial_influence_grow_cpu(as_ptr<const float>(e), lde, cols, idx, st0, st, state);
 }
 
 #ifdef FASTATTR_WITH_CUDA
@@ -151,9 +180,17 @@ void register_influence_ops(py::module_& m) {
         "returns (status, n_waves, depth, edge_sum, edge_nnz, edge_min)");
   m.def("partial_influence_cpu", &partial_influence, py::kw_only(), py::arg("e"), py::arg("e_dtype"), py::arg("rows"),
         py::arg("cols"), py::arg("lde"), py::arg("logit_p"), py::arg("n_logits"), py::arg("row_to_node"),
-        py::arg("out"), py::arg("max_iter"), py::arg("eps"),
-        "compute_partial_influences on host memory, rows normalised by max(rowsum, eps); returns the status "
-        "(0 ok, 1 no convergence, 2 non-finite)");
+        py::arg("out"), py::arg("max_iter"), py::arg("eps"), py::arg("row_sum") = 0, py::arg("block") = 0,
+        py::arg("ldb") = 0,
+        "compute_partial_influences on host memory, rows normalised by max(rowsum, eps); with row_sum and block "
+        "(a state kept by partial_influence_grow_cpu) the terms read the block, not the matrix; returns the "
+        "status (0 ok, 1 no convergence, 2 non-finite)");
+  m.def("partial_influence_grow_cpu", &partial_influence_grow, py::kw_only(), py::arg("e"), py::arg("e_dtype"),
+        py::arg("cols"), py::arg("lde"), py::arg("row_to_node"), py::arg("st0"), py::arg("st"), py::arg("row_sum"),
+        py::arg("block"), py::arg("ldb"),
+        "extends a partial-influence state from rows [0, st0) to [0, st): the new rows' |sums|, every row's "
+        "|entries| at the new rows' nodes and the new rows' at every row's node; returns 0, or 2 on a "
+        "non-finite row");
 #ifdef FASTATTR_WITH_CUDA
   m.def("row_abs_sum_cuda", &row_abs_sum, py::kw_only(), py::arg("a"), py::arg("a_dtype"), py::arg("n"), py::arg("m"),
         py::arg("lda"), py::arg("mask"), py::arg("out"), py::arg("stream"),

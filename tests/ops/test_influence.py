@@ -314,6 +314,66 @@ def test_partial_influences_errors():
     assert out.device.type == "cpu"
 
 
+def _growing_rows(seed: int):
+    """Rows in attribution's order: the logit rows, then features in random batches."""
+    graph = random_graph(seed=seed, n_layers=3, n_pos=5, feats_per=6)
+    A = graph.adjacency_matrix
+    n, n_logits = A.shape[0], len(graph.logit_targets)
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randperm(len(graph.selected_features), generator=g)
+    row_to_node = torch.cat([torch.arange(n - n_logits, n), features])
+    edges = torch.full((len(row_to_node) + 4, n), float("nan"))  # rows not written yet are poison
+    cuts = sorted(set(torch.randint(1, len(features), (3,), generator=g).tolist()))
+    return A, graph.logit_probabilities, row_to_node, edges, [n_logits + c for c in cuts] + [len(row_to_node)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_partial_influence_state_follows_a_growing_matrix(seed):
+    """The state a store keeps across updates gives circuit-tracer's result at every size, and
+    circuit-tracer's convergence verdict at every max_iter."""
+    A, p, row_to_node, edges, sizes = _growing_rows(seed)
+    state = influence.PartialInfluenceState()
+    for st in sizes:
+        edges[:st] = A[row_to_node[:st]]
+        e, idx = edges[:st], row_to_node[:st]
+        got = fastattr.compute_partial_influences(e, p, idx, state=state, backend="cpu")
+        ref = ctg.compute_partial_influences(e, p, idx, device="cpu")
+        assert rel_err(got, ref) <= 1e-6
+        assert torch.equal(got, fastattr.compute_partial_influences(e, p, idx, state=state, backend="cpu"))
+    for max_iter in range(1, 8):
+        try:
+            ref = ctg.compute_partial_influences(e, p, idx, max_iter=max_iter, device="cpu")
+        except RuntimeError:
+            with pytest.raises(RuntimeError, match="Failed to converge"):
+                fastattr.compute_partial_influences(e, p, idx, max_iter=max_iter, state=state, backend="cpu")
+        else:
+            got = fastattr.compute_partial_influences(e, p, idx, max_iter=max_iter, state=state, backend="cpu")
+            assert rel_err(got, ref) <= 1e-6
+
+
+def test_partial_influence_state_refuses_another_matrix():
+    A, p, row_to_node, edges, sizes = _growing_rows(3)
+    st = sizes[0]
+    edges[:st] = A[row_to_node[:st]]
+    state = influence.PartialInfluenceState()
+    fastattr.compute_partial_influences(edges[:st], p, row_to_node[:st], state=state, backend="cpu")
+    with pytest.raises(ValueError, match="state: expected the edge matrix it was used with"):
+        fastattr.compute_partial_influences(edges[:st].clone(), p, row_to_node[:st], state=state, backend="cpu")
+    moved = row_to_node[:st].clone()
+    moved[[0, 1]] = moved[[1, 0]]
+    with pytest.raises(ValueError, match="row_to_node_index unchanged"):
+        fastattr.compute_partial_influences(edges[:st], p, moved, state=state, backend="cpu")
+    with pytest.raises(ValueError, match="grown by rows"):
+        fastattr.compute_partial_influences(edges[: st - 1], p, row_to_node[: st - 1], state=state, backend="cpu")
+    with pytest.raises(TypeError, match="state: expected a PartialInfluenceState or None, got dict"):
+        fastattr.compute_partial_influences(edges[:st], p, row_to_node[:st], state={}, backend="cpu")
+    grown = sizes[1]
+    edges[st:grown] = A[row_to_node[st:grown]]
+    edges[grown - 1, 0] = float("inf")
+    with pytest.raises(ValueError, match="edge_matrix: expected finite values"):
+        fastattr.compute_partial_influences(edges[:grown], p, row_to_node[:grown], state=state, backend="cpu")
+
+
 def test_triton_follows_interpreter_flag_at_call_time(monkeypatch):
     """TRITON_INTERPRET as it is when a kernel is called decides where triton runs: off, CPU tensors
     are refused (and without a GPU triton is unavailable); on, CPU tensors run the interpreted

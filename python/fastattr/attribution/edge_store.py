@@ -71,6 +71,7 @@ class DenseRows:
         # Spare rows at the end absorb the last, partial batch (an autograd pass fills `batch` rows).
         self.edges = torch.zeros(n_rows + batch, n_cols, device=device)
         self.batch = batch
+        self._partial = _influence.PartialInfluenceState()
 
     def target(self, st: int, n: int) -> torch.Tensor:
         block = self.edges[st : st + n]
@@ -85,7 +86,8 @@ class DenseRows:
 
     def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, *,
                            deterministic: bool | None = None) -> torch.Tensor:  # fmt: skip
-        return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node, deterministic=deterministic)
+        return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node, deterministic=deterministic,
+                                                     state=self._partial)  # fmt: skip
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if columns is None:

@@ -550,15 +550,58 @@ _PARTIAL = _backends.op("compute_partial_influences")
 # The compiled kernels take float32, the dtype of circuit-tracer's edge matrix. Other dtypes (a
 # float64 default dtype makes circuit-tracer's edge matrix float64) run circuit-tracer's operations
 # in the matrix's dtype on the torch backend.
+class PartialInfluenceState:
+    """What :func:`compute_partial_influences` keeps between calls on one edge matrix that only
+    grows by rows, as attribution's does (rows are appended, never changed): each row's |sum| and
+    every row's |entry| at every row's node column. An update then reads the new rows, the old rows
+    at the new nodes' columns, and the full width once for the result, instead of the full width
+    once per term of the series (about n_layers + 2 times). The block is rows x rows float32, no
+    larger than the rows themselves whenever some feature is left out (the only time attribution
+    asks for partial influences). The cpu backend keeps it; the others recompute."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.row_sum = torch.empty(0)
+        self.block = torch.empty(0, 0)
+        self.nodes = torch.empty(0, dtype=torch.int64)
+        self._matrix: tuple[int, int] | None = None  # (data_ptr, row stride) of the matrix it follows
+
+    def _grow(self, e: torch.Tensor, idx: torch.Tensor) -> None:
+        st, st0 = e.shape[0], self.rows
+        if self._matrix not in (None, (e.data_ptr(), e.stride(0))) or st < st0 or not torch.equal(idx[:st0], self.nodes[:st0]):
+            raise ValueError("state: expected the edge matrix it was used with, grown by rows (same storage, "
+                             f"the first {st0} rows and their row_to_node_index unchanged), got another matrix")  # fmt: skip
+        if st > self.block.shape[0]:
+            cap = max(st, 2 * self.block.shape[0], 64)
+            block, row_sum = torch.empty(cap, cap), torch.empty(cap)
+            block[:st0, :st0] = self.block[:st0, :st0]
+            row_sum[:st0] = self.row_sum[:st0]
+            self.block, self.row_sum = block, row_sum
+            self.nodes = torch.cat([self.nodes[:st0], torch.empty(cap - st0, dtype=torch.int64)])
+        self.nodes[st0:st] = idx[st0:]
+        status = _ext.ext.partial_influence_grow_cpu(
+            e=e.data_ptr(), e_dtype=_ext.dtype_code(e), cols=e.shape[1], lde=_lda(e), row_to_node=idx.data_ptr(),
+            st0=st0, st=st, row_sum=self.row_sum.data_ptr(), block=self.block.data_ptr(), ldb=self.block.stride(0),
+        )  # fmt: skip
+        if status == _NON_FINITE:
+            _checks.check_finite(e, "edge_matrix")
+        self._matrix, self.rows = (e.data_ptr(), e.stride(0)), st
+
+
 @_PARTIAL.register("cpu", dtypes=_F32)
-def _partial_cpu(e, logit_p, idx, *, max_iter, deterministic):
+def _partial_cpu(e, logit_p, idx, *, max_iter, deterministic, state=None):
     e = _checks.row_major(e, "edge_matrix")
     idx = idx.contiguous()
     rows, cols = e.shape
     out = torch.empty(cols, dtype=torch.float32)
+    kept = {}
+    if state is not None:
+        state._grow(e, idx)
+        kept = dict(row_sum=state.row_sum.data_ptr(), block=state.block.data_ptr(), ldb=state.block.stride(0))
     status = _ext.ext.partial_influence_cpu(
         e=e.data_ptr(), e_dtype=_ext.dtype_code(e), rows=rows, cols=cols, lde=_lda(e), logit_p=logit_p.data_ptr(),
         n_logits=logit_p.numel(), row_to_node=idx.data_ptr(), out=out.data_ptr(), max_iter=max_iter, eps=PARTIAL_EPS,
+        **kept,
     )
     if status == _NON_FINITE:
         _checks.check_finite(e, "edge_matrix")
@@ -576,17 +619,17 @@ def _partial_device(kern: _DeviceKernels, e, logit_p, idx, max_iter: int, determ
 
 
 @_PARTIAL.register("cuda", dtypes=_F32)
-def _partial_cuda(e, logit_p, idx, *, max_iter, deterministic):
+def _partial_cuda(e, logit_p, idx, *, max_iter, deterministic, state=None):
     return _partial_device(_CUDA, e, logit_p, idx, max_iter, deterministic)
 
 
 @_PARTIAL.register("triton", dtypes=_F32)
-def _partial_triton(e, logit_p, idx, *, max_iter, deterministic):
+def _partial_triton(e, logit_p, idx, *, max_iter, deterministic, state=None):
     return _partial_device(_TRITON, e, logit_p, idx, max_iter, deterministic)
 
 
 @_PARTIAL.register("torch")
-def _partial_torch(e, logit_p, idx, *, max_iter, deterministic):
+def _partial_torch(e, logit_p, idx, *, max_iter, deterministic, state=None):
     _checks.check_finite(e, "edge_matrix")
     return reference.compute_partial_influences(e, logit_p.to(e.dtype), idx, max_iter=max_iter, device=e.device)
 
@@ -615,9 +658,13 @@ def compute_partial_influences(
     *,
     backend: str | None = None,
     deterministic: bool | None = None,
+    state: PartialInfluenceState | None = None,
 ) -> torch.Tensor:
     """Influence of every node from the rows attributed so far (circuit-tracer's
     compute_partial_influences, used while ranking features during attribution).
+
+    ``state``: a :class:`PartialInfluenceState` kept across calls on one matrix that grows by rows
+    (a ValueError if the matrix is another, or its old rows' nodes changed); the result is the same.
 
     Row r of ``edge_matrix`` holds the inputs of node ``row_to_node_index[r]``; columns are all
     nodes; the logits are the last ``len(logit_p)`` columns. The matrix is read where it lives and
@@ -635,7 +682,10 @@ def compute_partial_influences(
     logit_p = logit_p.to(dev, torch.float32)
     _checks.check_finite(logit_p, "logit_p", _checks.NonFiniteInfluenceError)
     impl = _PARTIAL.select(dev, backend, dtype=edge_matrix.dtype, layout="strided", arg="edge_matrix")
-    infl = impl.fn(edge_matrix, logit_p, idx, max_iter=max_iter, deterministic=_backends.deterministic(deterministic))
+    if state is not None and not isinstance(state, PartialInfluenceState):
+        raise TypeError(f"state: expected a PartialInfluenceState or None, got {type(state).__name__}")
+    infl = impl.fn(edge_matrix, logit_p, idx, max_iter=max_iter, deterministic=_backends.deterministic(deterministic),
+                   state=state)  # fmt: skip
     return _check_result(infl, "logit_p").to(out_device)
 
 
