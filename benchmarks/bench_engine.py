@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import benchutil
+import floor
 from benchutil import BASELINE, DEVICE, per_tier
 
 
@@ -39,11 +40,12 @@ class Case:
     d_mlp: int | None = None
     engines: tuple[str, ...] = ("circuit-tracer", "autograd", "linear")
     backend: str = "transformerlens"
+    skip: bool = False  # transcoders with skip connections
 
     @property
     def label(self) -> str:
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
-        via = " nnsight" if self.backend == "nnsight" else ""
+        via = (" nnsight" if self.backend == "nnsight" else "") + (" skip" if self.skip else "")
         return (f"{self.name}: {self.architecture}{via} {self.n_layers}L d{self.d_model} {self.d_transcoder}f "
                 f"{self.transcoder.upper()} L0~{self.l0} {self.n_tokens}tok B{self.batch_size} "
                 f"N{self.max_feature_nodes or 'all'} {dt}")  # fmt: skip
@@ -63,6 +65,9 @@ CASES = per_tier(
         Case("clt-8L", "clt", n_layers=8, d_model=256, d_transcoder=4096, l0=48, n_tokens=64, batch_size=128, max_feature_nodes=3000),
         Case("gemma2-gqa-plt", "plt", n_layers=6, d_model=256, d_transcoder=2048, l0=40, n_tokens=128, batch_size=64,
              max_feature_nodes=2048, architecture="gemma2", n_heads=8, n_kv_heads=2),  # fmt: skip
+        # A small model, where fixed costs per batch and per call weigh most: Gemma-2-style, skip transcoders.
+        Case("gemma2-skip-4L", "plt", n_layers=4, d_model=128, d_transcoder=1024, l0=32, n_tokens=32, batch_size=64,
+             max_feature_nodes=1024, architecture="gemma2", n_kv_heads=2, skip=True),  # fmt: skip
         # circuit-tracer's nnsight backend (Hugging Face modules): a small size where circuit-tracer's
         # fixed costs weigh, and one where the model's passes do.
         *[Case(f"nnsight-{arch}-4L", "plt", n_layers=4, d_model=64, d_transcoder=512, l0=64, n_tokens=24, batch_size=32,
@@ -100,9 +105,15 @@ _MODEL: dict = {}
 _BASELINE: dict = {}
 
 
+def _shape(case: Case) -> floor.Shape:
+    return floor.Shape(n_layers=case.n_layers, d_model=case.d_model, d_mlp=case.d_mlp or 4 * case.d_model,
+                       n_heads=case.n_heads, n_kv_heads=case.n_kv_heads or case.n_heads, d_vocab=VOCAB,
+                       d_transcoder=case.d_transcoder, cross_layer=case.transcoder == "clt")  # fmt: skip
+
+
 def _model_key(case: Case) -> tuple:
     return (case.backend, case.transcoder, case.n_layers, case.d_model, case.d_transcoder, case.l0, case.n_heads,
-            case.n_kv_heads, case.d_mlp, case.dtype, case.architecture)  # fmt: skip
+            case.n_kv_heads, case.d_mlp, case.dtype, case.architecture, case.skip)  # fmt: skip
 
 
 def _model(case: Case):
@@ -114,7 +125,7 @@ def _model(case: Case):
             backend=case.backend, transcoder=case.transcoder, n_layers=case.n_layers, d_model=case.d_model,
             d_transcoder=case.d_transcoder, n_heads=case.n_heads, d_vocab=VOCAB, n_ctx=max(2048, case.n_tokens + 8),
             feature_density=case.l0 / case.d_transcoder, seed=0, dtype=case.dtype, device=DEVICE,
-            architecture=case.architecture, n_kv_heads=case.n_kv_heads, d_mlp=case.d_mlp,
+            architecture=case.architecture, n_kv_heads=case.n_kv_heads, d_mlp=case.d_mlp, skip_connection=case.skip,
         )  # fmt: skip
         _MODEL["key"] = _model_key(case)
     return _MODEL["model"]
@@ -122,7 +133,7 @@ def _model(case: Case):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_attribute_engine(measure, benchmark, case: Case, engine: str):
+def test_attribute_engine(measure, benchmark, roofline, case: Case, engine: str):
     circuit_tracer = pytest.importorskip("circuit_tracer", reason="circuit-tracer is not installed (pip install '.[tracer]')")
     import importlib
 
@@ -150,6 +161,9 @@ def test_attribute_engine(measure, benchmark, case: Case, engine: str):
     if engine != BASELINE:
         last = importlib.import_module("fastattr.attribution.driver")._LAST_RUN
         info.update({f"attribute_{k}": last[k] for k in ("engine", "forward", "logits", "features", "assemble") if k in last})
+        if last.get("engine") == "linear":
+            floor.record(info, last["work"], _shape(case), int(graph.active_features.shape[0]), roofline,
+                         benchutil.device_name(DEVICE), info.get("dtype") or "float32")  # fmt: skip
     if engine == BASELINE:
         _BASELINE[case.name] = (adjacency, graph.selected_features.cpu())
     elif case.name in _BASELINE and _BASELINE[case.name][0].shape == adjacency.shape:

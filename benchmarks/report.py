@@ -1,10 +1,11 @@
-"""Turn pytest-benchmark JSON from ``benchmarks/`` into a markdown report and two plots.
+"""Turn pytest-benchmark JSON from ``benchmarks/`` into a markdown report and plots.
 
     python benchmarks/report.py bench.json [more.json ...] --out DIR [--summary]
 
 Writes ``DIR/report.md`` (machine, measured roofline, one table per op, what did not run and
-why), ``DIR/speedup.png`` (speedup over circuit-tracer against problem size, one panel per op)
-and ``DIR/memory.png`` (peak memory against problem size). ``--summary`` also prints a few lines
+why), ``DIR/speedup.png`` (speedup over circuit-tracer against problem size, one panel per op),
+``DIR/memory.png`` (peak memory against problem size) and ``DIR/floor.png`` (time over the
+compute floor, for the cases with one). ``--summary`` also prints a few lines
 per op to stdout. Needs matplotlib only for the plots (``--no-plots`` skips them).
 
 Rows are read from the ``extra_info`` keys that ``benchutil.run_case`` records (op, case, impl,
@@ -67,6 +68,8 @@ def _row(bench: dict) -> dict:
         "masks_equal": extra.get("masks_equal"),
         "node_jaccard": extra.get("node_jaccard"),
         "outside_backward": extra.get("attribute_loop_outside_engine"),
+        "floor_s": extra.get("floor_s"),
+        "floor_rates": extra.get("floor_rates"),
         "note": extra.get("patched") if extra.get("patched") not in (None, "full", "contraction + graph ops") else None,
     }
 
@@ -93,7 +96,14 @@ def load(paths: list[Path]) -> tuple[list[dict], dict, list[dict]]:
 
 def _add_speedups(rows: list[dict]) -> None:
     base = {(r["op"], r["case"]): r for r in rows if r["baseline"]}
+    # The floor is the workload's (benchmarks/floor.py), recorded on the row whose run it was
+    # counted from; every implementation of the case is measured against it.
+    floors = {(r["op"], r["case"]): r for r in rows if r.get("floor_s")}
     for r in rows:
+        f = floors.get((r["op"], r["case"]))
+        r["floor_s"] = f["floor_s"] if f else None
+        r["floor_rates"] = f["floor_rates"] if f else None
+        r["frac_floor"] = r["floor_s"] / r["median_s"] if f and r["median_s"] else None
         b = base.get((r["op"], r["case"]))
         r["speedup"] = b["median_s"] / r["median_s"] if b and b["median_s"] and r["median_s"] else None
         r["mem_ratio"] = r["peak"] / b["peak"] if b and b.get("peak") and r.get("peak") is not None else None
@@ -127,6 +137,10 @@ def _rate(value, frac, unit) -> str:
 
 def _speedup(x) -> str:
     return "-" if x is None else f"{x:.3g}x"
+
+
+def _times(r) -> str:
+    return "" if not r["frac_floor"] else f"{1 / r['frac_floor']:.3g}x"
 
 
 def _err(r) -> str:
@@ -186,7 +200,9 @@ def markdown(rows: list[dict], machine: dict, not_run: list[dict], title: str) -
         "Peak memory is above the level at entry: `torch.cuda.max_memory_allocated` on GPUs, sampled "
         "anonymous RSS (resident minus file-backed pages) on CPUs (a lower bound). GB/s counts the fewest bytes the op must move, TFLOP/s its arithmetic; the "
         "percentages are of the roofline measured at the start of the run. Error is against circuit-tracer's "
-        "result (contraction: sampled rows against float64).",
+        "result (contraction: sampled rows against float64). Floor (attribute): the least matmul work and "
+        "memory traffic of an exact attribution of the case at the roofline's rates (measured on a CPU, "
+        "the datasheet's on a GPU; benchmarks/floor.py), and the row's time as a multiple of it.",
         "",
     ]
     by_op = defaultdict(list)
@@ -197,8 +213,10 @@ def markdown(rows: list[dict], machine: dict, not_run: list[dict], title: str) -
         size_label = next((r["size_label"] for r in op_rows if r["size_label"]), None)
         if size_label:
             out += [f"Plotted against: {size_label}.", ""]
-        out += ["| case | impl | time | speedup | peak memory | memory vs c-t | GB/s (% roofline) | TFLOP/s (% roofline) | error vs c-t |",
-                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        has_floor = any(r["floor_s"] for r in op_rows)
+        out += ["| case | impl | time | speedup | peak memory | memory vs c-t | GB/s (% roofline) | TFLOP/s (% roofline) | error vs c-t |"
+                + (" floor | time / floor |" if has_floor else ""),
+                "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if has_floor else "")]  # fmt: skip
         cases = sorted({r["case"] for r in op_rows}, key=lambda c: (min((r["size"] or 0) for r in op_rows if r["case"] == c), c))
         for case in cases:
             for r in sorted((r for r in op_rows if r["case"] == case), key=lambda r: _impl_key(r["impl"])):
@@ -208,7 +226,8 @@ def markdown(rows: list[dict], machine: dict, not_run: list[dict], title: str) -
                 mem_vs = "-" if r["mem_ratio"] is None or r["baseline"] else f"{100 * r['mem_ratio']:.3g}%"
                 out.append(f"| {case} | {impl} | {_t(r['median_s'])} | {'' if r['baseline'] else _speedup(r['speedup'])} | "
                            f"{_mib(r['peak'])} | {mem_vs} | {_rate(r['gbps'], r['frac_bw'], 'GB/s')} | "
-                           f"{_rate(r['tflops'], r['frac_flops'], 'TFLOP/s')} | {'' if r['baseline'] else _err(r)} |")  # fmt: skip
+                           f"{_rate(r['tflops'], r['frac_flops'], 'TFLOP/s')} | {'' if r['baseline'] else _err(r)} |"
+                           + (f" {_t(r['floor_s'])} | {_times(r)} |" if has_floor else ""))  # fmt: skip
         out.append("")
     if not_run:
         out += ["## Not run", "", "| benchmark | outcome | reason |", "|---|---|---|"]
@@ -328,6 +347,29 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def plot_floor(rows: list[dict], path: Path, title: str) -> bool:
+    """Time over floor per case (1 = at the floor), fastattr and circuit-tracer."""
+    want = [r for r in rows if r["frac_floor"] and r["size"] is not None]
+    ops = list(dict.fromkeys(r["op"] for r in want))
+    if not ops:
+        return False
+    plt, fig, axes = _figure(len(ops))
+    for ax, op in zip(axes, ops):
+        op_rows = [r for r in want if r["op"] == op]
+        handles = _draw(ax, op_rows, lambda r: 1 / r["frac_floor"], baseline=True)
+        ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+        ax.axhline(2.0, color="grey", linestyle=":", linewidth=1)
+        _log_axis(ax.xaxis, [r["size"] for r in op_rows], si=True)
+        _log_axis(ax.yaxis, [1 / r["frac_floor"] for r in op_rows] + [1.0], "x")
+        ax.set_title(op)
+        ax.set_xlabel(next((r["size_label"] for r in op_rows if r["size_label"]), "size"))
+        ax.set_ylabel("time / floor (dotted: 1x and 2x)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(handles=handles, fontsize=7, loc="best")
+    _finish(plt, fig, path, title)
+    return True
+
+
 _MEM_FLOOR_MIB = 0.01
 
 
@@ -382,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             written.append("speedup.png")
         if plot_memory(rows, args.out / "memory.png", title):
             written.append("memory.png")
+        if plot_floor(rows, args.out / "floor.png", title):
+            written.append("floor.png")
     print(f"report: {len(rows)} benchmarks, {len(not_run)} not run -> {', '.join(str(args.out / w) for w in written)}")
     if args.summary:
         print(summary(rows))

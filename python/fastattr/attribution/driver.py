@@ -155,6 +155,8 @@ class _Run:
     profile: bool = False
     # The rank layout when one graph is split over a process group (distributed.Ranks), else None.
     ranks: Any = None
+    # Rows each partial-influence update read: for the benchmarks' floor model.
+    influence_rows: list = field(default_factory=list)
 
     def offload(self, how: str | None, phase: int) -> None:
         if how:
@@ -356,6 +358,7 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
             influences = store.partial_influences(writer.st, logit_p, writer.row_to_node[: writer.st],
                                                   deterministic=run.deterministic)  # fmt: skip
             n_updates += 1
+            run.influence_rows.append(writer.st)
             rank = torch.argsort(influences[: s.total_active], descending=True).cpu()
             queue_size = min(update_interval * batch_size, s.n_features - n_visited)
             # Which features are queued is circuit-tracer's choice; their order within the queue
@@ -557,6 +560,13 @@ def _report(run: _Run, s: _Setup, total: float, edge_storage: str) -> None:
                      influence_updates=n_updates, peak_device_bytes=peak_bytes, edge_storage=edge_storage,
                      deterministic=run.deterministic, reader=s.rows.source.get("reader"),
                      architecture=s.rows.source.get("architecture"))  # fmt: skip
+    # What the run did, for the benchmarks' floor model (benchmarks/floor.py).
+    n_final = s.n_features + s.total_nodes - s.total_active
+    work = dict(n_pos=s.n_pos, total_nodes=s.total_nodes, n_rows=s.n_features + s.n_logits,
+                n_final=n_final, influence_rows=list(run.influence_rows))  # fmt: skip
+    if s.rows.name == "linear":
+        work.update(steps=list(s.rows.engine.steps), **s.rows.engine.shapes())
+    _LAST_RUN["work"] = work
     detail = "" if outside is None else f"; engine {engine_time:.2f}s, {100 * outside:.1f}% of the loop outside it"
     peak = "" if peak_bytes is None else f", peak device memory {peak_bytes / 2**20:.0f} MiB"
     level = logging.INFO if run.verbose else logging.DEBUG

@@ -177,6 +177,10 @@ class LinearEngine:
         # Cotangent moves between placements in the last run() (one per boundary crossed), and
         # their bytes: what tests and the split-device docs check.
         self.last_transfers: list[tuple[Hashable, Hashable, int]] = []
+        # What every run() since construction swept, per layer step: (layer, positions, rows,
+        # vectors contracted); layer -1 is the token embeddings. The benchmarks' floor model
+        # counts the work an exact sweep cannot skip from it.
+        self.steps: list[tuple[int, int, int, int]] = []
 
     def _placed(self, plan: Any, device: torch.device, place: Hashable) -> _PlacedPlan | None:
         if plan is None:
@@ -186,6 +190,13 @@ class LinearEngine:
         rows, local = torch.unique(plan.rows.to(torch.int64), return_inverse=True)
         vectors = plan.vectors.to(device)
         return _PlacedPlan(type(plan)(vectors, plan.positions.to(device), local.to(device)), rows.to(self.out_device))
+
+    def shapes(self) -> dict[str, Any]:
+        """The maps' dimensions, for the floor model: per layer (d_model, heads, kv heads, d_head,
+        whether a skip path is swept), and whether the patterns are causal."""
+        layers = [dict(d_model=self.d_model, n_heads=la.n_heads, n_kv_heads=la.n_kv_heads, d_head=la.d_head,
+                       skip=la.skip_t is not None) for la in self.layers]  # fmt: skip
+        return dict(layers=layers, causal=self.causal, dtype=str(self.dtype).replace("torch.", ""))
 
     def rows_per_run(self, batch_size: int, out_row_bytes: int = 0) -> int:
         """How many seeds one :meth:`run` takes: the caller's batch, or more where a sweep of that
@@ -197,8 +208,9 @@ class LinearEngine:
 
     # ----------------------------------------------------------------------------------- sweep
 
-    def _contract(self, placed: _PlacedPlan | None, g: torch.Tensor, out: torch.Tensor) -> None:
+    def _contract(self, layer: int, placed: _PlacedPlan | None, g: torch.Tensor, out: torch.Tensor) -> None:
         """Contract ``placed``'s vectors at the positions ``g`` (P, n, D) covers into ``out`` (rows x n)."""
+        self.steps.append((layer, g.shape[0], g.shape[1], 0 if placed is None else placed.plan.vectors_below(g.shape[0])))
         if placed is None:
             return
         # (n, P, D) view: the plan reads through strides; later positions' gradients are zero.
@@ -290,7 +302,7 @@ class LinearEngine:
             g = grow(g, active.get(i, g.shape[1] if g is not None else B) if compact else B, layer.device)
             n = g.shape[1]
             g_out = g if layer.ln2_post is None else layer.ln2_post.transpose(g)
-            self._contract(self.layer_plans[i], g_out, out[:, :n])
+            self._contract(i, self.layer_plans[i], g_out, out[:, :n])
             if layer.skip_t is not None:
                 g_in = g_out @ layer.skip_t
                 g.add_(g_in if layer.ln2 is None else layer.ln2.transpose(g_in))
@@ -302,4 +314,4 @@ class LinearEngine:
         g = self._move(g, self.frozen.embed_device, place, self.frozen.embed_place)
         if self.frozen.embed_scale is not None:
             g = g * self.frozen.embed_scale
-        self._contract(self.token_plan, g, out)
+        self._contract(-1, self.token_plan, g, out)

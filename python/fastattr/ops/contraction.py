@@ -198,6 +198,10 @@ class ContractionPlan:
         """(S,) int32 pass of each vector (how many vectors of its row come before it). Read-only."""
         return self._passes
 
+    def vectors_below(self, positions_below: int) -> int:
+        """How many vectors sit at positions < ``positions_below``: what a call with that bound reads."""
+        return int(torch.searchsorted(self._positions_cpu, positions_below))
+
     def _check_unchanged(self) -> None:
         if (self._positions._version, self._rows._version, self._passes._version) != self._versions or any(
             (t.pos._version, t.start._version, t.end._version) != t.versions for t in self._tile_sets.values()
