@@ -69,7 +69,9 @@ class DenseRows:
     def __init__(self, n_rows: int, n_cols: int, batch: int, device: torch.device):
         _check_fits(n_rows, n_cols, batch, device)
         # Spare rows at the end absorb the last, partial batch (an autograd pass fills `batch` rows).
-        self.edges = torch.zeros(n_rows + batch, n_cols, device=device)
+        # Uninitialised: every block is zeroed by target() before it is written, and nothing reads
+        # a row before it is committed, so a zero fill here would write the whole matrix twice.
+        self.edges = torch.empty(n_rows + batch, n_cols, device=device)
         self.batch = batch
         self._partial = _influence.PartialInfluenceState()
 

@@ -69,6 +69,17 @@ class FrozenNorm:
             return g
         return self._finish(g.to(self.factor.dtype) * self.factor[: g.shape[0]], g.dtype)
 
+    def transpose_(self, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`transpose` in place, for a ``g`` nobody else reads (no new (P', n, D) tensor)."""
+        if self.factor is None:
+            return g
+        if g.dtype != self.factor.dtype:
+            return self.transpose(g)
+        g.mul_(self.factor[: g.shape[0]])
+        if self.center:
+            g.sub_(g.mean(-1, keepdim=True))
+        return g
+
     def transpose_at(self, g: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """g: (k, D) vectors at ``positions`` (k,)."""
         if self.factor is None:
@@ -305,12 +316,12 @@ class LinearEngine:
             self._contract(i, self.layer_plans[i], g_out, out[:, :n])
             if layer.skip_t is not None:
                 g_in = g_out @ layer.skip_t
-                g.add_(g_in if layer.ln2 is None else layer.ln2.transpose(g_in))
+                g.add_(g_in if layer.ln2 is None else layer.ln2.transpose_(g_in))
             if i in seeds:
                 pos, rows, vals = seed(i, layer.device)
                 g[pos, rows] = vals if layer.ln2 is None else layer.ln2.transpose_at(vals, pos)
             g_attn = g if layer.ln1_post is None else layer.ln1_post.transpose(g)
-            g.add_(layer.ln1.transpose(self._attention_transpose(g_attn, layer)))
+            g.add_(layer.ln1.transpose_(self._attention_transpose(g_attn, layer)))
         g = self._move(g, self.frozen.embed_device, place, self.frozen.embed_place)
         if self.frozen.embed_scale is not None:
             g = g * self.frozen.embed_scale
