@@ -51,3 +51,37 @@ def test_contraction_smoke_benchmark_and_report(tmp_path):
     for png in ("speedup.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert "contraction" in rep.stdout  # the --summary lines
+
+
+def test_engine_smoke_benchmark_reports_the_floor(tmp_path):
+    """bench_engine's linear rows carry the workload's floor (benchmarks/floor.py), and the report
+    puts every row of the case against it."""
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install '.[bench]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install '.[bench]')")
+    env = {**os.environ, "FASTATTR_BENCH_TIER": "smoke"}
+    for name in ("TRITON_INTERPRET", "FASTATTR_BACKEND"):
+        env.pop(name, None)
+    bench_json = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_engine.py", "-k", "tiny-plt",
+         f"--benchmark-json={bench_json}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [b["extra_info"] for b in json.loads(bench_json.read_text())["benchmarks"]]
+    linear = [r for r in rows if r["impl"] == "linear"]
+    assert len(linear) == 1
+    parts = linear[0]["floor_parts"]
+    assert linear[0]["floor_s"] > 0 and linear[0]["floor_rates"] == "measured"
+    for key in ("attention_projections", "contraction", "forward", "edge_rows", "partial_influences", "adjacency"):
+        assert parts[key] > 0, key
+    assert linear[0]["floor_flops"] == pytest.approx(sum(v for k, v in parts.items() if k not in ("edge_rows", "partial_influences", "adjacency")))
+    out = tmp_path / "report"
+    rep = subprocess.run([sys.executable, "benchmarks/report.py", str(bench_json), "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    md = (out / "report.md").read_text()
+    assert "time / floor" in md
+    table = [line for line in md.splitlines() if line.startswith("| tiny-plt")]
+    assert len(table) == 3 and all(line.rstrip(" |").endswith("x") for line in table), table
+    assert (out / "floor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
