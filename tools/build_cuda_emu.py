@@ -6,7 +6,11 @@ package never does). Each .cu source is rewritten in two places that are not C++
 
 - ``kernel<<<grid, block[, smem[, stream]]>>>(args)`` becomes
   ``::fastattr_emu::launch(LaunchConfig(grid, block, ...), "kernel", kernel, args)``;
-- ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic shared memory.
+- ``extern __shared__ T name[];`` becomes a pointer to the launch's dynamic shared memory;
+
+and one statement is added after each static ``__shared__`` declaration (on its line): the poisoning
+of that variable when a new block first reaches it, as a GPU hands a block shared memory with
+whatever was there before (never zeros).
 
 then compiled by the host C++ compiler with kernels/cuda_emu/include ahead of everything else, so
 that <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h> and <cub/...> are the emulation's. The sources
@@ -119,9 +123,16 @@ def rewrite_extern_shared(src: str) -> str:
     return _EXTERN_SHARED.sub(lambda m: f"{m[1]}* {m[2]} = ::fastattr_emu::dynamic_shared<{m[1]}>();", src)
 
 
+_STATIC_SHARED = re.compile(r"^([ \t]*__shared__\s+[^;{}()]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)[ \t]*$", re.M)
+
+
+def poison_static_shared(src: str) -> str:
+    return _STATIC_SHARED.sub(lambda m: f"{m[1]} ::fastattr_emu::poison_shared(&{m[2]}, sizeof({m[2]}));", src)
+
+
 def rewrite(src: str, path: str) -> str:
     """The .cu source as C++ for the emulation; line numbers are kept (no newline is added or dropped)."""
-    body = rewrite_extern_shared(rewrite_launches(src, path))
+    body = poison_static_shared(rewrite_extern_shared(rewrite_launches(src, path)))
     if "extern __shared__" in body:
         raise RewriteError(f"{path}: an extern __shared__ declaration this tool does not understand")
     return f'#line 1 "{path}"\n' + body

@@ -105,8 +105,7 @@ __global__ void to_tf32_kernel(const float* x, std::uint32_t* out, std::int64_t 
     out[i] = fastattr::mma::to_tf32(x[i]);
 }
 
-// Each thread publishes a value that changes from launch to launch (static shared memory keeps the
-// last block's contents, as a GPU's may) and reads its neighbour's.
+// Each thread publishes a value that changes from launch to launch and reads its neighbour's.
 __global__ void barrier_kernel(int* out, int salt, bool with_barrier) {
   __shared__ int s[1024];
   const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);

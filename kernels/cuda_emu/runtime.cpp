@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -255,7 +256,8 @@ void run_block(BlockRun& r, const LaunchConfig& cfg, uint3 bid) {
   r.arrived = 0;
   r.reshuffle = true;
   // Poisoned per block: a GPU's shared memory holds whatever the last block left, never zeros.
-  if (!r.dynamic_shared.empty()) std::memset(r.dynamic_shared.data(), 0xa5, r.dynamic_shared.size() * sizeof(SharedChunk));
+  if (!r.dynamic_shared.empty())
+    std::memset(r.dynamic_shared.data(), kSharedPoison, r.dynamic_shared.size() * sizeof(SharedChunk));
   static std::atomic<std::uint64_t> serials{1};
   r.serial = serials.fetch_add(1);
   while (r.live > 0 && r.error.empty()) {
@@ -346,6 +348,16 @@ unsigned char* dynamic_shared_base() {
   if (t_fiber == nullptr) fail("extern __shared__ memory outside a kernel");
   if (t_run->dynamic_bytes == 0) fail("extern __shared__ memory used by a launch that asked for none");
   return t_run->dynamic_shared.data()->bytes;
+}
+
+void poison_shared(void* p, std::size_t bytes) {
+  if (t_fiber == nullptr) fail("__shared__ memory outside a kernel");
+  // Which block last poisoned each static __shared__ variable of this OS thread's kernels.
+  thread_local std::unordered_map<void*, std::uint64_t> poisoned_by;
+  std::uint64_t& last = poisoned_by[p];
+  if (last == t_run->serial) return;
+  last = t_run->serial;
+  std::memset(p, kSharedPoison, bytes);
 }
 
 unsigned warp_live_mask() {

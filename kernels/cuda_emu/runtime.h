@@ -9,12 +9,12 @@
 // `__shared__` variables are thread_local statics: one copy per block in flight. Between barriers
 // the threads run in an order reshuffled at every barrier (a seeded permutation), so that a read
 // of shared memory that lacks its barrier sees another thread's stale or future value and fails
-// its test.
+// its test. Shared memory, static and dynamic, is poisoned (all bytes 0xff: NaN as a float) for
+// every block, so that a read of what no thread of the block wrote fails too.
 //
 // What this does not model: timing, warp scheduling, the GPU memory model (every write is visible
 // at once), divergence within a warp, partial-warp collectives (rejected), and anything nvcc or
-// ptxas does to the code. Static `__shared__` memory keeps the previous block's contents (dynamic
-// shared memory is poisoned per block). The tensor-core instructions are emulated from their
+// ptxas does to the code. The tensor-core instructions are emulated from their
 // fragment layouts (mma.h); CUB's block primitives by this directory's own (cub.h); CUB's
 // device-wide radix sort by a host sort that keeps its contract (cub_device.h), not its algorithm.
 #pragma once
@@ -129,6 +129,10 @@ unsigned char* dynamic_shared_base();
 std::uint64_t block_serial();
 // The lanes of the calling thread's warp that have not exited.
 unsigned warp_live_mask();
+// Called after each static __shared__ declaration (tools/build_cuda_emu.py adds the call): the
+// first thread of a block to pass it fills the variable with poison, the others leave it alone.
+constexpr unsigned char kSharedPoison = 0xff;
+void poison_shared(void* p, std::size_t bytes);
 
 template <typename T>
 T* dynamic_shared() {

@@ -69,6 +69,34 @@ def _launched_since(emu, before: dict) -> set[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _build_tool():
+    spec = importlib.util.spec_from_file_location("build_cuda_emu", ROOT / "tools" / "build_cuda_emu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_rewrite_touches_only_launches_and_shared_declarations():
+    tool = _build_tool()
+    src = (
+        "  k<T, OutT><<<dim3(gx, (unsigned)gy), kThreads, 0, s>>>(a, f(b, c),\n      d);\n"
+        "  init<<<1, 1>>>();\n"
+        "  extern __shared__ ull smem[];\n"
+        "  __shared__ typename Reduce::TempStorage tmp;\n"
+        "  x = a < b && c > d; y = v >> 3;\n"
+    )
+    out = tool.rewrite(src, "x.cu")
+    assert out.count("\n") == src.count("\n") + 1  # the #line directive, and no other new line
+    assert ('::fastattr_emu::launch(::fastattr_emu::LaunchConfig(dim3(gx, (unsigned)gy), kThreads, 0, s), '
+            '"k<T,OutT>", k<T, OutT>, a, f(b, c),\n      d);') in out
+    assert '::fastattr_emu::launch(::fastattr_emu::LaunchConfig(1, 1), "init", init);' in out
+    assert "ull* smem = ::fastattr_emu::dynamic_shared<ull>();" in out
+    assert "__shared__ typename Reduce::TempStorage tmp; ::fastattr_emu::poison_shared(&tmp, sizeof(tmp));" in out
+    assert "x = a < b && c > d; y = v >> 3;" in out
+    with pytest.raises(tool.RewriteError):
+        tool.rewrite("k<<<1, 1>>>;", "bad.cu")
+
+
 def _tf32_reference(x: np.ndarray) -> np.ndarray:
     """cvt.rna.tf32.f32 by arithmetic (not bit tricks): round to 11 significant bits (TF32's grid
     is 2^-136 below the normal range), to nearest, ties away from zero; overflow gives inf."""
