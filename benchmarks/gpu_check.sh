@@ -9,17 +9,25 @@
 #   build      the extension for this card's arch only (FASTATTR_CUDA_ARCHS=<cc>-real), parallel
 #              jobs, installed into a private folder on PYTHONPATH (the environment is not touched)
 #   info       python -m fastattr info (fails when the cuda backend is unavailable)
+#   selftest   python -m fastattr selftest --json OUTDIR/selftest.json: every op on every backend
+#              against the reference, first of the checks (fails on any mismatch or crash)
 #   tests      every CUDA/Triton kernel test, graph kernels included, without circuit-tracer
 #              (pytest-xdist when installed); then the > 2^31-element cases (-m large), one at a time
 #   timings    benchmarks/check_timings.py: contraction (Gemma-2-2B PLT/CLT, bf16/fp32, batch 256;
 #              cuda, triton, torch), prune_graph N=16k/63k, find_threshold 1e9, as roofline fractions
 #   e2e        FASTATTR_BENCH_TIER=full pytest benchmarks/bench_engine.py (needs circuit-tracer and
 #              pytest-benchmark: --wheels), its rows added to the timings
-#   sanitizer  compute-sanitizer memcheck over a few kernel tests, last
+#   report     benchmarks/device_report.py: OUTDIR/report.json, the self-test, the card and the measured
+#              default per op, in the format fastattr's loader reads (_runtime/evidence.py); commit it
+#              as benchmarks/results/<card>-<date>.json to make its defaults the automatic choice
+#   sanitizer  compute-sanitizer memcheck over the self-test's CUDA kernels (--backend cuda) and a few
+#              kernel tests; racecheck over the self-test's shared-memory kernels (contraction,
+#              threshold, top-k), last
 #
-# OUTDIR gets at most 8 files: summary.md (stage table + timings table), info.txt (machine,
-# wheels, build, fastattr info), tests.txt, timings.md, timings.json, e2e.txt, e2e.json,
-# sanitizer.txt. Exit status 1 if a stage failed (a stage skipped with its reason is no failure).
+# OUTDIR gets at most 10 files: summary.md (stage table + timings table), info.txt (machine,
+# wheels, build, fastattr info, self-test table), selftest.json, report.json, tests.txt, timings.md,
+# timings.json, e2e.txt, e2e.json, sanitizer.txt. Exit status 1 if a stage failed (a stage skipped
+# with its reason is no failure).
 #
 # --cpu: dry run on this machine's CPU (what CI runs): no build (the installed fastattr is used),
 # a few tests, the timings at tiny shapes, the e2e stage only collects, no sanitizer.
@@ -65,8 +73,9 @@ fi
 
 # Stage caps in seconds, in order; a stage may also use what earlier stages left unused, as long
 # as the later stages keep their caps. The sum is the 8-minute box less some slack.
-ORDER=(wheels build info tests large timings e2e sanitizer)
-declare -A CAP=([wheels]=20 [build]=170 [info]=20 [tests]=90 [large]=40 [timings]=70 [e2e]=45 [sanitizer]=40)
+ORDER=(wheels build info selftest tests large timings report e2e sanitizer racecheck)
+declare -A CAP=([wheels]=20 [build]=150 [info]=20 [selftest]=40 [tests]=80 [large]=35 [timings]=65 [report]=10
+                [e2e]=40 [sanitizer]=40 [racecheck]=25)
 [ -n "$WHEELS" ] || CAP[wheels]=0
 limit_for() {  # seconds the stage $1 may take now
   local later=0 seen=0 s
@@ -162,6 +171,14 @@ else
   record info FAIL "$LAST_SECS" "$LAST_NOTE (info.txt)"
 fi
 
+# -------------------------------------------------------------------------------------- selftest
+# First of the checks: the reference's answers on this card, op by op and backend by backend.
+if run_stage selftest "$INFO" "$PY" -m fastattr selftest --json "$OUTDIR/selftest.json"; then
+  record selftest PASS "$LAST_SECS" "$(tail -n 1 "$INFO" | head -c 160)"
+else
+  record selftest FAIL "$LAST_SECS" "$LAST_NOTE: $(grep -m1 -E 'MISMATCH|ERROR' "$INFO" | head -c 160) (info.txt)"
+fi
+
 # ----------------------------------------------------------------------------------------- tests
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 "$PY" -c 'import xdist' 2>/dev/null && [ "$DRYRUN" = 0 ] && PAR=(-n 8) || PAR=()
@@ -196,6 +213,17 @@ else
 fi
 { echo; echo "### timings (stdout and stderr of check_timings.py)"; cat "$PRIV/timings.log" 2>/dev/null; } >>"$INFO"
 
+# ---------------------------------------------------------------------------------------- report
+DRIVER="$([ "$DRYRUN" = 0 ] && nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1)"
+if [ ! -s "$OUTDIR/selftest.json" ]; then
+  record report FAIL 0 "no selftest.json: the self-test stage wrote nothing"
+elif run_stage report "$INFO" "$PY" benchmarks/device_report.py "$OUTDIR" --card "$CARD" --cc "$CC" \
+       --driver "$DRIVER" --commit "$(git rev-parse --short HEAD 2>/dev/null)"; then
+  record report PASS "$LAST_SECS" "defaults: $("$PY" -c 'import json, sys; d = json.load(open(sys.argv[1]))["defaults"]; print(", ".join(f"{k} {v['"'"'backend'"'"']}" for k, v in d.items()))' "$OUTDIR/report.json" 2>/dev/null)"
+else
+  record report FAIL "$LAST_SECS" "$LAST_NOTE (info.txt)"
+fi
+
 # ------------------------------------------------------------------------------------------- e2e
 if [ "$DRYRUN" = 1 ]; then
   if run_stage e2e "$E2E" "${PYTEST[@]}" --collect-only benchmarks/bench_engine.py; then
@@ -219,17 +247,29 @@ fi
 if [ "$DRYRUN" = 1 ]; then
   echo "skipped: dry run; compute-sanitizer checks CUDA kernels" >>"$SAN"
   record sanitizer SKIP 0 "dry run: needs a CUDA device"
+  record racecheck SKIP 0 "dry run: needs a CUDA device"
 elif ! command -v compute-sanitizer >/dev/null; then
   record sanitizer SKIP 0 "compute-sanitizer not on PATH"
+  record racecheck SKIP 0 "compute-sanitizer not on PATH"
 else
   # Without torch's caching allocator every tensor is its own allocation, so an out-of-bounds
   # access is caught even where it would land inside a pooled block.
-  if PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage sanitizer "$SAN" compute-sanitizer --tool memcheck \
-       --error-exitcode 99 --print-limit 20 --target-processes all "${PYTEST[@]}" -x \
-       tests/ops/test_contraction.py tests/ops/test_pruning.py tests/ops/test_topk_edges.py -k "cuda or triton" -m "not large"; then
-    record sanitizer PASS "$LAST_SECS" "$(grep 'ERROR SUMMARY' "$SAN" | tail -n1); $(pytest_tail "$SAN")"
+  if PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage sanitizer "$SAN" bash -c '
+       compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 --target-processes all \
+         "$0" -m fastattr selftest --backend cuda && \
+       compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 --target-processes all "$0" "$@"' \
+       "$PY" "${PYTEST[@]:1}" -x tests/ops/test_contraction.py tests/ops/test_pruning.py tests/ops/test_topk_edges.py \
+       -k "cuda or triton" -m "not large"; then
+    record sanitizer PASS "$LAST_SECS" "memcheck: $(grep 'ERROR SUMMARY' "$SAN" | tail -n1); $(pytest_tail "$SAN")"
   else
     record sanitizer FAIL "$LAST_SECS" "$LAST_NOTE: $(grep 'ERROR SUMMARY' "$SAN" | tail -n1)"
+  fi
+  # racecheck: shared-memory hazards, in the kernels that stage through shared memory.
+  if run_stage racecheck "$SAN" compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
+       "$PY" -m fastattr selftest --backend cuda; then
+    record racecheck PASS "$LAST_SECS" "$(grep 'RACECHECK SUMMARY\|ERROR SUMMARY' "$SAN" | tail -n1)"
+  else
+    record racecheck FAIL "$LAST_SECS" "$LAST_NOTE: $(grep 'RACECHECK SUMMARY\|ERROR SUMMARY' "$SAN" | tail -n1)"
   fi
 fi
 

@@ -7,7 +7,7 @@ which gives the exact argument types, constexprs and launch options of a real la
 specialised as Triton specialises a launch on a GPU (alignment, multiples of 16, integers equal to 1), is compiled
 with ``triton.compile`` for each ``GPUTarget("cuda", arch, 32)``; its cubin goes through
 ``cuobjdump -res-usage`` (registers, stack: spills) and ``cuobjdump -sass`` (HMMA/HGMMA). CUDA kernels: every
-``kernels/cuda/*.cu`` through ``nvcc -Xptxas -v``. Must run without TRITON_INTERPRET.
+``kernels/cuda/*.cu`` through ``nvcc -Xptxas -v -cubin``, then the same cuobjdump reports per kernel. Must run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -202,24 +202,67 @@ def triton_report(archs: list[int], tmp: Path, match: str | None = None) -> dict
                 entry.update(max_registers=int(m.group(1)), stack_bytes=int(m.group(2)),
                              shared_bytes=int(m.group(3)), local_bytes=int(m.group(4)))
             sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
-            entry["hmma"] = len(re.findall(r"\bHMMA\b", sass))
-            entry["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
-            entry["ffma"] = len(re.findall(r"\bFFMA\b", sass))
+            entry.update(_sass_counts(sass))
             report[f"{name}/sm_{arch}"] = entry
     return report
 
 
-def cuda_report(archs: list[int]) -> dict:
+def _sass_counts(sass: str) -> dict:
+    return {"hmma": len(re.findall(r"\bHMMA\b", sass)), "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+            "ffma": len(re.findall(r"\bFFMA\b", sass))}
+
+
+def _kernel_names(mangled: list[str]) -> list[str]:
+    """``contract_mma_kernel<float, float>`` for each mangled kernel name (c++filt, without return
+    type, namespaces and parameters); the mangled names when c++filt is missing."""
+    filt = shutil.which("c++filt") or shutil.which("cu++filt")
+    if filt is None or not mangled:
+        return list(mangled)
+    out = subprocess.run([filt], input="\n".join(mangled), capture_output=True, text=True).stdout.splitlines()
+    names = []
+    for full in out:
+        sig = full.replace("(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
+        base, lt, args = sig.partition("<")
+        names.append(base.rsplit("::", 1)[-1] + lt + args)
+    return names if len(names) == len(mangled) else list(mangled)
+
+
+def _cubin_functions(cubin: Path) -> dict:
+    """Per kernel of a cubin: registers, stack and local bytes (cuobjdump -res-usage; a spill needs a
+    stack frame) and its SASS's HMMA/HGMMA/FFMA counts."""
+    cuobjdump = tool("cuobjdump")
+    if cuobjdump is None:
+        return {"cuobjdump_error": "cuobjdump not found"}
+    res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    funcs = {}
+    for m in re.finditer(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
+        funcs[m.group(1)] = {"max_registers": int(m.group(2)), "stack_bytes": int(m.group(3)),
+                             "shared_bytes": int(m.group(4)), "local_bytes": int(m.group(5))}
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = chunk.split("\n", 1)
+        funcs.setdefault(name.strip(), {}).update(_sass_counts(body))
+    if not funcs:
+        return {"cuobjdump_error": res[-400:]}
+    return dict(zip(_kernel_names(list(funcs)), funcs.values()))
+
+
+def cuda_report(archs: list[int], tmp: Path) -> dict:
+    """Per .cu file and arch: ptxas's totals (stack, spills, registers) and, per kernel of its
+    cubin, registers, stack, local memory and the MMA/FFMA instruction counts of its SASS."""
     report = {}
     for cu in sorted((ROOT / "kernels" / "cuda").glob("*.cu")):
         for arch in archs:
+            cubin = tmp / f"{cu.stem}_{arch}.cubin"
             cmd = ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DFASTATTR_WITH_CUDA=1",
                    f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels' / 'cuda'}", f"-arch=sm_{arch}", "-Xptxas", "-v",
-                   "-c", str(cu), "-o", os.devnull]
+                   "-cubin", str(cu), "-o", str(cubin)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             entry = _ptxas_stats(r.stderr)
             if r.returncode != 0:
                 entry["nvcc_error"] = r.stderr[-800:]
+            else:
+                entry["functions"] = _cubin_functions(cubin)
             report[f"{cu.name}/sm_{arch}"] = entry
     return report
 
@@ -238,7 +281,7 @@ def main() -> None:
         if ns.only in (None, "triton"):
             out["triton"] = triton_report(archs, Path(tmp), ns.match)
         if ns.only in (None, "cuda"):
-            out["cuda"] = cuda_report(archs)
+            out["cuda"] = cuda_report(archs, Path(tmp))
     json.dump(out, sys.stdout, indent=1)
 
 

@@ -19,11 +19,24 @@ def test_gpu_check_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=480)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8, files
+    assert len(files) <= 10, files
     summary = (out / "summary.md").read_text()
-    for stage, status in [("build", "SKIP"), ("info", "PASS"), ("tests", "PASS"), ("large", "PASS"),
-                          ("timings", "PASS"), ("e2e", "PASS"), ("sanitizer", "SKIP")]:
+    for stage, status in [("build", "SKIP"), ("info", "PASS"), ("selftest", "PASS"), ("tests", "PASS"),
+                          ("large", "PASS"), ("timings", "PASS"), ("report", "PASS"), ("e2e", "PASS"),
+                          ("sanitizer", "SKIP"), ("racecheck", "SKIP")]:
         assert f"| {stage} | {status} |" in summary, (stage, summary)
+    # The self-test ran before the kernel tests, and its report is what the defaults loader reads.
+    assert summary.index("| selftest |") < summary.index("| tests |")
+    selftest = json.loads((out / "selftest.json").read_text())
+    assert selftest["ok"] and selftest["table"]["contract"]["cpu"]["status"] == "ok"
+    report = json.loads((out / "report.json").read_text())
+    assert report["card"] == "cpu" and report["selftest"] == selftest
+    from fastattr._runtime import evidence
+
+    measured = evidence.measured_defaults("cpu", out)
+    assert set(measured) == set(report["defaults"]), (measured, report["defaults"])
+    for op, d in report["defaults"].items():
+        assert selftest["table"][d["selftest_op"]][d["backend"]]["status"] == "ok", (op, d)
     timings = json.loads((out / "timings.json").read_text())
     assert timings["roofline"]["copy_gbps"] > 0
     ops = {r["op"] for r in timings["rows"]}

@@ -49,6 +49,29 @@ def test_cuda_kernels_do_not_spill(report):
     for name, entry in report["cuda"].items():
         assert "nvcc_error" not in entry, f"{name}: {entry.get('nvcc_error')}"
         assert entry["spill_store_bytes"] == 0 and entry["spill_load_bytes"] == 0 and entry["stack_bytes"] == 0, (name, entry)
+        funcs = entry["functions"]
+        assert "cuobjdump_error" not in funcs, f"{name}: {funcs.get('cuobjdump_error')}"
+        for kernel, res in funcs.items():  # per kernel, from the cubin: a spill needs a stack frame
+            assert res["stack_bytes"] == 0 and res["local_bytes"] == 0, (name, kernel, res)
+
+
+def test_cuda_contraction_uses_tensor_cores(report):
+    """The CUDA contraction's fp32 (3xTF32), fp16 and bf16 kernels, for each out dtype, run their D
+    loop on mma.sync: HMMA in the sm_80 and sm_90 SASS (sm_90 runs the same mma.sync, no wgmma) and
+    no FFMA. Only the fp64 kernel stays on (DFMA) SIMT."""
+    if "cuda" not in report:
+        pytest.skip("nvcc is not installed: the CUDA kernels cannot be compiled here")
+    wanted = {"float, float", "__half, float", "__half, __half", "__nv_bfloat16, float", "__nv_bfloat16, __nv_bfloat16"}
+    for arch in ("sm_80", "sm_90"):
+        funcs = report["cuda"][f"contraction.cu/{arch}"]["functions"]
+        mma = {k.split("<", 1)[1].rstrip(">"): v for k, v in funcs.items() if k.startswith("contract_mma_kernel<")}
+        assert set(mma) == wanted, (arch, sorted(funcs))
+        for types, res in mma.items():
+            assert res["hmma"] > 0 and res["ffma"] == 0, (arch, types, res)
+        # 3xTF32: a warp's 8 MMA tiles take three m16n8k8 each per k-step.
+        assert mma["float, float"]["hmma"] >= 3 * 8, (arch, mma)
+        simt = [k for k in funcs if k.startswith("contract_simt_kernel<")]
+        assert simt and all(k.startswith("contract_simt_kernel<double") for k in simt), (arch, simt)
 
 
 def _triton(report):

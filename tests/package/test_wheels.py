@@ -366,6 +366,37 @@ def test_insufficient_driver_is_explained_once(monkeypatch, caplog, driver, leve
         msgs = [r for r in caplog.records if "driver" in r.getMessage()]
         assert len(msgs) == 1 and msgs[0].levelno == level, [(r.levelname, r.getMessage()) for r in msgs]
         if driver:
-            assert "pip install fastattr-cu12" in msgs[0].getMessage()
+            assert "pip install fastattr:" in msgs[0].getMessage(), msgs[0].getMessage()
+    finally:
+        _backends._cuda_status.cache_clear()
+
+
+def test_cu13_wheel_on_a_cuda12_driver_falls_back_to_triton(monkeypatch, caplog):
+    """The cu13 build on a driver for CUDA 12.8 (the driver version query mocked): the contraction's
+    automatic choice on CUDA tensors is triton, with exactly one warning, which names the base wheel;
+    info() says which wheel fits this driver."""
+    import torch
+
+    import fastattr
+    from fastattr._runtime import backends as _backends
+    from fastattr._runtime import ext as _ext
+
+    monkeypatch.setattr(_ext, "ext", _FakeCudaBuild(12080))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_backends, "_triton_status", lambda: (True, "triton (fake GPU)"))
+    monkeypatch.setattr(_backends, "_card", lambda device: "NVIDIA Fake L4")
+    _backends._cuda_status.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="fastattr"):
+            for dtype in (torch.float32, torch.bfloat16):
+                assert _backends.OPS["contract"].select(torch.device("cuda"), dtype=dtype).backend == "triton"
+            with pytest.raises(_backends.BackendUnavailableError, match="driver supports CUDA 12.8"):
+                _backends.OPS["contract"].select(torch.device("cuda"), "cuda")
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "pip install fastattr:" in warnings[0].getMessage() and "fastattr-cu13" in warnings[0].getMessage()
+        wheels = fastattr.info(print_report=False)["wheels"]
+        assert "driver for CUDA 12.8: the base wheel (pip install fastattr)" in wheels["here"], wheels
+        assert [r["wheel"] for r in wheels["table"]] == ["fastattr-cu13", "fastattr", "fastattr"]
     finally:
         _backends._cuda_status.cache_clear()

@@ -5,7 +5,7 @@ Every op has up to four implementations: ``cuda`` (compiled kernels), ``triton``
 ``backend=`` argument, the innermost :func:`use_backend` block of the calling thread, the choice
 captured by deferred work (a :class:`~fastattr.ContractionPlan` keeps the ``use_backend`` choice in
 force where it was built), the ``FASTATTR_BACKEND`` environment variable, and finally an automatic
-choice by the tensors' device. Forced choices that cannot run raise; automatic choices are logged at
+choice by the tensors' device (on CUDA tensors by evidence, _runtime/evidence.py). Forced choices that cannot run raise; automatic choices are logged at
 debug level, and the last backend each op used is kept for :func:`last_backend`, so no slow path is
 ever taken silently.
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastattr._runtime import evidence as _evidence
 from fastattr._runtime import ext as _ext
 
 logger = logging.getLogger("fastattr")
@@ -118,6 +119,25 @@ def _cuda_status() -> tuple[bool, str]:
     return True, f"{count} device(s), driver {driver // 1000}.{driver % 1000 // 10}"
 
 
+# Which wheel works with which driver (docs/wheels.md; fastattr.info() prints it).
+WHEEL_FOR_DRIVER = (
+    ("CUDA 13.0 or newer (R580+)", "fastattr-cu13", "CUDA and Triton kernels"),
+    ("CUDA 12.x (R525 to R575)", "fastattr", "Triton kernels on torch's CUDA 12 runtime (no fastattr-cu12 is built yet)"),
+    ("none (CPU only)", "fastattr", "C++ and (interpreted) Triton kernels"),
+)
+
+
+def wheel_advice(build_cuda: str | None, driver: int) -> str:
+    """Which wheel suits this machine's driver (``driver``: CUDA version x 1000 + minor x 10, 0 for none)."""
+    if not driver:
+        return "no NVIDIA driver: the base wheel (pip install fastattr) is all this machine can use"
+    found = f"{driver // 1000}.{driver % 1000 // 10}"
+    if driver >= 13000:
+        return f"driver for CUDA {found}: fastattr-cu13 (CUDA kernels) or the base fastattr (Triton kernels)"
+    have = f"; installed: a CUDA {build_cuda} build, whose CUDA kernels this driver cannot run" if build_cuda else ""
+    return f"driver for CUDA {found}: the base wheel (pip install fastattr), Triton kernels on torch's CUDA runtime{have}"
+
+
 def _insufficient_driver(build_cuda: str, driver: int) -> str:
     """The reason suffix for cudaErrorInsufficientDriver, logged once (``_cuda_status`` is cached).
 
@@ -133,8 +153,9 @@ def _insufficient_driver(build_cuda: str, driver: int) -> str:
     found = f"{driver // 1000}.{driver % 1000 // 10}"
     logger.warning("the NVIDIA driver supports CUDA %s, but this build of fastattr (CUDA %s) needs a driver "
                    "for CUDA %s.0 or newer: its CUDA kernels are off and the triton, cpu and torch backends "
-                   "run instead. Update the driver, or install the build for your driver's CUDA "
-                   "(pip install fastattr-cu%s; see docs/wheels.md).", found, build_cuda, major, found.split(".")[0])
+                   "run instead. Update the driver, or install the base wheel for this driver "
+                   "(pip uninstall fastattr-cu%s && pip install fastattr: Triton kernels on torch's own CUDA "
+                   "runtime; see docs/wheels.md).", found, build_cuda, major, major)
     return f" (the driver supports CUDA {found}; this build needs a driver for CUDA {major}.0 or newer)"
 
 
@@ -258,6 +279,22 @@ class Op:
         _last_used[self.name] = chosen
         return self.impls[chosen]
 
+    def gpu_order(self, card: str | None) -> tuple[tuple[str, ...], str]:
+        """The automatic order on CUDA tensors of ``card`` (None: no device report applies) and why
+        its first entry leads: by evidence (_runtime/evidence.py)."""
+        return _evidence.gpu_order(self.name, card)
+
+    def gpu_default(self, card: str | None = None) -> tuple[str, str]:
+        """(backend, why) this op picks on CUDA tensors of ``card`` for the inputs it was built for,
+        when every backend is available: the first implemented entry of :meth:`gpu_order`."""
+        order, why = self.gpu_order(card)
+        for i, name in enumerate(order):
+            if name in self.impls:
+                if i == 0:
+                    return name, why
+                return name, f"{_evidence.EVIDENCE_WHY.get(name, name)}; no {', '.join(order[:i])} implementation"
+        return "none", "no GPU implementation"
+
     def _check_forced(self, forced: str, source: str, device, dtype, layout: str, arg: str) -> str:
         _validate_name(forced, source)
         if forced not in self.impls:
@@ -289,7 +326,7 @@ class Op:
         return forced
 
     def _automatic(self, device: torch.device, dtype, layout: str, arg: str) -> str:
-        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        order = self.gpu_order(_card(device))[0] if device.type == "cuda" else ("cpu", "torch")
         status = backend_status()
         runnable = [n for n in order if n in self.impls and status[n][0] and device_reason(n, device) is None]
         chosen = next((n for n in runnable if self.impls[n].takes(dtype, layout)), None)
@@ -315,6 +352,19 @@ class Op:
 
 
 OPS: dict[str, Op] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _card_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _card(device: torch.device) -> str | None:
+    """The card's name, as device reports name it (nvidia-smi's and torch's names agree)."""
+    try:
+        return _card_name(device.index if device.index is not None else torch.cuda.current_device())
+    except (RuntimeError, AssertionError):  # no CUDA runtime: then no report can apply
+        return None
 
 
 def op(name: str) -> Op:

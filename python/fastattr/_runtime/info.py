@@ -29,6 +29,8 @@ def info(print_report: bool = True) -> dict:
         "build": build_info(),
         "backends": {name: {"available": ok, "reason": why} for name, (ok, why) in backend_status().items()},
         "ops": ops_table(),
+        "gpu_defaults": gpu_defaults(),
+        "wheels": wheels(),
     }
     if print_report:
         print(format_info(report))
@@ -45,6 +47,36 @@ def ops_table() -> dict:
         name: {b: {"dtypes": _dtype_names(i.dtypes), "layouts": list(i.layouts)} for b, i in op.impls.items()}
         for name, op in sorted(_backends.OPS.items())
     }
+
+
+def _card() -> str | None:
+    try:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except RuntimeError:
+        return None
+
+
+def gpu_defaults() -> dict:
+    """op -> the backend it picks automatically on CUDA tensors (of this machine's first card, when
+    it has one) and why: by evidence, or by a committed device report (_runtime/evidence.py)."""
+    card = _card()
+    out = {}
+    for name, op in sorted(_backends.OPS.items()):
+        backend, why = op.gpu_default(card)
+        out[name] = {"backend": backend, "why": why}
+    return out
+
+
+def wheels() -> dict:
+    """The driver -> wheel table, and what fits this machine's driver."""
+    b = build_info()
+    driver = 0
+    if b.get("extension") and b.get("cuda"):
+        driver = _ext.ext.cuda_probe()[3]
+    elif torch.cuda.is_available():
+        driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: 0)()
+    return {"table": [{"driver": d, "wheel": w, "kernels": k} for d, w, k in _backends.WHEEL_FOR_DRIVER],
+            "here": _backends.wheel_advice(b.get("cuda_version") if b.get("cuda") else None, driver)}
 
 
 def format_info(report: dict) -> str:
@@ -65,4 +97,13 @@ def format_info(report: dict) -> str:
         for name, impls in report["ops"].items():
             parts = [f"{b}: {i['dtypes']}, {'+'.join(i['layouts'])}" for b, i in impls.items()]
             lines.append(f"  {name:<27} " + "; ".join(parts))
+    if report.get("gpu_defaults"):
+        lines.append("default on CUDA tensors (why):")
+        for name, d in report["gpu_defaults"].items():
+            lines.append(f"  {name:<27} {d['backend']:<7} ({d['why']})")
+    if report.get("wheels"):
+        lines.append("wheels by NVIDIA driver:")
+        for row in report["wheels"]["table"]:
+            lines.append(f"  {row['driver']:<27} {row['wheel']:<14} {row['kernels']}")
+        lines.append(f"  here: {report['wheels']['here']}")
     return "\n".join(lines)
