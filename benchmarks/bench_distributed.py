@@ -5,8 +5,8 @@
 The workload of issue 22: a cross-layer transcoder, 6 layers, d_model 128, 40 positions, 1,200
 feature nodes. Each configuration is a fresh set of processes; the time is attribute()'s, on rank
 0, after one untimed warm-up call. Dense storage, deterministic=False: the row-sharded store.
-Bytes rank 0 sent per phase, against docs/distributed.md's formulas: influence
-(sum over updates of st_u + N * matvecs) * 8 * (R - 1), gather (rank 0's rows) * N * 4 * (R - 1).
+Bytes rank 0 sent per phase, against docs/distributed.md's formulas: influence at most
+(updates * (rows + N) + matvecs * rows) * 8 * (R - 1), gather (rank 0's rows) * N * 4 * (R - 1).
 """
 
 from __future__ import annotations
@@ -88,11 +88,11 @@ def main() -> None:
     print(f"load {load[0]:.2f}; one process: {base:.2f}s ({result['one_process']['engine']} engine)")
     for r in args.ranks:
         got = launch(r, args.smoke)
-        # Rank 0 sends its share of every mat-vec's partial vector (N float64) and of the row
-        # sums at each update (st_u float64, bounded here by rows per update), then its own rows.
+        # Rank 0 sends, per update, the row sums (st_u float64), each mat-vec's node-column partial
+        # vector (st_u float64) and the total (N float64), with st_u <= rows; then its own rows.
         n, got_b = got["n_cols"], got.get("bytes_by_phase_rank0", {})
         gather_formula = got["rows_owned_rank0"] * n * 4 * (r - 1)
-        influence_bound = (got["updates"] * got["rows"] + got["matvecs"] * n) * 8 * (r - 1)
+        influence_bound = (got["updates"] * (got["rows"] + n) + got["matvecs"] * got["rows"]) * 8 * (r - 1)
         got.update(speedup=base / got["seconds"], formula_gather_bytes=gather_formula,
                    formula_influence_bytes_at_most=influence_bound)
         result["ranks"][r] = got
