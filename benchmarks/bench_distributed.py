@@ -4,8 +4,9 @@
 
 The workload of issue 22: a cross-layer transcoder, 6 layers, d_model 128, 40 positions, 1,200
 feature nodes. Each configuration is a fresh set of processes; the time is attribute()'s, on rank
-0, after one untimed warm-up call. Bytes are those each rank broadcast, against
-docs/distributed.md's formula (rows * N * 4 * (R - 1) in all, rows = features + logits).
+0, after one untimed warm-up call. Dense storage, deterministic=False: the row-sharded store.
+Bytes rank 0 sent per phase, against docs/distributed.md's formulas: influence at most
+(updates * (rows + N) + matvecs * rows) * 8 * (R - 1), gather (rank 0's rows) * N * 4 * (R - 1).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def worker(rank: int, world: int, port: str, smoke: bool) -> None:
         n_cols = graph.active_features.shape[0] + (w["n_layers"] + 1) * w["n_pos"] + len(graph.logit_targets)
         rows = len(graph.selected_features) + len(graph.logit_targets)
         print(json.dumps({"seconds": seconds, "bytes_sent_rank0": last.get("bytes_sent", 0), "rows": rows,
+                          "bytes_by_phase_rank0": last.get("bytes_by_phase", {}), "matvecs": last.get("matvecs", 0),
+                          "rows_owned_rank0": last.get("rows_owned", 0), "updates": last.get("influence_updates", 0),
                           "n_cols": n_cols, "engine": last["engine"],
-                          "phases": {k: last[k] for k in ("precompute", "forward", "logits", "features", "assemble") if k in last}}))  # fmt: skip
+                          "phases": {k: last[k] for k in ("precompute", "forward", "logits", "features", "gather", "assemble") if k in last}}))  # fmt: skip
 
 
 def launch(world: int, smoke: bool) -> dict:
@@ -85,13 +88,18 @@ def main() -> None:
     print(f"load {load[0]:.2f}; one process: {base:.2f}s ({result['one_process']['engine']} engine)")
     for r in args.ranks:
         got = launch(r, args.smoke)
-        # Every batch's rows go from its owner to the R - 1 others; rank 0 owns every R-th batch.
-        formula_total = got["rows"] * got["n_cols"] * 4 * (r - 1)
-        got.update(speedup=base / got["seconds"], formula_bytes_total=formula_total)
+        # Rank 0 sends, per update, the row sums (st_u float64), each mat-vec's node-column partial
+        # vector (st_u float64) and the total (N float64), with st_u <= rows; then its own rows.
+        n, got_b = got["n_cols"], got.get("bytes_by_phase_rank0", {})
+        gather_formula = got["rows_owned_rank0"] * n * 4 * (r - 1)
+        influence_bound = (got["updates"] * (got["rows"] + n) + got["matvecs"] * got["rows"]) * 8 * (r - 1)
+        got.update(speedup=base / got["seconds"], formula_gather_bytes=gather_formula,
+                   formula_influence_bytes_at_most=influence_bound)
         result["ranks"][r] = got
-        print(f"{r} rank(s): {got['seconds']:.2f}s, {base / got['seconds']:.2f}x; rank 0 sent "
-              f"{got['bytes_sent_rank0'] / 2**20:.2f} MiB (its share by the formula about "
-              f"{formula_total / r / 2**20:.2f} MiB; all ranks {formula_total / 2**20:.2f} MiB)")
+        print(f"{r} rank(s): {got['seconds']:.2f}s, {base / got['seconds']:.2f}x; phases {got['phases']}; rank 0 sent "
+              f"influence {got_b.get('influence', 0) / 2**20:.3f} MiB ({got['matvecs']} mat-vecs; formula at most "
+              f"{influence_bound / 2**20:.3f} MiB), gather {got_b.get('gather', 0) / 2**20:.3f} MiB "
+              f"(formula {gather_formula / 2**20:.3f} MiB)")
     result["loadavg_after"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

@@ -17,7 +17,10 @@ CASES = [  # (transcoder, edge_storage, engine, deterministic)
     ("clt", "dense", "linear", True),
     ("plt", "topk", "linear", True),
     ("clt", "topk", "autograd", False),
+    ("clt", "dense", "autograd", False),
 ]
+# After CASES each rank saves one more graph: circuit-tracer's attribute() under patch_circuit_tracer.
+PATCHED = ("clt", "dense", "patched circuit_tracer.attribute", False)
 
 
 def summary(graph, ct_prune) -> dict:
@@ -65,6 +68,15 @@ def main() -> int:
                                        edge_storage=storage, topk=16, engine=engine, deterministic=det,
                                        process_group=group, gather="all")
             results.append(summary(graph, prune_graph))
+        # circuit-tracer's own attribute(), routed by the patch over the group (none in "plain").
+        import circuit_tracer
+
+        handle = fastattr.patch_circuit_tracer(process_group=group)
+        try:
+            graph = circuit_tracer.attribute(prompt, models["clt"], batch_size=4, update_interval=2, max_feature_nodes=20)
+        finally:
+            handle.undo()
+        results.append(summary(graph, prune_graph))
         torch.save(results, os.path.join(out, f"{mode}-{world}-{rank}.pt"))
         return 0
     except Exception as exc:

@@ -157,6 +157,8 @@ class _Run:
     ranks: Any = None
     # Rows each partial-influence update read: for the benchmarks' floor model.
     influence_rows: list = field(default_factory=list)
+    # Where the graph is assembled with a process group: "all" ranks or "rank0".
+    gather: str = "all"
 
     def offload(self, how: str | None, phase: int) -> None:
         if how:
@@ -270,6 +272,9 @@ class _RowWriter:
             for b in batches:
                 self.write(**b)
             return
+        if isinstance(self.store, _distributed.ShardedDenseRows):
+            ranks.agree(lambda: self._phase_sharded(batches))
+            return
         mine: dict[int, torch.Tensor] = {}
 
         def compute() -> None:
@@ -287,6 +292,18 @@ class _RowWriter:
             n = len(b["nodes"])
             rows = ranks.share(mine.pop(j, None), (n, self.s.total_nodes), ranks.owner(j), ref)
             self.store.target(self.st, self.s.rows.block_rows(n))[:n] = rows
+            self._commit(b["nodes"], b["layers"], b.get("features"))
+
+    def _phase_sharded(self, batches: list[dict]) -> None:
+        """Each rank computes its own batches into its shard; every rank records every row's node."""
+        ranks = self.run.ranks
+        for j, b in enumerate(batches):
+            n, block_rows = len(b["nodes"]), self.s.rows.block_rows(len(b["nodes"]))
+            if ranks.owner(j) == ranks.rank:
+                block = self.store.target(self.st, block_rows)[:, : self.s.logit_offset]
+                # Every rank keeps the graph alive: which batch is the last one is not its own.
+                self._compute(block, b["layers"], b["positions"], b["values"], True)
+            self.store.written(self.st, n, block_rows, ranks.owner(j))
             self._commit(b["nodes"], b["layers"], b.get("features"))
 
     def _compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
@@ -423,8 +440,9 @@ class _Rows:
 
 
 def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, verbose: bool, edge_storage: str,
-              topk: int | None, keep_on_device: bool) -> _Rows:  # fmt: skip
-    """Phases 2-4: the logit rows, the feature rows and the assembled adjacency."""
+              topk: int | None, keep_on_device: bool) -> _Rows | None:  # fmt: skip
+    """Phases 2-4: the logit rows, the feature rows and the assembled adjacency (None on a rank
+    that gather="rank0" leaves without the graph)."""
     n_rows = s.n_features + s.n_logits
     # Room for the largest write: the feature loop's (the logit rows come in batch_size).
     spare = s.rows.block_rows(max(batch_size, s.rows.rows_per_write(batch_size, 4 * s.total_nodes)))
@@ -432,6 +450,8 @@ def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, ve
         store: RowStore = DenseRows(n_rows, s.total_nodes, spare, s.device)
     else:
         store = TopKRows(n_rows, s.total_nodes, s.n_logits, s.total_active, spare, topk or DEFAULT_TOPK, s.device)
+    if run.ranks is not None and edge_storage == "dense" and not run.deterministic:
+        store = _distributed.ShardedDenseRows(store, run.ranks)
     stream_influence = edge_storage == "topk" and s.n_features == s.total_active
     if stream_influence:
         store.stream_influence(s.targets.logit_probabilities.to(device=s.device, dtype=torch.float32))
@@ -439,6 +459,12 @@ def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, ve
     _logit_rows(run, s, writer, batch_size)
     visited = _feature_rows(run, s, writer, store, batch_size=batch_size, update_interval=update_interval,
                             verbose=verbose, stream_influence=stream_influence)  # fmt: skip
+    if isinstance(store, _distributed.ShardedDenseRows):
+        t = time.perf_counter()
+        has_graph = run.ranks.agree(lambda: store.gather_rows(writer.st, run.gather))
+        run.timings["gather"] = time.perf_counter() - t
+        if not has_graph:
+            return None
     selected, adjacency, row_abs_sum = _assemble(run, s, writer, store, visited, keep_on_device)
     node_influence = store.influence.float().to(adjacency.device) if stream_influence else None
     return _Rows(selected, adjacency, row_abs_sum, node_influence)
@@ -517,12 +543,15 @@ def attribute(
                                 max_n_logits, engine), ct.require_api(model))  # fmt: skip
     checks() if ranks is None else ranks.agree(checks)
     run = _Run(model, verbose, deterministic=_backends.deterministic(deterministic),
-               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks)  # fmt: skip
+               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks, gather=gather)  # fmt: skip
     start = time.perf_counter()
     try:
         chosen = _choose_engine(model, engine)
         if ranks is not None:
-            logger.info("fastattr.attribute: %r, %s engine, batches of each phase dealt round-robin", ranks, chosen)
+            how = ("rows broadcast after each phase" if edge_storage == "topk" or run.deterministic
+                   else "rows kept on their rank, partial influences split by rows")  # fmt: skip
+            logger.info("fastattr.attribute: %r, %s engine, batches of each phase dealt round-robin, %s",
+                        ranks, chosen, how)  # fmt: skip
         # Only circuit-tracer's backward passes go through its contexts' (patched) hooks.
         with context_hooks.contraction_patch() if chosen == "autograd" else contextlib.nullcontext():
             setup = lambda: _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,  # noqa: E731
@@ -531,8 +560,8 @@ def attribute(
             s = setup() if ranks is None else ranks.agree(setup)
             rows = _all_rows(run, s, batch_size=batch_size, update_interval=update_interval, verbose=verbose,
                              edge_storage=edge_storage, topk=topk, keep_on_device=keep_on_device)  # fmt: skip
-        graph = _graph(model, s, rows)
-        if edge_storage == "topk":
+        graph = None if rows is None else _graph(model, s, rows)
+        if graph is not None and edge_storage == "topk":
             # Pruning a top-k graph needs its exact row sums; recorded so that they also survive
             # circuit-tracer's Graph.to_pt / from_pt.
             pruning.record_topk(graph, rows.row_abs_sum, rows.node_influence)
@@ -541,7 +570,8 @@ def attribute(
             reload()
     _report(run, s, time.perf_counter() - start, edge_storage)
     if ranks is not None:
-        _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent)
+        _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent, bytes_by_phase=dict(ranks.bytes_by_phase),
+                         matvecs=ranks.matvecs, rows_owned=ranks.rows_owned)  # fmt: skip
         if gather == "rank0" and ranks.rank != 0:
             return None
     return graph

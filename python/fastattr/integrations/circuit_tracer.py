@@ -247,7 +247,7 @@ def _patch_graph(handle: PatchHandle, version: str) -> None:
 # ------------------------------------------------------------------------------------- attribute
 
 
-def _patch_attribute(handle: PatchHandle, version: str) -> None:
+def _patch_attribute(handle: PatchHandle, version: str, process_group: Any = None, gather: str = "all") -> None:
     """Route circuit-tracer's attribute() to fastattr.attribute, in both layouts.
 
     0.5.0 keeps one ``attribution/attribute.py``; upstream makes it a dispatcher over
@@ -261,6 +261,14 @@ def _patch_attribute(handle: PatchHandle, version: str) -> None:
     if not callable(getattr(module, "attribute", None)):
         raise unsupported(version, "circuit_tracer.attribution.attribute has no attribute()")
     originals = [module.attribute]
+    replacement = fast_attribute
+    if process_group is not None:
+        # circuit-tracer's attribute() has no process group: the patch binds the one it was given.
+        @functools.wraps(fast_attribute)
+        def replacement(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("process_group", process_group)
+            kwargs.setdefault("gather", gather)
+            return fast_attribute(*args, **kwargs)
     for modname in ("circuit_tracer.attribution.attribute_transformerlens", "circuit_tracer.attribution.attribute_nnsight"):
         if importlib.util.find_spec(modname) is None:
             continue
@@ -271,18 +279,19 @@ def _patch_attribute(handle: PatchHandle, version: str) -> None:
             continue
         if callable(getattr(backend_module, "attribute", None)):
             originals.append(backend_module.attribute)
-    _replace_everywhere(handle, {id(fn): (fn, fast_attribute) for fn in originals})
+    _replace_everywhere(handle, {id(fn): (fn, replacement) for fn in originals})
     # The packages export attribute lazily (a module __getattr__) and may not have bound it yet:
     # bind it for the patch's duration (undo removes it again), so ``circuit_tracer.attribute`` is
     # fastattr's without going through the lazy import.
     for modname in ("circuit_tracer.attribution", "circuit_tracer"):
         package = importlib.import_module(modname)
         if "attribute" not in vars(package) and callable(getattr(package, "attribute", None)):
-            handle._set(package, "attribute", fast_attribute, f"{modname}.attribute", key=_qualname(originals[0]))
+            handle._set(package, "attribute", replacement, f"{modname}.attribute", key=_qualname(originals[0]))
 
 
 def patch_circuit_tracer(
-    *, contraction: bool = True, graph: bool = True, attribute: bool = True, count_calls: bool = False
+    *, contraction: bool = True, graph: bool = True, attribute: bool = True, count_calls: bool = False,
+    process_group: Any = None, gather: str = "all",
 ) -> PatchHandle:
     """Make circuit-tracer use fastattr's kernels; returns a handle whose ``undo()`` restores it.
 
@@ -293,7 +302,17 @@ def patch_circuit_tracer(
             edge rows); needs ``contraction``.
         count_calls: count the calls of each replaced function in ``handle.calls`` (the pytest
             plugin's report); the replacements are then counting wrappers around fastattr's.
+        process_group, gather: with ``attribute``, every patched ``attribute`` call splits one
+            graph over this ``torch.distributed`` group, as ``fastattr.attribute(...,
+            process_group=, gather=)`` (see docs/distributed.md). None (default): one process,
+            even when a default group is initialised: distribution is asked for, never implied.
     """
+    if process_group is not None and not attribute:
+        raise ValueError(f"process_group: expected attribute=True to route attribute() over the group, got attribute={attribute!r}")
+    if process_group is not None:
+        from fastattr.attribution import distributed as _distributed
+
+        _distributed.check_group(process_group, gather)
     if attribute and not contraction:
         raise ValueError("attribute: expected contraction=True as well (fastattr.attribute writes through the patched hooks)")
     version = circuit_tracer_version()
@@ -305,7 +324,7 @@ def patch_circuit_tracer(
         if graph:
             _patch_graph(handle, version)
         if attribute:
-            _patch_attribute(handle, version)
+            _patch_attribute(handle, version, process_group, gather)
     except BaseException:
         handle.undo()
         raise
