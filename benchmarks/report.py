@@ -326,48 +326,40 @@ def _finish(plt, fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
-    want = [r for r in rows if r["speedup"] is not None and not r["baseline"] and r["size"] is not None]
+def _plot_ratio(want: list[dict], path: Path, title: str, y, *, baseline: bool, lines: tuple[float, ...],
+                ylabel: str) -> bool:  # fmt: skip
+    """One log-log panel per op of ``y(row)`` against size, with horizontal guides at ``lines``."""
     ops = list(dict.fromkeys(r["op"] for r in want))
     if not ops:
         return False
     plt, fig, axes = _figure(len(ops))
     for ax, op in zip(axes, ops):
         op_rows = [r for r in want if r["op"] == op]
-        handles = _draw(ax, op_rows, lambda r: r["speedup"], baseline=False)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        handles = _draw(ax, op_rows, y, baseline=baseline)
+        for k, level in enumerate(lines):
+            ax.axhline(level, color="black" if k == 0 else "grey", linestyle="--" if not baseline else ":", linewidth=1)
         _log_axis(ax.xaxis, [r["size"] for r in op_rows], si=True)
-        _log_axis(ax.yaxis, [r["speedup"] for r in op_rows] + [1.0], "x")
+        _log_axis(ax.yaxis, [y(r) for r in op_rows] + [1.0], "x")
         ax.set_title(op)
         ax.set_xlabel(next((r["size_label"] for r in op_rows if r["size_label"]), "size"))
-        ax.set_ylabel("speedup over circuit-tracer (dashed line: 1x)")
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(handles=handles, fontsize=7, loc="best")
     _finish(plt, fig, path, title)
     return True
+
+
+def plot_speedup(rows: list[dict], path: Path, title: str) -> bool:
+    want = [r for r in rows if r["speedup"] is not None and not r["baseline"] and r["size"] is not None]
+    return _plot_ratio(want, path, title, lambda r: r["speedup"], baseline=False, lines=(1.0,),
+                       ylabel="speedup over circuit-tracer (dashed line: 1x)")  # fmt: skip
 
 
 def plot_floor(rows: list[dict], path: Path, title: str) -> bool:
     """Time over floor per case (1 = at the floor), fastattr and circuit-tracer."""
     want = [r for r in rows if r["frac_floor"] and r["size"] is not None]
-    ops = list(dict.fromkeys(r["op"] for r in want))
-    if not ops:
-        return False
-    plt, fig, axes = _figure(len(ops))
-    for ax, op in zip(axes, ops):
-        op_rows = [r for r in want if r["op"] == op]
-        handles = _draw(ax, op_rows, lambda r: 1 / r["frac_floor"], baseline=True)
-        ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
-        ax.axhline(2.0, color="grey", linestyle=":", linewidth=1)
-        _log_axis(ax.xaxis, [r["size"] for r in op_rows], si=True)
-        _log_axis(ax.yaxis, [1 / r["frac_floor"] for r in op_rows] + [1.0], "x")
-        ax.set_title(op)
-        ax.set_xlabel(next((r["size_label"] for r in op_rows if r["size_label"]), "size"))
-        ax.set_ylabel("time / floor (dotted: 1x and 2x)")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(handles=handles, fontsize=7, loc="best")
-    _finish(plt, fig, path, title)
-    return True
+    return _plot_ratio(want, path, title, lambda r: 1 / r["frac_floor"], baseline=True, lines=(1.0, 2.0),
+                       ylabel="time / floor (dotted: 1x and 2x)")  # fmt: skip
 
 
 _MEM_FLOOR_MIB = 0.01

@@ -14,21 +14,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_contraction_smoke_benchmark_and_report(tmp_path):
-    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install '.[bench]')")
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install '.[bench]')")
+def _run_smoke(tmp_path: Path, *args: str) -> tuple[dict, Path]:
+    """Run a benchmark file at the smoke tier; (its environment, its JSON)."""
     env = {**os.environ, "FASTATTR_BENCH_TIER": "smoke"}
     # This test session's conftest turns on the Triton interpreter without a GPU; the benchmarks
     # must see the machine as it is, and no developer's forced backend.
     for name in ("TRITON_INTERPRET", "FASTATTR_BACKEND"):
         env.pop(name, None)
     bench_json = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_contraction.py",
-         f"--benchmark-json={bench_json}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                          f"--benchmark-json={bench_json}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return env, bench_json
+
+
+def test_contraction_smoke_benchmark_and_report(tmp_path):
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install '.[bench]')")
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install '.[bench]')")
+    env, bench_json = _run_smoke(tmp_path, "benchmarks/bench_contraction.py")
 
     data = json.loads(bench_json.read_text())
     rows = [b["extra_info"] for b in data["benchmarks"]]
@@ -58,16 +62,7 @@ def test_engine_smoke_benchmark_reports_the_floor(tmp_path):
     puts every row of the case against it."""
     pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install '.[bench]')")
     pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install '.[bench]')")
-    env = {**os.environ, "FASTATTR_BENCH_TIER": "smoke"}
-    for name in ("TRITON_INTERPRET", "FASTATTR_BACKEND"):
-        env.pop(name, None)
-    bench_json = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_engine.py", "-k", "tiny-plt",
-         f"--benchmark-json={bench_json}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    env, bench_json = _run_smoke(tmp_path, "benchmarks/bench_engine.py", "-k", "tiny-plt")
     rows = [b["extra_info"] for b in json.loads(bench_json.read_text())["benchmarks"]]
     linear = [r for r in rows if r["impl"] == "linear"]
     assert len(linear) == 1
