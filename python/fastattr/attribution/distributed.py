@@ -118,8 +118,9 @@ class ShardedDenseRows:
     """Dense edge rows split by rows over the ranks: each rank holds only the rows it computed.
 
     Every rank allocates the one-process matrix (the wrapped DenseRows) but writes only its own
-    batches' rows into it; the other ranks' rows stay zero there until the end (``gather_rows``),
-    so nothing row-sized travels during attribution. The partial influences are circuit-tracer's
+    batches' rows into it; the other ranks' rows are never read there (the store does not fill
+    them) until they arrive at the end (``gather_rows``), so nothing row-sized travels during
+    attribution. The partial influences are circuit-tracer's
     power series with each term a mat-vec split by rows: a rank multiplies its own rows, and the
     partial vectors are all-gathered and summed in rank order, so every rank ranks the same
     features. Sums are ordered by rank, not as one process orders them: equal to one process to
