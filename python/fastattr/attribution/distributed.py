@@ -178,7 +178,12 @@ class ShardedDenseRows:
         mine = torch.nonzero(self.owner[:st] == self.ranks.rank).flatten().to(edges.device)
         # Row blocks small enough to stay in cache: one read of the rows here, one for the total.
         blocks = [mine[i : i + _ROW_BLOCK] for i in range(0, len(mine), _ROW_BLOCK)]
-        at_nodes, sums = self._node_columns(edges, mine, nodes, st)
+        at_nodes = torch.empty(len(mine), st, dtype=torch.float64, device=edges.device)
+        sums = torch.zeros(st, dtype=torch.float64, device=edges.device)
+        for i, rows in zip(range(0, len(mine), _ROW_BLOCK), blocks):
+            block = edges[rows].abs_()
+            sums[rows] = block.sum(1, dtype=torch.float64)
+            at_nodes[i : i + len(rows)] = block[:, nodes]
         row_abs_sum = self._combine(sums)  # each row is non-zero on one rank only: exact
         inv = 1.0 / row_abs_sum.float().clamp(min=_influence.PARTIAL_EPS).double()
         seed = torch.zeros(edges.shape[1], dtype=torch.float32, device=edges.device)
@@ -201,28 +206,6 @@ class ShardedDenseRows:
         for rows in blocks:
             total += total_coef[rows] @ edges[rows].abs_().double()
         return self._combine(total).float()
-
-    def _node_columns(self, edges: torch.Tensor, mine: torch.Tensor, nodes: torch.Tensor,
-                      st: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """|rows| at every row's node column (my rows x st) and the rows' |sums| (st,), kept across
-        updates: rows never change once written, so only the new rows and the old rows' entries
-        at the new nodes are read."""
-        cache = getattr(self, "_cache", None)
-        st0, n_mine0 = (cache[0], len(cache[1])) if cache is not None else (0, 0)
-        at_nodes = torch.empty(len(mine), st, dtype=torch.float64, device=edges.device)
-        sums = torch.zeros(st, dtype=torch.float64, device=edges.device)
-        if cache is not None:
-            at_nodes[:n_mine0, :st0] = cache[2]
-            sums[:st0] = cache[3]
-            if n_mine0 and st > st0:
-                at_nodes[:n_mine0, st0:] = edges[mine[:n_mine0, None], nodes[None, st0:]].abs()
-        for i in range(n_mine0, len(mine), _ROW_BLOCK):
-            rows = mine[i : i + _ROW_BLOCK]
-            block = edges[rows].abs_()
-            sums[rows] = block.sum(1, dtype=torch.float64)
-            at_nodes[i : i + len(rows)] = block[:, nodes]
-        self._cache = (st, mine, at_nodes, sums)
-        return at_nodes, sums
 
     def gather_rows(self, st: int, gather: str) -> bool:
         """Every rank's rows onto every rank (``"all"``) or rank 0 (``"rank0"``); whether this rank
