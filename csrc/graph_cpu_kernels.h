@@ -213,7 +213,7 @@ struct WeightedSumArgs {
 };
 
 template <bool Abs>
-inline __attribute__((always_inline)) float entry(float x) {
+inline __attribute__((always_inline)) float weighted_entry(float x) {
   return Abs ? std::fabs(x) : x;
 }
 
@@ -234,13 +234,14 @@ inline __attribute__((always_inline)) void weighted_sum_impl(const WeightedSumAr
       const float c0 = w.coef[q], c1 = w.coef[q + 1], c2 = w.coef[q + 2], c3 = w.coef[q + 3];
 #pragma omp simd
       for (std::int64_t j = 0; j < n; ++j)
-        f[j] += (c0 * entry<Abs>(r0[j]) + c1 * entry<Abs>(r1[j])) + (c2 * entry<Abs>(r2[j]) + c3 * entry<Abs>(r3[j]));
+        f[j] += (c0 * weighted_entry<Abs>(r0[j]) + c1 * weighted_entry<Abs>(r1[j])) +
+                (c2 * weighted_entry<Abs>(r2[j]) + c3 * weighted_entry<Abs>(r3[j]));
     }
     for (; q < q1; ++q) {
       const float* r = w.a + w.rows[q] * w.lda + w.j0;
       const float c = w.coef[q];
 #pragma omp simd
-      for (std::int64_t j = 0; j < n; ++j) f[j] += c * entry<Abs>(r[j]);
+      for (std::int64_t j = 0; j < n; ++j) f[j] += c * weighted_entry<Abs>(r[j]);
     }
 #pragma omp simd
     for (std::int64_t j = 0; j < n; ++j) w.acc[j] += (double)f[j];

@@ -547,9 +547,6 @@ def compute_edge_influence(
 _PARTIAL = _backends.op("compute_partial_influences")
 
 
-# The compiled kernels take float32, the dtype of circuit-tracer's edge matrix. Other dtypes (a
-# float64 default dtype makes circuit-tracer's edge matrix float64) run circuit-tracer's operations
-# in the matrix's dtype on the torch backend.
 class PartialInfluenceState:
     """What :func:`compute_partial_influences` keeps between calls on one edge matrix that only
     grows by rows, as attribution's does (rows are appended, never changed): each row's |sum| and
@@ -588,6 +585,9 @@ class PartialInfluenceState:
         self._matrix, self.rows = (e.data_ptr(), e.stride(0)), st
 
 
+# The compiled kernels take float32, the dtype of circuit-tracer's edge matrix. Other dtypes (a
+# float64 default dtype makes circuit-tracer's edge matrix float64) run circuit-tracer's operations
+# in the matrix's dtype on the torch backend.
 @_PARTIAL.register("cpu", dtypes=_F32)
 def _partial_cpu(e, logit_p, idx, *, max_iter, deterministic, state=None):
     e = _checks.row_major(e, "edge_matrix")
