@@ -1,14 +1,19 @@
-// CPU contraction: one task per (tile, batch chunk), a register-blocked dot-product micro-kernel.
+// CPU contraction: one task per (tile, batch chunk).
+//
+// fp32 work (float32 inputs and the half types, widened per task into scratch) runs an
+// outer-product micro-kernel on AVX-512 or AVX2: the chunk's grads rows are packed once into a
+// D x 32 panel, and each group of vectors broadcasts v[i][d] against panel row d, so every load
+// feeds several FMAs and no horizontal reductions are needed (the dot-product form is load bound
+// at ~15% of peak). float64, and CPUs without AVX2, keep the register-blocked dot-product kernel.
 //
 // Host memory lets us check every index before touching memory, so out-of-range tiles or rows are
-// reported as ValueError instead of corrupting the heap. Half-precision inputs are widened once
-// per task into a scratch buffer so the micro-kernel sees fp32; float64 runs the same micro-kernel
-// in fp64.
+// reported as ValueError instead of corrupting the heap.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -16,6 +21,11 @@
 
 #ifdef FASTATTR_WITH_OPENMP
 #include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTATTR_PANEL_KERNELS 1
+#include <immintrin.h>
 #endif
 
 namespace fastattr {
@@ -177,21 +187,35 @@ struct TaskRows {
 
   void stage(const ContractionArgs& a, std::int64_t s0, std::int64_t ns, std::int64_t b0, std::int64_t nb,
              std::int64_t p) {
-    const void* G = reinterpret_cast<const void*>(a.grads);
+    stage_vectors(a, s0, ns);
+    stage_grads(a, b0, nb, p);
+  }
+
+  void stage_vectors(const ContractionArgs& a, std::int64_t s0, std::int64_t ns) {
     const void* V = reinterpret_cast<const void*>(a.vectors);
     const std::int64_t D = a.D;
     vrows.resize(ns);
-    grows.resize(nb);
-    const bool widen = a.grads_dtype == kFloat16 || a.grads_dtype == kBFloat16;
     if constexpr (std::is_same_v<T, float>) {
-      if (widen) {
+      if (a.vectors_dtype == kFloat16 || a.vectors_dtype == kBFloat16) {
         vbuf.resize(ns * D);
-        gbuf.resize(nb * D);
         for (std::int64_t i = 0; i < ns; ++i) {
           for (std::int64_t d = 0; d < D; ++d)
             vbuf[i * D + d] = load_float(V, (s0 + i) * a.vectors_stride_s + d, a.vectors_dtype);
           vrows[i] = vbuf.data() + i * D;
         }
+        return;
+      }
+    }
+    for (std::int64_t i = 0; i < ns; ++i) vrows[i] = static_cast<const T*>(V) + (s0 + i) * a.vectors_stride_s;
+  }
+
+  void stage_grads(const ContractionArgs& a, std::int64_t b0, std::int64_t nb, std::int64_t p) {
+    const void* G = reinterpret_cast<const void*>(a.grads);
+    const std::int64_t D = a.D;
+    grows.resize(nb);
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.grads_dtype == kFloat16 || a.grads_dtype == kBFloat16) {
+        gbuf.resize(nb * D);
         for (std::int64_t j = 0; j < nb; ++j) {
           const std::int64_t base = (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
           for (std::int64_t d = 0; d < D; ++d) gbuf[j * D + d] = load_float(G, base + d, a.grads_dtype);
@@ -200,11 +224,200 @@ struct TaskRows {
         return;
       }
     }
-    for (std::int64_t i = 0; i < ns; ++i) vrows[i] = static_cast<const T*>(V) + (s0 + i) * a.vectors_stride_s;
     for (std::int64_t j = 0; j < nb; ++j)
       grows[j] = static_cast<const T*>(G) + (b0 + j) * a.grads_stride_b + p * a.grads_stride_p;
   }
 };
+
+// ------------------------------------------------------------------------------ fp32 panel kernels
+//
+// out[rows[s], b] for a group of NR vectors and C batch columns: C / width vector accumulators per
+// vector, stepped through d in order with one FMA each. Each output lane is thus
+// fma(v[D-1], g[D-1], ... fma(v[0], g[0], 0)): its order is fixed by D alone, the same in every row
+// of a group, every column of the panel, every tile and every thread, whatever the buffers'
+// alignment (the lanes run along batch columns, never along d). That is the determinism contract
+// of contract_cpu_impl; tails (fewer rows, fewer columns) run the same sequence on a zero-padded
+// panel, so a vector's sums do not depend on where its tile or chunk was cut either.
+
+// Batch columns per kernel call that every variant and both chunk widths divide into.
+constexpr int kPanelColumnStep = 16;
+static_assert(kBatchChunk % kPanelColumnStep == 0 && kOwnedChunk % kPanelColumnStep == 0,
+              "panel widths must be whole kernel column steps (no masked panel loads)");
+// AVX-512: 8 vectors x 32 columns = 16 zmm accumulators + 2 panel loads, and 8 broadcasts + 2
+// loads per 16 FMAs keeps the two FMA ports ahead of the two load ports.
+constexpr int kPanelRowsAvx512 = 8;
+static_assert(kCpuContractTileS % kPanelRowsAvx512 == 0, "full tiles must not leave an AVX-512 row tail");
+// AVX2: 6 vectors x 16 columns = 12 ymm accumulators + 2 panel rows + 1 broadcast of 16 registers.
+constexpr int kPanelRowsAvx2 = 6;
+constexpr int kPanelMaxRows = 8;
+static_assert(kPanelRowsAvx512 <= kPanelMaxRows && kPanelRowsAvx2 <= kPanelMaxRows, "acc scratch too small");
+
+// v: NR row pointers; panel: D rows of pw floats (64-byte aligned, this call's columns first);
+// acc: NR x C results, row-major.
+using PanelFn = void (*)(const float* const* v, const float* panel, std::int64_t pw, std::int64_t D, float* acc);
+
+#ifdef FASTATTR_PANEL_KERNELS
+template <int NR, int NV>
+__attribute__((target("avx512f,avx512vl,fma"))) void panel_kernel_avx512(const float* const* v, const float* panel,
+                                                                         std::int64_t pw, std::int64_t D,
+                                                                         float* acc) {
+  __m512 c[NR][NV];
+  const float* vr[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    vr[r] = v[r];
+#pragma GCC unroll 2
+    for (int k = 0; k < NV; ++k) c[r][k] = _mm512_setzero_ps();
+  }
+  for (std::int64_t d = 0; d < D; ++d) {
+    const float* g = panel + d * pw;
+    __m512 gv[NV];
+#pragma GCC unroll 2
+    for (int k = 0; k < NV; ++k) gv[k] = _mm512_load_ps(g + 16 * k);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m512 x = _mm512_set1_ps(vr[r][d]);
+#pragma GCC unroll 2
+      for (int k = 0; k < NV; ++k) c[r][k] = _mm512_fmadd_ps(x, gv[k], c[r][k]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 2
+    for (int k = 0; k < NV; ++k) _mm512_storeu_ps(acc + (r * NV + k) * 16, c[r][k]);
+}
+
+template <int NR>
+__attribute__((target("avx2,fma"))) void panel_kernel_avx2(const float* const* v, const float* panel,
+                                                          std::int64_t pw, std::int64_t D, float* acc) {
+  __m256 c[NR][2];
+  const float* vr[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    vr[r] = v[r];
+    c[r][0] = _mm256_setzero_ps();
+    c[r][1] = _mm256_setzero_ps();
+  }
+  for (std::int64_t d = 0; d < D; ++d) {
+    const float* g = panel + d * pw;
+    const __m256 g0 = _mm256_load_ps(g), g1 = _mm256_load_ps(g + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      const __m256 x = _mm256_broadcast_ss(vr[r] + d);
+      c[r][0] = _mm256_fmadd_ps(x, g0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(x, g1, c[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    _mm256_storeu_ps(acc + r * 16, c[r][0]);
+    _mm256_storeu_ps(acc + r * 16 + 8, c[r][1]);
+  }
+}
+#endif
+
+// The panel kernels this CPU runs: rows 0 when it has neither AVX-512 nor AVX2 (then the
+// dot-product kernel serves fp32 too). wide[nr] take 32 columns (AVX-512 only), narrow[nr] 16.
+struct PanelKernels {
+  int rows = 0;
+  PanelFn wide[kPanelMaxRows + 1] = {};
+  PanelFn narrow[kPanelMaxRows + 1] = {};
+};
+
+#ifdef FASTATTR_PANEL_KERNELS
+template <int... NR>
+void fill_avx512(PanelKernels& k, std::integer_sequence<int, NR...>) {
+  ((k.wide[NR + 1] = panel_kernel_avx512<NR + 1, 2>), ...);
+  ((k.narrow[NR + 1] = panel_kernel_avx512<NR + 1, 1>), ...);
+}
+template <int... NR>
+void fill_avx2(PanelKernels& k, std::integer_sequence<int, NR...>) {
+  ((k.narrow[NR + 1] = panel_kernel_avx2<NR + 1>), ...);
+}
+#endif
+
+PanelKernels pick_panel_kernels() {
+  PanelKernels k;
+#ifdef FASTATTR_PANEL_KERNELS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    k.rows = kPanelRowsAvx512;
+    fill_avx512(k, std::make_integer_sequence<int, kPanelRowsAvx512>{});
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    k.rows = kPanelRowsAvx2;
+    fill_avx2(k, std::make_integer_sequence<int, kPanelRowsAvx2>{});
+  }
+#endif
+  return k;
+}
+
+// A thread's packed grads panel: panel[d * pw + j] = grads[b0 + j, p, d], zero for j >= nb. Kept
+// across the thread's tasks, so consecutive tiles of one position and chunk pack it once.
+struct Panel {
+  std::vector<float> storage;
+  float* data = nullptr;
+  std::int64_t p = -1, b0 = -1, nb = -1, pw = -1;
+
+  const float* pack(const ContractionArgs& a, std::int64_t p_, std::int64_t b0_, std::int64_t nb_, std::int64_t pw_) {
+    if (p_ == p && b0_ == b0 && nb_ == nb && pw_ == pw) return data;
+    const std::int64_t D = a.D;
+    // 64-byte aligned rows (pw is a multiple of 16), so the kernels' panel loads never split lines.
+    storage.resize(static_cast<std::size_t>(D * pw_ + 16));
+    data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(storage.data()) + 63) & ~std::uintptr_t(63));
+    const void* G = reinterpret_cast<const void*>(a.grads);
+    for (std::int64_t j = 0; j < nb_; ++j) {
+      const std::int64_t base = (b0_ + j) * a.grads_stride_b + p_ * a.grads_stride_p;
+      if (a.grads_dtype == kFloat32) {
+        const float* g = static_cast<const float*>(G) + base;
+        for (std::int64_t d = 0; d < D; ++d) data[d * pw_ + j] = g[d];
+      } else {
+        for (std::int64_t d = 0; d < D; ++d) data[d * pw_ + j] = load_float(G, base + d, a.grads_dtype);
+      }
+    }
+    for (std::int64_t d = 0; d < D; ++d)
+      for (std::int64_t j = nb_; j < pw_; ++j) data[d * pw_ + j] = 0.0f;
+    p = p_, b0 = b0_, nb = nb_, pw = pw_;
+    return data;
+  }
+};
+
+// out[rows[s0 + i], b0 + j] += vrows[i] . grads[b0 + j] for a task's ns x nb block, from its panel.
+void accumulate_block_panel(const ContractionArgs& a, const PanelKernels& k, const float* const* vrows,
+                            std::int64_t ns, const float* panel, std::int64_t pw, std::int64_t s0, std::int64_t b0,
+                            std::int64_t nb, bool atomic) {
+  const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
+  void* out = reinterpret_cast<void*>(a.out);
+  const bool wide = k.wide[1] != nullptr && pw % (2 * kPanelColumnStep) == 0;
+  const int cols = wide ? 2 * kPanelColumnStep : kPanelColumnStep;
+  const PanelFn* fns = wide ? k.wide : k.narrow;
+  // Plain fp32 adds skip accumulate()'s dtype switch: the write-back is a scattered RMW per result.
+  const bool plain = a.out_dtype == kFloat32 && !atomic;
+  alignas(64) float acc[kPanelMaxRows * 2 * kPanelColumnStep];
+  // Columns outer: the AVX2 kernel's 16-column half of the panel stays in L1 across all rows.
+  for (std::int64_t c0 = 0; c0 < nb; c0 += cols) {
+    const std::int64_t nc = std::min<std::int64_t>(cols, nb - c0);
+    for (std::int64_t i = 0; i < ns; i += k.rows) {
+      const int nr = static_cast<int>(std::min<std::int64_t>(k.rows, ns - i));
+      fns[nr](vrows + i, panel + c0, pw, a.D, acc);
+      for (int r = 0; r < nr; ++r) {
+        const std::int64_t base = rows[s0 + i + r] * a.out_stride_r + (b0 + c0) * a.out_stride_b;
+        const float* src = acc + r * cols;
+        if (plain) {
+          float* o = static_cast<float*>(out) + base;
+          const std::int64_t sb = a.out_stride_b;
+          if (sb == 1) {
+            for (std::int64_t c = 0; c < nc; ++c) o[c] += src[c];
+          } else {
+            for (std::int64_t c = 0; c < nc; ++c) o[c * sb] += src[c];
+          }
+        } else {
+          for (std::int64_t c = 0; c < nc; ++c)
+            accumulate(out, base + c * a.out_stride_b, a.out_dtype, src[c], atomic);
+        }
+      }
+    }
+  }
+}
 
 // out[rows[s0 + i], b0 + j] += vrows[i] . grows[j] for the task's ns x nb block, 4 x 2 at a time.
 template <typename T>
@@ -229,25 +442,49 @@ void accumulate_block(const ContractionArgs& a, MicroKernel<T> kernel, const Tas
   }
 }
 
+// One task: the ns vectors from s0 (one tile, at position p) against batch columns [b0, b0 + nb),
+// packed pw wide on the panel path.
+template <typename T>
+struct TaskRunner {
+  const ContractionArgs& a;
+  MicroKernel<T> kernel;
+  const PanelKernels* panel_kernels;  // null: the dot-product kernel
+  TaskRows<T> task_rows;
+  Panel panel;
+
+  void run(std::int64_t s0, std::int64_t ns, std::int64_t p, std::int64_t b0, std::int64_t nb, std::int64_t pw,
+           bool atomic) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (panel_kernels != nullptr) {
+        task_rows.stage_vectors(a, s0, ns);
+        const float* packed = panel.pack(a, p, b0, nb, pw);
+        accumulate_block_panel(a, *panel_kernels, task_rows.vrows.data(), ns, packed, pw, s0, b0, nb, atomic);
+        return;
+      }
+    }
+    task_rows.stage(a, s0, ns, b0, nb, p);
+    accumulate_block<T>(a, kernel, task_rows, s0, b0, atomic);
+  }
+};
+
 // Repeated rows, deterministic: each task owns a chunk of batch columns and walks every tile in
 // order, so each out element takes its adds from one thread in tile order, without atomics.
 template <typename T>
-void contract_columns_owned(const ContractionArgs& a, MicroKernel<T> kernel) {
+void contract_columns_owned(const ContractionArgs& a, MicroKernel<T> kernel, const PanelKernels* panel_kernels) {
   const auto* tp = reinterpret_cast<const std::int32_t*>(a.tile_pos);
   const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
   const auto* te = reinterpret_cast<const std::int32_t*>(a.tile_end);
   const std::int64_t n_chunks = (a.B + kOwnedChunk - 1) / kOwnedChunk;
 #pragma omp parallel if (n_chunks > 1)
   {
-    TaskRows<T> task_rows;
+    TaskRunner<T> runner{a, kernel, panel_kernels};
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       const std::int64_t b0 = chunk * kOwnedChunk;
       const std::int64_t b1 = std::min(a.B, b0 + kOwnedChunk);
       for (std::int64_t t = 0; t < a.n_tiles; ++t) {
         if (te[t] == ts[t]) continue;
-        task_rows.stage(a, ts[t], te[t] - ts[t], b0, b1 - b0, tp[t]);
-        accumulate_block<T>(a, kernel, task_rows, ts[t], b0, /*atomic=*/false);
+        runner.run(ts[t], te[t] - ts[t], tp[t], b0, b1 - b0, kOwnedChunk, /*atomic=*/false);
       }
     }
   }
@@ -257,17 +494,24 @@ void contract_columns_owned(const ContractionArgs& a, MicroKernel<T> kernel) {
 //
 // Run to run identical without atomics: every out element (row, b) belongs to one vector, so to one
 // tile and one task (tile x batch chunk), and is updated once, with a dot product whose order is
-// fixed by D alone (the micro-kernel's SIMD lanes take d mod width with unaligned loads, no
-// alignment peeling; tests/test_deterministic.py checks shifted buffers). The OpenMP schedule
+// fixed by D alone: the panel kernels step each output lane through d in order (see their
+// comment); the dot-product kernel's SIMD lanes take d mod width with unaligned loads, no alignment
+// peeling. tests/attribution/test_deterministic.py checks shifted buffers. The OpenMP schedule
 // decides which thread computes a value, never the order of a sum. With atomics (repeated rows)
 // the adds to one element arrive in scheduling order, unless ``deterministic`` has the tasks own
 // batch columns instead (contract_columns_owned). Repeated rows into a half-precision buffer run
-// the tasks in order, deterministic either way.
+// the tasks in order, deterministic either way (an element's adds come from one chunk's tasks,
+// which run in tile order).
 template <typename T>
 void contract_cpu_impl(const ContractionArgs& a, bool deterministic) {
   static const MicroKernel<T> kernel = pick_micro_kernel<T>();
+  const PanelKernels* panel_kernels = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    static const PanelKernels picked = pick_panel_kernels();
+    if (picked.rows > 0) panel_kernels = &picked;
+  }
   if (a.atomic && deterministic) {
-    contract_columns_owned<T>(a, kernel);
+    contract_columns_owned<T>(a, kernel, panel_kernels);
     return;
   }
 
@@ -281,15 +525,16 @@ void contract_cpu_impl(const ContractionArgs& a, bool deterministic) {
 
 #pragma omp parallel if (!serial && n_tasks > 1)
   {
-    TaskRows<T> task_rows;
+    TaskRunner<T> runner{a, kernel, panel_kernels};
+    // Chunk-major: a thread's consecutive tasks are mostly tiles of one position in one chunk, which
+    // reuse its packed panel.
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t task = 0; task < n_tasks; ++task) {
-      const std::int64_t t = task / n_chunks;
-      const std::int64_t b0 = (task % n_chunks) * kBatchChunk;
+      const std::int64_t t = task % a.n_tiles;
+      const std::int64_t b0 = (task / a.n_tiles) * kBatchChunk;
       const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
       if (te[t] == ts[t]) continue;
-      task_rows.stage(a, ts[t], te[t] - ts[t], b0, b1 - b0, tp[t]);
-      accumulate_block<T>(a, kernel, task_rows, ts[t], b0, a.atomic);
+      runner.run(ts[t], te[t] - ts[t], tp[t], b0, b1 - b0, kBatchChunk, a.atomic);
     }
   }
 }
