@@ -316,10 +316,87 @@ __attribute__((target("avx2,fma"))) void panel_kernel_avx2(const float* const* v
 }
 #endif
 
+#ifdef FASTATTR_PANEL_KERNELS
+// Up to 16 elements of a float32/float16/bfloat16 row widened to fp32, zero past n. Exact
+// conversions, like load_float (a signalling NaN comes out quiet, as the first FMA would make it).
+__attribute__((target("avx512f,avx512vl,fma"))) inline __m512 load_widened16(const void* base, std::int64_t i,
+                                                                             int dtype, int n) {
+  if (dtype == kFloat32) {
+    const __mmask16 m = static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
+  }
+  alignas(32) std::uint16_t h[16] = {};
+  std::memcpy(h, static_cast<const std::uint16_t*>(base) + i, static_cast<std::size_t>(n) * 2);
+  const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(h));
+  if (dtype == kFloat16) return _mm512_cvtph_ps(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+// In-register 16 x 16 transpose: r[i] lane j becomes r[j] lane i.
+__attribute__((target("avx512f,avx512vl,fma"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane k: a[4k], b[4k], a[4k+1], b[4k+1] / a[4k+2] ...
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // r[4q + m] lane k: column 4k + m of rows 4q .. 4q + 3
+    const __m512d t0 = _mm512_castps_pd(t[4 * q]), t1 = _mm512_castps_pd(t[4 * q + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * q + 2]), t3 = _mm512_castps_pd(t[4 * q + 3]);
+    r[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  __m512 o[16];
+  for (int m = 0; m < 4; ++m) {  // a 4 x 4 transpose of 128-bit lanes across the four row quads
+    const __m512 u0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), u1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    o[m] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    o[4 + m] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    o[8 + m] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    o[12 + m] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = o[i];
+}
+
+// Panel packing in 16 x 16 blocks: a scalar transpose costs about as much as the FMAs of a
+// position's single tile (one store per element).
+__attribute__((target("avx512f,avx512vl,fma"))) void pack_panel_avx512(const ContractionArgs& a, std::int64_t p,
+                                                                       std::int64_t b0, std::int64_t nb,
+                                                                       std::int64_t pw, float* panel) {
+  const void* G = reinterpret_cast<const void*>(a.grads);
+  const std::int64_t D = a.D;
+  for (std::int64_t j0 = 0; j0 < pw; j0 += 16) {
+    for (std::int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int nd = static_cast<int>(std::min<std::int64_t>(16, D - d0));
+      __m512 r[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        const std::int64_t j = j0 + jj;
+        r[jj] = j < nb ? load_widened16(G, (b0 + j) * a.grads_stride_b + p * a.grads_stride_p + d0, a.grads_dtype, nd)
+                       : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int dd = 0; dd < nd; ++dd) _mm512_store_ps(panel + (d0 + dd) * pw + j0, r[dd]);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512vl,fma"))) void widen_row_avx512(const void* src, std::int64_t i0, int dtype,
+                                                                      std::int64_t n, float* dst) {
+  for (std::int64_t d = 0; d < n; d += 16) {
+    const int nd = static_cast<int>(std::min<std::int64_t>(16, n - d));
+    const __mmask16 m = static_cast<__mmask16>(nd >= 16 ? 0xffffu : (1u << nd) - 1u);
+    _mm512_mask_storeu_ps(dst + d, m, load_widened16(src, i0 + d, dtype, nd));
+  }
+}
+#endif
+
 // The panel kernels this CPU runs: rows 0 when it has neither AVX-512 nor AVX2 (then the
 // dot-product kernel serves fp32 too). wide[nr] take 32 columns (AVX-512 only), narrow[nr] 16.
 struct PanelKernels {
   int rows = 0;
+  bool avx512 = false;  // pack and widen with AVX-512 too
   PanelFn wide[kPanelMaxRows + 1] = {};
   PanelFn narrow[kPanelMaxRows + 1] = {};
 };
@@ -342,6 +419,7 @@ PanelKernels pick_panel_kernels() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
     k.rows = kPanelRowsAvx512;
+    k.avx512 = true;
     fill_avx512(k, std::make_integer_sequence<int, kPanelRowsAvx512>{});
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     k.rows = kPanelRowsAvx2;
@@ -358,12 +436,20 @@ struct Panel {
   float* data = nullptr;
   std::int64_t p = -1, b0 = -1, nb = -1, pw = -1;
 
-  const float* pack(const ContractionArgs& a, std::int64_t p_, std::int64_t b0_, std::int64_t nb_, std::int64_t pw_) {
+  const float* pack(const ContractionArgs& a, const PanelKernels& k, std::int64_t p_, std::int64_t b0_,
+                    std::int64_t nb_, std::int64_t pw_) {
     if (p_ == p && b0_ == b0 && nb_ == nb && pw_ == pw) return data;
     const std::int64_t D = a.D;
     // 64-byte aligned rows (pw is a multiple of 16), so the kernels' panel loads never split lines.
     storage.resize(static_cast<std::size_t>(D * pw_ + 16));
     data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(storage.data()) + 63) & ~std::uintptr_t(63));
+    p = p_, b0 = b0_, nb = nb_, pw = pw_;
+#ifdef FASTATTR_PANEL_KERNELS
+    if (k.avx512) {
+      pack_panel_avx512(a, p, b0, nb, pw, data);
+      return data;
+    }
+#endif
     const void* G = reinterpret_cast<const void*>(a.grads);
     for (std::int64_t j = 0; j < nb_; ++j) {
       const std::int64_t base = (b0_ + j) * a.grads_stride_b + p_ * a.grads_stride_p;
@@ -376,7 +462,6 @@ struct Panel {
     }
     for (std::int64_t d = 0; d < D; ++d)
       for (std::int64_t j = nb_; j < pw_; ++j) data[d * pw_ + j] = 0.0f;
-    p = p_, b0 = b0_, nb = nb_, pw = pw_;
     return data;
   }
 };
@@ -392,12 +477,25 @@ void accumulate_block_panel(const ContractionArgs& a, const PanelKernels& k, con
   const PanelFn* fns = wide ? k.wide : k.narrow;
   // Plain fp32 adds skip accumulate()'s dtype switch: the write-back is a scattered RMW per result.
   const bool plain = a.out_dtype == kFloat32 && !atomic;
+  const std::int64_t out_size = a.out_dtype == kFloat32 ? 4 : 2;
   alignas(64) float acc[kPanelMaxRows * 2 * kPanelColumnStep];
   // Columns outer: the AVX2 kernel's 16-column half of the panel stays in L1 across all rows.
   for (std::int64_t c0 = 0; c0 < nb; c0 += cols) {
     const std::int64_t nc = std::min<std::int64_t>(cols, nb - c0);
     for (std::int64_t i = 0; i < ns; i += k.rows) {
       const int nr = static_cast<int>(std::min<std::int64_t>(k.rows, ns - i));
+      // The group's out elements are scattered (rows in any order, columns out_stride_b apart):
+      // fetching them now overlaps the misses with the kernel's D steps.
+      for (int r = 0; r < nr; ++r) {
+        const char* o = static_cast<const char*>(out) +
+                        (rows[s0 + i + r] * a.out_stride_r + (b0 + c0) * a.out_stride_b) * out_size;
+        if (a.out_stride_b == 1) {
+          __builtin_prefetch(o, 1, 2);
+          __builtin_prefetch(o + (nc - 1) * out_size, 1, 2);
+        } else {
+          for (std::int64_t c = 0; c < nc; ++c) __builtin_prefetch(o + c * a.out_stride_b * out_size, 1, 2);
+        }
+      }
       fns[nr](vrows + i, panel + c0, pw, a.D, acc);
       for (int r = 0; r < nr; ++r) {
         const std::int64_t base = rows[s0 + i + r] * a.out_stride_r + (b0 + c0) * a.out_stride_b;
@@ -456,8 +554,23 @@ struct TaskRunner {
            bool atomic) {
     if constexpr (std::is_same_v<T, float>) {
       if (panel_kernels != nullptr) {
+#ifdef FASTATTR_PANEL_KERNELS
+        if (panel_kernels->avx512 && (a.vectors_dtype == kFloat16 || a.vectors_dtype == kBFloat16)) {
+          task_rows.vbuf.resize(ns * a.D);
+          task_rows.vrows.resize(ns);
+          const void* V = reinterpret_cast<const void*>(a.vectors);
+          for (std::int64_t i = 0; i < ns; ++i) {
+            float* row = task_rows.vbuf.data() + i * a.D;
+            widen_row_avx512(V, (s0 + i) * a.vectors_stride_s, a.vectors_dtype, a.D, row);
+            task_rows.vrows[i] = row;
+          }
+        } else {
+          task_rows.stage_vectors(a, s0, ns);
+        }
+#else
         task_rows.stage_vectors(a, s0, ns);
-        const float* packed = panel.pack(a, p, b0, nb, pw);
+#endif
+        const float* packed = panel.pack(a, *panel_kernels, p, b0, nb, pw);
         accumulate_block_panel(a, *panel_kernels, task_rows.vrows.data(), ns, packed, pw, s0, b0, nb, atomic);
         return;
       }
@@ -519,22 +632,42 @@ void contract_cpu_impl(const ContractionArgs& a, bool deterministic) {
   const auto* ts = reinterpret_cast<const std::int32_t*>(a.tile_start);
   const auto* te = reinterpret_cast<const std::int32_t*>(a.tile_end);
   const std::int64_t n_chunks = (a.B + kBatchChunk - 1) / kBatchChunk;
-  const std::int64_t n_tasks = a.n_tiles * n_chunks;
-  // Repeated rows race between tasks; fp32 uses atomic adds, half outputs run the tasks in order.
+#ifdef FASTATTR_WITH_OPENMP
+  const std::int64_t n_threads = omp_get_max_threads();
+#else
+  const std::int64_t n_threads = 1;
+#endif
+  // Tasks are runs of consecutive tiles at one position, walked chunk by chunk: each chunk's grads
+  // are packed (or loaded) once per run, and the run's vectors stay in L2 across its chunks. Runs
+  // are capped so that every thread gets several, and split by chunk when there are still too few.
+  const std::int64_t cap = std::max<std::int64_t>(1, a.n_tiles / (8 * n_threads));
+  std::vector<std::int64_t> run_first;
+  for (std::int64_t t = 0; t < a.n_tiles; ++t)
+    if (t == 0 || tp[t] != tp[t - 1] || t - run_first.back() == cap) run_first.push_back(t);
+  const std::int64_t n_runs = static_cast<std::int64_t>(run_first.size());
+  run_first.push_back(a.n_tiles);
+  const std::int64_t chunks_per_task = n_runs >= 4 * n_threads ? n_chunks : 1;
+  const std::int64_t tasks_per_run = n_chunks / chunks_per_task;
+  const std::int64_t n_tasks = n_runs * tasks_per_run;
+  // Repeated rows race between tasks; fp32 uses atomic adds, half outputs run the tasks in order
+  // (an element's adds then come in tile order: its chunk's tasks are in tile order).
   const bool serial = a.atomic && (a.out_dtype == kFloat16 || a.out_dtype == kBFloat16);
 
 #pragma omp parallel if (!serial && n_tasks > 1)
   {
     TaskRunner<T> runner{a, kernel, panel_kernels};
-    // Chunk-major: a thread's consecutive tasks are mostly tiles of one position in one chunk, which
-    // reuse its packed panel.
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t task = 0; task < n_tasks; ++task) {
-      const std::int64_t t = task % a.n_tiles;
-      const std::int64_t b0 = (task / a.n_tiles) * kBatchChunk;
-      const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
-      if (te[t] == ts[t]) continue;
-      runner.run(ts[t], te[t] - ts[t], tp[t], b0, b1 - b0, kBatchChunk, a.atomic);
+      const std::int64_t run = task / tasks_per_run;
+      const std::int64_t c_lo = (task % tasks_per_run) * chunks_per_task;
+      for (std::int64_t chunk = c_lo; chunk < c_lo + chunks_per_task; ++chunk) {
+        const std::int64_t b0 = chunk * kBatchChunk;
+        const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
+        for (std::int64_t t = run_first[run]; t < run_first[run + 1]; ++t) {
+          if (te[t] == ts[t]) continue;
+          runner.run(ts[t], te[t] - ts[t], tp[t], b0, b1 - b0, kBatchChunk, a.atomic);
+        }
+      }
     }
   }
 }
