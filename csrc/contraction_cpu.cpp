@@ -392,6 +392,24 @@ __attribute__((target("avx512f,avx512vl,fma"))) void widen_row_avx512(const void
 }
 #endif
 
+#ifdef FASTATTR_PANEL_KERNELS
+// out[r + c * sb] += acc[r * cols + c] for r < nr, c < nc: the write-back of a group whose rows
+// are one run, one masked 8-wide add per column instead of nr scalar ones (the same single
+// rounding per element as the scalar add).
+__attribute__((target("avx512f,avx512vl,fma"))) void add_columns_avx512(float* out, std::int64_t sb,
+                                                                       const float* acc, int cols, int nr,
+                                                                       std::int64_t nc) {
+  static_assert(kPanelMaxRows <= 8, "one 8-lane vector per column");
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(cols));
+  const __mmask8 m = static_cast<__mmask8>((1u << nr) - 1u);
+  for (std::int64_t c = 0; c < nc; ++c) {
+    const __m256 v = _mm256_mmask_i32gather_ps(_mm256_setzero_ps(), m, idx, acc + c, 4);
+    float* o = out + c * sb;
+    _mm256_mask_storeu_ps(o, m, _mm256_add_ps(_mm256_maskz_loadu_ps(m, o), v));
+  }
+}
+#endif
+
 // The panel kernels this CPU runs: rows 0 when it has neither AVX-512 nor AVX2 (then the
 // dot-product kernel serves fp32 too). wide[nr] take 32 columns (AVX-512 only), narrow[nr] 16.
 struct PanelKernels {
@@ -484,19 +502,39 @@ void accumulate_block_panel(const ContractionArgs& a, const PanelKernels& k, con
     const std::int64_t nc = std::min<std::int64_t>(cols, nb - c0);
     for (std::int64_t i = 0; i < ns; i += k.rows) {
       const int nr = static_cast<int>(std::min<std::int64_t>(k.rows, ns - i));
+      const std::int64_t row0 = rows[s0 + i];
+      // The engine numbers a position's features consecutively, so a group's rows are usually
+      // one run: with out_stride_r 1 each column's nr results then share a cache line.
+      bool run = a.out_stride_r == 1;
+      for (int r = 1; r < nr && run; ++r) run = rows[s0 + i + r] == row0 + r;
       // The group's out elements are scattered (rows in any order, columns out_stride_b apart):
       // fetching them now overlaps the misses with the kernel's D steps.
-      for (int r = 0; r < nr; ++r) {
-        const char* o = static_cast<const char*>(out) +
-                        (rows[s0 + i + r] * a.out_stride_r + (b0 + c0) * a.out_stride_b) * out_size;
-        if (a.out_stride_b == 1) {
-          __builtin_prefetch(o, 1, 2);
-          __builtin_prefetch(o + (nc - 1) * out_size, 1, 2);
-        } else {
-          for (std::int64_t c = 0; c < nc; ++c) __builtin_prefetch(o + c * a.out_stride_b * out_size, 1, 2);
+      if (run && a.out_stride_b != 1) {
+        const char* o = static_cast<const char*>(out) + (row0 + (b0 + c0) * a.out_stride_b) * out_size;
+        for (std::int64_t c = 0; c < nc; ++c) {
+          __builtin_prefetch(o + c * a.out_stride_b * out_size, 1, 2);
+          __builtin_prefetch(o + (c * a.out_stride_b + nr - 1) * out_size, 1, 2);
+        }
+      } else {
+        for (int r = 0; r < nr; ++r) {
+          const char* o = static_cast<const char*>(out) +
+                          (rows[s0 + i + r] * a.out_stride_r + (b0 + c0) * a.out_stride_b) * out_size;
+          if (a.out_stride_b == 1) {
+            __builtin_prefetch(o, 1, 2);
+            __builtin_prefetch(o + (nc - 1) * out_size, 1, 2);
+          } else {
+            for (std::int64_t c = 0; c < nc; ++c) __builtin_prefetch(o + c * a.out_stride_b * out_size, 1, 2);
+          }
         }
       }
       fns[nr](vrows + i, panel + c0, pw, a.D, acc);
+#ifdef FASTATTR_PANEL_KERNELS
+      if (plain && run && k.avx512 && a.out_stride_b != 1) {
+        add_columns_avx512(static_cast<float*>(out) + row0 + (b0 + c0) * a.out_stride_b, a.out_stride_b, acc, cols, nr,
+                           nc);
+        continue;
+      }
+#endif
       for (int r = 0; r < nr; ++r) {
         const std::int64_t base = rows[s0 + i + r] * a.out_stride_r + (b0 + c0) * a.out_stride_b;
         const float* src = acc + r * cols;
