@@ -46,8 +46,9 @@ struct ContractionArgs {
 void validate_contraction_args(const ContractionArgs& a);
 
 // Tile height of the CPU kernel (exported as _C.contract_cpu_tile_s; the Python plan cuts its tiles
-// with it). One tile and a chunk of batch columns are one OpenMP task: 64 rows amortise widening
-// a grads slice over enough dot products and leave many tasks for the threads.
+// with it): whole row groups of the fp32 panel kernel (static_assert in contraction_cpu.cpp), and
+// small enough that a position's tiles give the threads several tasks. The OpenMP tasks are runs
+// of one position's tiles, so a packed grads panel serves the whole run whatever the height.
 constexpr int kCpuContractTileS = 64;
 // ``deterministic``: with repeated rows (a.atomic), threads own batch columns and add in tile
 // order instead of using atomics: run-to-run identical, in one launch.

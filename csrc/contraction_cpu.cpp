@@ -1,4 +1,4 @@
-// CPU contraction: one task per (tile, batch chunk).
+// CPU contraction: OpenMP tasks are runs of a position's tiles (by batch chunk when runs are few).
 //
 // fp32 work (float32 inputs and the half types, widened per task into scratch) runs an
 // outer-product micro-kernel on AVX-512 or AVX2: the chunk's grads rows are packed once into a
@@ -644,7 +644,7 @@ void contract_columns_owned(const ContractionArgs& a, MicroKernel<T> kernel, con
 // T: float (float32, and half types widened to it per task) or double (float64).
 //
 // Run to run identical without atomics: every out element (row, b) belongs to one vector, so to one
-// tile and one task (tile x batch chunk), and is updated once, with a dot product whose order is
+// tile and one task (a run of tiles, for the chunk holding b), and is updated once, with a dot product whose order is
 // fixed by D alone: the panel kernels step each output lane through d in order (see their
 // comment); the dot-product kernel's SIMD lanes take d mod width with unaligned loads, no alignment
 // peeling. tests/attribution/test_deterministic.py checks shifted buffers. The OpenMP schedule
