@@ -490,15 +490,18 @@ void accumulate_block_panel(const ContractionArgs& a, const PanelKernels& k, con
                             std::int64_t nb, bool atomic) {
   const auto* rows = reinterpret_cast<const std::int32_t*>(a.rows);
   void* out = reinterpret_cast<void*>(a.out);
-  const bool wide = k.wide[1] != nullptr && pw % (2 * kPanelColumnStep) == 0;
-  const int cols = wide ? 2 * kPanelColumnStep : kPanelColumnStep;
-  const PanelFn* fns = wide ? k.wide : k.narrow;
+  const bool wide_panel = k.wide[1] != nullptr && pw % (2 * kPanelColumnStep) == 0;
   // Plain fp32 adds skip accumulate()'s dtype switch: the write-back is a scattered RMW per result.
   const bool plain = a.out_dtype == kFloat32 && !atomic;
   const std::int64_t out_size = a.out_dtype == kFloat32 ? 4 : 2;
   alignas(64) float acc[kPanelMaxRows * 2 * kPanelColumnStep];
   // Columns outer: the AVX2 kernel's 16-column half of the panel stays in L1 across all rows.
-  for (std::int64_t c0 = 0; c0 < nb; c0 += cols) {
+  for (std::int64_t c0 = 0, cols; c0 < nb; c0 += cols) {
+    // A tail of at most 16 columns takes the narrow kernel: half the FMAs of a padded wide call,
+    // and the same bits (each lane's FMA chain is the same in both).
+    const bool wide = wide_panel && nb - c0 > kPanelColumnStep;
+    cols = wide ? 2 * kPanelColumnStep : kPanelColumnStep;
+    const PanelFn* fns = wide ? k.wide : k.narrow;
     const std::int64_t nc = std::min<std::int64_t>(cols, nb - c0);
     for (std::int64_t i = 0; i < ns; i += k.rows) {
       const int nr = static_cast<int>(std::min<std::int64_t>(k.rows, ns - i));
@@ -530,8 +533,8 @@ void accumulate_block_panel(const ContractionArgs& a, const PanelKernels& k, con
       fns[nr](vrows + i, panel + c0, pw, a.D, acc);
 #ifdef FASTATTR_PANEL_KERNELS
       if (plain && run && k.avx512 && a.out_stride_b != 1) {
-        add_columns_avx512(static_cast<float*>(out) + row0 + (b0 + c0) * a.out_stride_b, a.out_stride_b, acc, cols, nr,
-                           nc);
+        add_columns_avx512(static_cast<float*>(out) + row0 + (b0 + c0) * a.out_stride_b, a.out_stride_b, acc,
+                           static_cast<int>(cols), nr, nc);
         continue;
       }
 #endif
