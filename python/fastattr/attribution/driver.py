@@ -332,14 +332,28 @@ class _RowWriter:
         self._commit(nodes, layers, features)
 
 
+def _shares(run: _Run, store: RowStore, items: torch.Tensor) -> list[tuple[int | None, torch.Tensor]]:
+    """Who computes which of a phase's ``items`` (in position order): (owner, items) pairs, the
+    owner None where the phase's batches are dealt round-robin (or there are no ranks)."""
+    if run.ranks is None or not isinstance(store, _distributed.ShardedDenseRows):
+        return [(None, items)]
+    # Rows go to the rank that computes them, in any order: each rank takes every R-th item, so
+    # every share covers the same position prefixes (the linear engine's cost grows with them)
+    # and the ranks finish together.
+    return [(r, items[r :: run.ranks.size]) for r in range(run.ranks.size)]
+
+
 def _logit_rows(run: _Run, s: _Setup, writer: _RowWriter, batch_size: int) -> None:
     t = time.perf_counter()
     batches = []
-    for i in range(0, s.n_logits, batch_size):
-        vecs = s.targets.logit_vectors[i : i + batch_size]
-        n = vecs.shape[0]
-        batches.append(dict(nodes=torch.arange(i, i + n) + s.logit_offset, layers=torch.full((n,), s.n_layers),
-                            positions=torch.full((n,), s.n_pos - 1), values=vecs))  # fmt: skip
+    for owner, share in _shares(run, writer.store, torch.arange(s.n_logits)):
+        for i in range(0, len(share), batch_size):
+            idx = share[i : i + batch_size]
+            n = len(idx)
+            batches.append(dict(nodes=idx + s.logit_offset, layers=torch.full((n,), s.n_layers),
+                                positions=torch.full((n,), s.n_pos - 1), values=s.targets.logit_vectors[idx]))  # fmt: skip
+            if owner is not None:
+                batches[-1]["owner"] = owner
     writer.phase(batches)
     run.timings["logits"] = time.perf_counter() - t
 
@@ -385,17 +399,9 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
         batches = []
         # The queue is circuit-tracer's (update_interval batches); how it is cut into engine runs is not.
         step = s.rows.rows_per_write(batch_size, 4 * s.total_nodes)
-        sharded = isinstance(store, _distributed.ShardedDenseRows)
-        if run.ranks is None:
-            shares = [(None, pending)]
-        elif sharded:
-            # Rows go to the rank that computes them, in any order: each rank takes every R-th
-            # feature by position, so every share covers the same position prefixes (the linear
-            # engine's cost grows with them) and the ranks finish together.
-            shares = [(r, pending[r :: run.ranks.size]) for r in range(run.ranks.size)]
-        else:  # one-process batches dealt round-robin; every rank gets a share of the queue
+        shares = _shares(run, store, pending)
+        if run.ranks is not None and shares[0][0] is None:  # batches dealt round-robin: one for every rank
             step = max(batch_size, min(step, -(-len(pending) // run.ranks.size)))
-            shares = [(None, pending)]
         for owner, share in shares:
             for i in range(0, len(share), step):
                 idx = share[i : i + step]
