@@ -111,6 +111,7 @@ enum InfluenceStatus : int {
   kInfluenceOk = 0,
   kInfluenceNoConvergence = 1,  // the iteration would still be non-zero after max_iter steps
   kInfluenceNonFinite = 2,      // NaN or Inf in the matrix
+  kInfluenceNeedsRows = 3,      // only the matrix's other columns can tell whether the series ended
 };
 
 // Which matrix the influence is computed on.
@@ -174,10 +175,28 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
                           const float* logit_p, std::int64_t n_logits, const std::int64_t* row_to_node,
                           float* out, std::int64_t max_iter, float eps, const PartialState* state = nullptr);
 
-// Brings `state` from rows [0, st0) to rows [0, st): the rows [st0, st) are new. Returns
-// kInfluenceNonFinite when a new row is not finite.
+// Brings `state` from rows [0, rows0) and node columns [0, st0) to rows [0, rows) and node columns
+// [0, st): rows [rows0, rows) are new (their sums and entries at every node column), and the old
+// rows are read at the new nodes' columns. row_to_node[t] is node column t. One process keeps
+// rows == node columns; a rank of a split graph keeps its own rows at every row's node column.
+// Returns kInfluenceNonFinite when a new row is not finite.
 int partial_influence_grow_cpu(const float* e, std::int64_t lde, std::int64_t cols, const std::int64_t* row_to_node,
-                               std::int64_t st0, std::int64_t st, const PartialState& state);
+                               std::int64_t rows0, std::int64_t rows, std::int64_t st0, std::int64_t st,
+                               const PartialState& state);
+
+// The series of partial_influence_cpu on a state of all `rows` rows alone (no matrix): writes
+// total_coef[r] = sum of row r's coefficients, so that the result is sum_r total_coef[r] |E_r|,
+// which the rows' owners form. kInfluenceNeedsRows: the last allowed term is zero at every node
+// column, and only the other columns tell whether the series ended (then total_coef holds the
+// earlier terms) or did not converge; its coefficients are in last_coef.
+int partial_influence_coef_cpu(std::int64_t rows, std::int64_t cols, const float* logit_p, std::int64_t n_logits,
+                               const std::int64_t* row_to_node, double* total_coef, double* last_coef,
+                               std::int64_t max_iter, float eps, const PartialState& state);
+
+// out[j] = sum_r coef[r] |E_rj| in float64 (float chunks, as partial_influence_cpu forms its
+// result): a rank's share of a split graph's partial influences, before the ranks' shares are added.
+void abs_weighted_row_sum_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
+                              const double* coef, double* out);
 
 // ------------------------------------------------------------------------------------------------
 // Edge thresholding of the pruned graph, without an N x N score matrix.

@@ -450,8 +450,9 @@ void weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols, const
 
 // weighted_row_sum for rows read contiguously (entry |a| when Abs, else a), through the CPU's
 // vector kernel: the float chunks of WeightedSumArgs instead of a double per product.
+template <typename Out>
 void dense_weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols, const std::vector<std::int64_t>& active,
-                            const std::vector<double>& coef, float* next, bool abs) {
+                            const std::vector<double>& coef, Out* next, bool abs) {
   constexpr std::int64_t kBlock = 2048;
   const std::int64_t nblocks = (cols + kBlock - 1) / kBlock;
   std::vector<float> c(active.size());
@@ -465,7 +466,7 @@ void dense_weighted_row_sum(const float* a, std::int64_t lda, std::int64_t cols,
     float chunk[kBlock];
     std::fill(acc, acc + (c1 - c0), 0.0);
     fn(graphk::WeightedSumArgs{a, lda, active.data(), c.data(), (std::int64_t)active.size(), c0, c1, acc, chunk});
-    for (std::int64_t j = c0; j < c1; ++j) next[j] = (float)acc[j - c0];
+    for (std::int64_t j = c0; j < c1; ++j) next[j] = (Out)acc[j - c0];
   }
 }
 
@@ -682,16 +683,59 @@ double abs_row_sum(const float* row, std::int64_t cols) {
   return s;
 }
 
-// True when the term coef @ |A| has an entry that is not exactly zero in float32.
-bool term_is_nonzero(const float* e, std::int64_t cols, std::int64_t lde, const std::vector<std::int64_t>& active,
-                     const std::vector<double>& coef, const std::vector<std::uint8_t>& nonzero_row,
-                     const std::vector<float>& at_nodes) {
-  if (std::any_of(at_nodes.begin(), at_nodes.end(), [](float v) { return v != 0.0f; })) return true;
-  if (std::none_of(active.begin(), active.end(), [&](std::int64_t r) { return nonzero_row[r] != 0; })) return false;
-  // Only the columns no row reads are left, and a product there may underflow: the full term says.
-  std::vector<float> term(cols);
-  weighted_row_sum(e, lde, cols, active, coef, term.data(), [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
-  return std::any_of(term.begin(), term.end(), [](float v) { return v != 0.0f; });
+}  // namespace
+
+namespace {
+
+// circuit-tracer's loop, on the coefficients alone: total_coef[r] = sum_k coef_k[r] over the terms
+// it adds. `node_term(active, coef, next_at)` writes a term at the rows' node columns; `columns_left`
+// says whether a term is non-zero somewhere else when it is zero at every node column (1 yes, 0
+// no, -1: this caller cannot read the other columns, and `last_coef` receives the term's
+// coefficients so that its caller can).
+template <typename NodeTerm, typename ColumnsLeft>
+int partial_series(std::int64_t rows, std::int64_t cols, const float* logit_p, std::int64_t n_logits,
+                   const std::int64_t* row_to_node, const std::vector<float>& scale,
+                   const std::vector<std::uint8_t>& nonzero_row, std::int64_t max_iter, NodeTerm node_term,
+                   ColumnsLeft columns_left, std::vector<double>& total_coef, double* last_coef) {
+  // The term at each row's node; x_0 is the logit probabilities at the last n_logits columns.
+  std::vector<float> at_nodes(rows, 0.0f), next_at(rows);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t q = row_to_node[r] - (cols - n_logits);
+    if (q >= 0 && q < n_logits) at_nodes[r] = logit_p[q];
+  }
+  std::vector<double> coef(rows);
+  total_coef.assign(rows, 0.0);
+  std::vector<std::int64_t> active;
+  for (std::int64_t terms = 1; terms <= max_iter; ++terms) {
+    active.clear();
+    for (std::int64_t r = 0; r < rows; ++r) {
+      coef[r] = (double)at_nodes[r] / (double)scale[r];
+      if (coef[r] != 0.0) active.push_back(r);
+    }
+    node_term(active, coef, next_at);
+    const bool at_nodes_zero = std::none_of(next_at.begin(), next_at.end(), [](float v) { return v != 0.0f; });
+    if (at_nodes_zero && terms < max_iter) {
+      // The next term is zero, so the loop ends here or one term later; this term's columns that no
+      // row reads enter the total either way (where they are all zero they add nothing), so
+      // whether it is zero everywhere only matters when it would be the last allowed term.
+      for (std::int64_t r : active) total_coef[r] += coef[r];
+      return kInfluenceOk;
+    }
+    if (at_nodes_zero) {
+      if (std::none_of(active.begin(), active.end(), [&](std::int64_t r) { return nonzero_row[r] != 0; }))
+        return kInfluenceOk;
+      // Only the columns no row reads are left, and a product there may underflow: the full term says.
+      const int left = columns_left(active, coef);
+      if (left == 0) return kInfluenceOk;
+      if (left < 0) {
+        std::copy(coef.begin(), coef.end(), last_coef);
+        return kInfluenceNeedsRows;
+      }
+    }
+    for (std::int64_t r : active) total_coef[r] += coef[r];
+    at_nodes.swap(next_at);
+  }
+  return kInfluenceNoConvergence;
 }
 
 }  // namespace
@@ -718,64 +762,64 @@ int partial_influence_cpu(const float* e, std::int64_t rows, std::int64_t cols, 
     }
     if (bad) return kInfluenceNonFinite;
   }
-  // The term at each row's node; x_0 is the logit probabilities at the last n_logits columns.
-  std::vector<float> at_nodes(rows, 0.0f), next_at(rows);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const std::int64_t q = row_to_node[r] - (cols - n_logits);
-    if (q >= 0 && q < n_logits) at_nodes[r] = logit_p[q];
-  }
-  std::vector<double> coef(rows), total_coef(rows, 0.0);
-  std::vector<std::int64_t> active;
-  int status = kInfluenceNoConvergence;
-  for (std::int64_t terms = 1; terms <= max_iter; ++terms) {
-    active.clear();
-    for (std::int64_t r = 0; r < rows; ++r) {
-      coef[r] = (double)at_nodes[r] / (double)scale[r];
-      if (coef[r] != 0.0) active.push_back(r);
-    }
-    // The rows' node columns only: entry t of a row is its value at node row_to_node[t]. With a
-    // state they sit contiguous in its block, so a term reads rows x rows floats, not the matrix.
+  // The rows' node columns only: entry t of a row is its value at node row_to_node[t]. With a
+  // state they sit contiguous in its block, so a term reads rows x rows floats, not the matrix.
+  auto node_term = [&](const std::vector<std::int64_t>& active, const std::vector<double>& coef, std::vector<float>& next) {
     if (state != nullptr) {
-      dense_weighted_row_sum(state->block, state->ldb, rows, active, coef, next_at.data(), false);
+      dense_weighted_row_sum(state->block, state->ldb, rows, active, coef, next.data(), false);
     } else {
-      weighted_row_sum(e, lde, rows, active, coef, next_at.data(),
+      weighted_row_sum(e, lde, rows, active, coef, next.data(),
                        [row_to_node](const float* row, std::int64_t t) { return std::fabs(row[row_to_node[t]]); });
     }
-    const bool at_nodes_zero = std::none_of(next_at.begin(), next_at.end(), [](float v) { return v != 0.0f; });
-    if (at_nodes_zero && terms < max_iter) {
-      // The next term is zero, so the loop ends here or one term later; this term's columns that no
-      // row reads enter the total either way (where they are all zero they add nothing), so
-      // whether it is zero everywhere only matters when it would be the last allowed term.
-      for (std::int64_t r : active) total_coef[r] += coef[r];
-      status = kInfluenceOk;
-      break;
-    }
-    if (!term_is_nonzero(e, cols, lde, active, coef, nonzero_row, next_at)) {
-      status = kInfluenceOk;
-      break;
-    }
-    for (std::int64_t r : active) total_coef[r] += coef[r];
-    at_nodes.swap(next_at);
-  }
+  };
+  auto columns_left = [&](const std::vector<std::int64_t>& active, const std::vector<double>& coef) {
+    std::vector<float> term(cols);
+    weighted_row_sum(e, lde, cols, active, coef, term.data(), [](const float* row, std::int64_t j) { return std::fabs(row[j]); });
+    return std::any_of(term.begin(), term.end(), [](float v) { return v != 0.0f; }) ? 1 : 0;
+  };
+  std::vector<double> total_coef;
+  const int status = partial_series(rows, cols, logit_p, n_logits, row_to_node, scale, nonzero_row, max_iter,
+                                    node_term, columns_left, total_coef, nullptr);
   if (status != kInfluenceOk) return status;
-  active.clear();
+  std::vector<std::int64_t> active;
   for (std::int64_t r = 0; r < rows; ++r)
     if (total_coef[r] != 0.0) active.push_back(r);
   dense_weighted_row_sum(e, lde, cols, active, total_coef, out, true);
   return kInfluenceOk;
 }
 
+int partial_influence_coef_cpu(std::int64_t rows, std::int64_t cols, const float* logit_p, std::int64_t n_logits,
+                               const std::int64_t* row_to_node, double* total_coef, double* last_coef,
+                               std::int64_t max_iter, float eps, const PartialState& state) {
+  std::vector<float> scale(rows);
+  std::vector<std::uint8_t> nonzero_row(rows);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    scale[r] = std::max(state.row_sum[r], eps);
+    nonzero_row[r] = state.row_sum[r] != 0.0f;
+  }
+  auto node_term = [&](const std::vector<std::int64_t>& active, const std::vector<double>& coef, std::vector<float>& next) {
+    dense_weighted_row_sum(state.block, state.ldb, rows, active, coef, next.data(), false);
+  };
+  auto columns_left = [](const std::vector<std::int64_t>&, const std::vector<double>&) { return -1; };
+  std::vector<double> total;
+  const int status = partial_series(rows, cols, logit_p, n_logits, row_to_node, scale, nonzero_row, max_iter, node_term,
+                                    columns_left, total, last_coef);
+  std::copy(total.begin(), total.end(), total_coef);
+  return status;
+}
+
 int partial_influence_grow_cpu(const float* e, std::int64_t lde, std::int64_t cols, const std::int64_t* row_to_node,
-                               std::int64_t st0, std::int64_t st, const PartialState& state) {
+                               std::int64_t rows0, std::int64_t rows, std::int64_t st0, std::int64_t st,
+                               const PartialState& state) {
   bool bad = false;
-  const int T = graphk::threads_for((st - st0) * cols + st0 * (st - st0));
-  // New rows: their sums and their entries at every row's node; old rows: entries at the new nodes.
+  const int T = graphk::threads_for((rows - rows0) * cols + rows0 * (st - st0));
+  // New rows: their sums and their entries at every node column; old rows: entries at the new nodes.
 #pragma omp parallel for schedule(dynamic, 16) reduction(|| : bad) num_threads(T)
-  for (std::int64_t r = 0; r < st; ++r) {
+  for (std::int64_t r = 0; r < rows; ++r) {
     const float* row = e + r * lde;
     float* out = state.block + r * state.ldb;
-    const std::int64_t t0 = r >= st0 ? 0 : st0;
-    if (r >= st0) {
+    const std::int64_t t0 = r >= rows0 ? 0 : st0;
+    if (r >= rows0) {
       const double s = abs_row_sum(row, cols);
       if (!std::isfinite(s)) bad = true;
       state.row_sum[r] = (float)s;
@@ -783,6 +827,15 @@ int partial_influence_grow_cpu(const float* e, std::int64_t lde, std::int64_t co
     for (std::int64_t t = t0; t < st; ++t) out[t] = std::fabs(row[row_to_node[t]]);
   }
   return bad ? kInfluenceNonFinite : kInfluenceOk;
+}
+
+void abs_weighted_row_sum_cpu(const float* e, std::int64_t rows, std::int64_t cols, std::int64_t lde,
+                              const double* coef, double* out) {
+  std::vector<std::int64_t> active;
+  std::vector<double> c(coef, coef + rows);
+  for (std::int64_t r = 0; r < rows; ++r)
+    if (c[r] != 0.0) active.push_back(r);
+  dense_weighted_row_sum(e, lde, cols, active, c, out, true);
 }
 
 }  // namespace fastattr

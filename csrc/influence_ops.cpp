@@ -126,15 +126,47 @@ int partial_influence(std::uintptr_t e, int e_dtype, std::int64_t rows, std::int
 
 int partial_influence_grow(std::uintptr_t e, int e_dtype, std::int64_t cols, std::int64_t lde,
                            std::uintptr_t row_to_node, std::int64_t st0, std::int64_t st, std::uintptr_t row_sum,
-                           std::uintptr_t block, std::int64_t ldb) {
+                           std::uintptr_t block, std::int64_t ldb, std::int64_t rows0, std::int64_t rows) {
   if (st0 < 0 || st < st0) fail("st0, st: expected 0 <= st0 <= st, got ", st0, ", ", st);
-  check_matrix(e, e_dtype, st, cols, lde, "edge_matrix");
+  if (rows < 0) rows0 = st0, rows = st;  // one process: the rows are the node columns
+  if (rows0 < 0 || rows < rows0) fail("rows0, rows: expected 0 <= rows0 <= rows, got ", rows0, ", ", rows);
+  check_matrix(e, e_dtype, rows, cols, lde, "edge_matrix");
   check_nonnull(row_to_node, st, "row_to_node_index");
   const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
   check_row_to_node(idx, st, cols);
-  const PartialState state = partial_state(row_sum, block, ldb, st);
+  if (ldb < st) fail("ldb: expected at least ", st, " (the node columns), got ", ldb);
+  const PartialState state = partial_state(row_sum, block, ldb, rows);
   py::gil_scoped_release nogil;
-  return partial_influence_grow_cpu(as_ptr<const float>(e), lde, cols, idx, st0, st, state);
+  return partial_influence_grow_cpu(as_ptr<const float>(e), lde, cols, idx, rows0, rows, st0, st, state);
+}
+
+int partial_influence_coef(std::int64_t rows, std::int64_t cols, std::uintptr_t logit_p, std::int64_t n_logits,
+                           std::uintptr_t row_to_node, std::uintptr_t total_coef, std::uintptr_t last_coef,
+                           std::int64_t max_iter, float eps, std::uintptr_t row_sum, std::uintptr_t block,
+                           std::int64_t ldb) {
+  if (rows < 0 || cols < rows) fail("rows, cols: expected 0 <= rows <= cols, got ", rows, ", ", cols);
+  if (n_logits < 0 || n_logits > cols) fail("logit_p: expected at most ", cols, " entries, got ", n_logits);
+  check_nonnull(logit_p, n_logits, "logit_p");
+  check_nonnull(row_to_node, rows, "row_to_node_index");
+  check_nonnull(total_coef, rows, "total_coef");
+  check_nonnull(last_coef, rows, "last_coef");
+  check_eps(eps);
+  check_max_iter(max_iter);
+  const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
+  check_row_to_node(idx, rows, cols);
+  const PartialState state = partial_state(row_sum, block, ldb, rows);
+  py::gil_scoped_release nogil;
+  return partial_influence_coef_cpu(rows, cols, as_ptr<const float>(logit_p), n_logits, idx, as_ptr<double>(total_coef),
+                                    as_ptr<double>(last_coef), max_iter, eps, state);
+}
+
+void abs_weighted_row_sum(std::uintptr_t e, int e_dtype, std::int64_t rows, std::int64_t cols, std::int64_t lde,
+                          std::uintptr_t coef, std::uintptr_t out) {
+  check_matrix(e, e_dtype, rows, cols, lde, "edge_matrix");
+  check_nonnull(coef, rows, "coef");
+  check_nonnull(out, cols, "out");
+  py::gil_scoped_release nogil;
+  abs_weighted_row_sum_cpu(as_ptr<const float>(e), rows, cols, lde, as_ptr<const double>(coef), as_ptr<double>(out));
 }
 
 #ifdef FASTATTR_WITH_CUDA
@@ -187,10 +219,20 @@ void register_influence_ops(py::module_& m) {
         "status (0 ok, 1 no convergence, 2 non-finite)");
   m.def("partial_influence_grow_cpu", &partial_influence_grow, py::kw_only(), py::arg("e"), py::arg("e_dtype"),
         py::arg("cols"), py::arg("lde"), py::arg("row_to_node"), py::arg("st0"), py::arg("st"), py::arg("row_sum"),
-        py::arg("block"), py::arg("ldb"),
-        "extends a partial-influence state from rows [0, st0) to [0, st): the new rows' |sums|, every row's "
-        "|entries| at the new rows' nodes and the new rows' at every row's node; returns 0, or 2 on a "
+        py::arg("block"), py::arg("ldb"), py::arg("rows0") = -1, py::arg("rows") = -1,
+        "extends a partial-influence state from rows [0, rows0) and node columns [0, st0) to [0, rows) and "
+        "[0, st) (rows0, rows default to st0, st: one process's rows are its node columns): the new rows' "
+        "|sums| and |entries| at every node column, the old rows' at the new ones; returns 0, or 2 on a "
         "non-finite row");
+  m.def("abs_weighted_row_sum_cpu", &abs_weighted_row_sum, py::kw_only(), py::arg("e"), py::arg("e_dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("lde"), py::arg("coef"), py::arg("out"),
+        "out[j] = sum_r coef[r] |e[r, j]|, float64 coef and out, host float32 e");
+  m.def("partial_influence_coef_cpu", &partial_influence_coef, py::kw_only(), py::arg("rows"), py::arg("cols"),
+        py::arg("logit_p"), py::arg("n_logits"), py::arg("row_to_node"), py::arg("total_coef"), py::arg("last_coef"),
+        py::arg("max_iter"), py::arg("eps"), py::arg("row_sum"), py::arg("block"), py::arg("ldb"),
+        "partial_influence_cpu's series on a state alone: float64 total_coef per row (the result is "
+        "sum_r total_coef[r] |E_r|); returns 0, 1 (no convergence) or 3 (only the matrix's other columns "
+        "tell: see graph.h; last_coef then holds the last term's coefficients)");
 #ifdef FASTATTR_WITH_CUDA
   m.def("row_abs_sum_cuda", &row_abs_sum, py::kw_only(), py::arg("a"), py::arg("a_dtype"), py::arg("n"), py::arg("m"),
         py::arg("lda"), py::arg("mask"), py::arg("out"), py::arg("stream"),

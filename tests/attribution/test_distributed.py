@@ -84,3 +84,19 @@ def test_failing_rank_ends_every_rank(tmp_path, mode):
             assert ("batch_size" in err) if mode == "bad-input" else ("injected failure" in err), err
         else:
             assert f"rank {failing} of {world} failed" in err, err
+
+
+def test_bytes_per_phase_within_the_docs_formulas(tmp_path):
+    # benchmarks/bench_distributed.py's smoke run: what rank 0 sent per phase, against the bounds
+    # of docs/distributed.md (the benchmark computes them from the run's row counts).
+    import json
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_distributed.py"
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(bench), "--smoke", "--ranks", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = json.loads(out.read_text())["ranks"]["2"]
+    sent = got["bytes_by_phase_rank0"]
+    assert 0 < sent["influence"] <= got["formula_influence_bytes_at_most"]
+    assert sent["gather"] == got["formula_gather_bytes"]

@@ -63,10 +63,9 @@ class Ranks:
         # NCCL moves device tensors only; gloo moves CPU tensors.
         self.comm_device = None if backend == "nccl" else torch.device("cpu")
         self.bytes_sent = 0
-        # Bytes this rank sent, per phase of the row-sharded store: "influence" (row sums and the
-        # partial vectors of every mat-vec), "gather" (its rows at the end); and the mat-vec count.
+        # Bytes this rank sent, per phase of the row-sharded store: "influence" (its share of the
+        # series' state and of each result), "gather" (its rows at the end).
         self.bytes_by_phase = {"influence": 0, "gather": 0}
-        self.matvecs = 0
         self.rows_owned = 0
 
     def __repr__(self) -> str:
@@ -110,38 +109,67 @@ def describe_failure(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-# Rows per block of the row-sharded partial influences (64 rows of 16k float64 columns: 8 MiB).
+# Rows per block of the row-sharded series' full-width pass (64 rows of 16k float32 columns: 4 MiB).
 _ROW_BLOCK = 64
+
+
+def _regrown(t: torch.Tensor, keep: tuple[int, ...], need: tuple[int, ...]) -> torch.Tensor:
+    """``t`` (1-D or 2-D) with room for ``need`` (at least doubling), its ``keep`` corner kept."""
+    bigger = torch.empty([max(n, 2 * d, 64) for n, d in zip(need, t.shape)], dtype=t.dtype)
+    bigger[tuple(slice(k) for k in keep)] = t[tuple(slice(k) for k in keep)]
+    return bigger
 
 
 class ShardedDenseRows:
     """Dense edge rows split by rows over the ranks: each rank holds only the rows it computed.
 
-    Every rank allocates the one-process matrix (the wrapped DenseRows) but writes only its own
-    batches' rows into it; the other ranks' rows are never read there (the store does not fill
-    them) until they arrive at the end (``gather_rows``), so nothing row-sized travels during
-    attribution. The partial influences are circuit-tracer's
-    power series with each term a mat-vec split by rows: a rank multiplies its own rows, and the
-    partial vectors are all-gathered and summed in rank order, so every rank ranks the same
-    features. Sums are ordered by rank, not as one process orders them: equal to one process to
-    float64 rounding of float32 terms, not bitwise (``deterministic=True`` takes the broadcast path).
+    A rank's rows sit compact in its own (rows it owns, N) matrix, so memory and the series' reads
+    shrink with R, and nothing row-sized travels during attribution. Every rank records which rank
+    owns each row. The partial influences are circuit-tracer's power series with each term a mat-vec
+    split by rows: a rank multiplies its own rows, and the partial vectors are all-gathered and
+    summed in rank order, so every rank ranks the same features. Sums are ordered by rank, not as
+    one process orders them: equal to one process to float64 rounding of float32 terms, not
+    bitwise (``deterministic=True`` takes the broadcast path). At the end only the graph's columns
+    of each row travel (:meth:`gather_rows`).
     """
 
-    def __init__(self, local: Any, ranks: Ranks):
-        self.local, self.ranks = local, ranks
-        # Which rank computed each row (-1: not yet written); known on every rank.
-        self.owner = torch.full((local.edges.shape[0],), -1, dtype=torch.int64)
+    def __init__(self, n_rows: int, n_cols: int, spare: int, device: torch.device, ranks: Ranks):
+        from fastattr.attribution.edge_store import _check_fits
+
+        self.ranks, self.spare, self.n_cols = ranks, spare, n_cols
+        # A rank owns about rows / R of them (the driver deals each phase evenly); the matrix grows
+        # if a rank is dealt more.
+        cap = -(-n_rows // ranks.size) + spare
+        _check_fits(cap, n_cols, 0, device)
+        self.edges = torch.empty(cap, n_cols, device=device)
+        self.m = 0  # rows written here
+        # Which rank computed each row (-1: not yet written), and where this rank keeps its own.
+        self.owner = torch.full((n_rows + spare,), -1, dtype=torch.int64)
+        self.local = torch.full((n_rows + spare,), -1, dtype=torch.int64)
+        # The series' state over this rank's rows (see partial_influences): each row's |sum|, and
+        # every own row's |entry| at every row's node column, kept as rows only ever arrive.
+        self._lsum, self._lblock = torch.empty(0), torch.empty(0, 0)  # this rank's rows (host)
+        self._gsum, self._gblock = torch.empty(0), torch.empty(0, 0)  # every row, the same on every rank
+        self._state_rows, self._state_nodes = 0, 0
+        self.gathered: torch.Tensor | None = None
 
     def target(self, st: int, n: int) -> torch.Tensor:
-        return self.local.target(st, n)
+        """A zeroed block for this rank's next ``n`` rows (``st`` is their global index)."""
+        if self.m + n > self.edges.shape[0]:
+            bigger = torch.empty(max(self.m + n, self.edges.shape[0] * 3 // 2), self.n_cols, device=self.edges.device)
+            bigger[: self.m] = self.edges[: self.m]
+            self.edges = bigger
+        block = self.edges[self.m : self.m + n]
+        block.zero_()
+        return block
 
-    def written(self, st: int, n: int, block_rows: int, owner: int) -> None:
-        """Rows ``st .. st + n`` were computed by ``owner`` (here when it is this rank)."""
-        if owner == self.ranks.rank and block_rows > n:
-            # An autograd pass fills a whole batch: clear what it wrote into other ranks' rows.
-            self.local.edges[st + n : st + block_rows].zero_()
+    def written(self, st: int, n: int, owner: int) -> None:
+        """Rows ``st .. st + n`` were computed by ``owner`` (into this rank's last target when it is
+        this rank)."""
         self.owner[st : st + n] = owner
         if owner == self.ranks.rank:
+            self.local[st : st + n] = torch.arange(self.m, self.m + n)
+            self.m += n
             self.ranks.rows_owned += n
 
     def commit(self, st: int, n: int, nodes: torch.Tensor | None = None, layers: torch.Tensor | None = None) -> None:
@@ -164,75 +192,140 @@ class ShardedDenseRows:
             total += p
         return total.to(part.device)
 
+    def _replicated_state(self, st: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One process's partial-influence state (every row's |sum| and |entry| at every row's node
+        column, :class:`fastattr.ops.influence.PartialInfluenceState`), the same on every rank:
+        each rank reads its own new rows at every node column and its old rows at the new nodes'
+        columns, and the pieces are all-gathered once per update."""
+        from fastattr.ops import influence as _influence
+
+        m0, m, st0 = self._state_rows, self.m, self._state_nodes
+        if m > self._lblock.shape[0] or st > self._lblock.shape[1]:
+            self._lblock = _regrown(self._lblock, (m0, st0), (m, st))
+            self._lsum = _regrown(self._lsum, (m0,), (m,))
+        if st > self._gblock.shape[0]:
+            self._gblock = _regrown(self._gblock, (st0, st0), (st, st))
+            self._gsum = _regrown(self._gsum, (st0,), (st,))
+        error = None
+        try:
+            _influence.grow_partial_rows(self.edges[:m], nodes, rows0=m0, st0=st0, row_sum=self._lsum,
+                                         block=self._lblock)  # fmt: skip
+        except ValueError as exc:  # shared below, so that every rank raises instead of waiting
+            error = exc
+        r = self.ranks
+        owners = self.owner[:st]
+        news = [int(((owners == q) & (torch.arange(st) >= st0)).sum()) for q in range(r.size)]
+        olds = [int((owners[:st0] == q).sum()) for q in range(r.size)]
+        sizes = [n * (1 + st) + o * (st - st0) for n, o in zip(news, olds)]
+        # One flag, then this rank's new rows (|sum|, entries at every node column), then its old
+        # rows at the new columns; padded to the longest share (gloo gathers equal sizes).
+        mine = torch.zeros(1 + max(sizes), dtype=torch.float32)
+        mine[0] = error is not None
+        if error is None:
+            new_part = torch.cat([self._lsum[m0:m, None], self._lblock[m0:m, :st]], 1).flatten()
+            old_part = self._lblock[:m0, st0:st].flatten()
+            mine[1 : 1 + sizes[r.rank]] = torch.cat([new_part, old_part])
+        parts = [torch.empty_like(mine) for _ in range(r.size)]
+        r.dist.all_gather(parts, mine, group=r.group)
+        sent = mine.numel() * mine.element_size() * (r.size - 1)
+        r.bytes_sent += sent
+        r.bytes_by_phase["influence"] += sent
+        if error is not None:
+            raise error
+        for q, part in enumerate(parts):
+            if part[0] != 0:
+                raise RankFailed(f"fastattr.attribute: rank {q} of {r.size} failed: non-finite edge rows")
+            rows = torch.nonzero(owners == q).flatten()
+            new_rows, old_rows = rows[rows >= st0], rows[rows < st0]
+            body = part[1 : 1 + sizes[q]]
+            head = body[: news[q] * (1 + st)].view(news[q], 1 + st)
+            self._gsum[new_rows] = head[:, 0]
+            self._gblock[new_rows, :st] = head[:, 1:]
+            self._gblock[old_rows, st0:st] = body[news[q] * (1 + st) :].view(olds[q], st - st0)
+        self._state_rows, self._state_nodes = m, st
+        return self._gsum[:st], self._gblock[:st, :st]
+
+    def _on_host(self) -> bool:
+        """Whether the compiled host kernels take this shard (float32 on the CPU); elsewhere the
+        series is circuit-tracer's, each term a full-width mat-vec split by rows."""
+        return self.edges.device.type == "cpu" and self.edges.dtype == torch.float32
+
+    def _own_total(self, coef: torch.Tensor) -> torch.Tensor:
+        """sum over this rank's rows r of coef[r] |E_r| (coef over all rows), float64, full width."""
+        from fastattr.ops import influence as _influence
+
+        own = torch.nonzero(self.local[: len(coef)] >= 0).flatten()  # ascending: the local order
+        if self._on_host():
+            return _influence.abs_weighted_row_sum(self.edges[: self.m], coef[own])
+        weights = coef[own.to(coef.device)].float()
+        total = torch.zeros(self.edges.shape[1], dtype=torch.float64, device=self.edges.device)
+        for i in range(0, self.m, _ROW_BLOCK):
+            total += (weights[i : i + _ROW_BLOCK] @ self.edges[i : min(self.m, i + _ROW_BLOCK)].abs()).double()
+        return total
+
     def partial_influences(self, st: int, logit_p: torch.Tensor, row_to_node: torch.Tensor, *,
                            deterministic: bool | None = None, max_iter: int = 128) -> torch.Tensor:  # fmt: skip
         # circuit-tracer's series total = sum_k c_k |A| with c_1 = seed[nodes] / rowsum and
-        # c_{k+1} = (c_k |A|)[nodes] / rowsum: only the rows' node columns feed the next term, so a
-        # step is a mat-vec over |A|[mine, nodes] (and its partial vectors are st long, not N); the
-        # full row width is read once, for sum_k c_k. Each node-column term is rounded to float32 as
-        # one process rounds its terms.
+        # c_{k+1} = (c_k |A|)[nodes] / rowsum: only the rows' node columns feed the next term, so
+        # with those (rows x rows) on every rank, every rank runs one process's series and gets its
+        # coefficients bitwise; the full row width is read once, by each row's owner, for
+        # sum_r (sum_k c_k[r]) |A_r|, summed over ranks in rank order.
         from fastattr.ops import influence as _influence
 
-        edges = self.local.edges
-        nodes = row_to_node[:st].to(edges.device)
-        mine = torch.nonzero(self.owner[:st] == self.ranks.rank).flatten().to(edges.device)
-        # Row blocks small enough to stay in cache: one read of the rows here, one for the total.
-        blocks = [mine[i : i + _ROW_BLOCK] for i in range(0, len(mine), _ROW_BLOCK)]
-        at_nodes = torch.empty(len(mine), st, dtype=torch.float64, device=edges.device)
-        sums = torch.zeros(st, dtype=torch.float64, device=edges.device)
-        for i, rows in zip(range(0, len(mine), _ROW_BLOCK), blocks):
-            block = edges[rows].abs_()
-            sums[rows] = block.sum(1, dtype=torch.float64)
-            at_nodes[i : i + len(rows)] = block[:, nodes]
-        row_abs_sum = self._combine(sums)  # each row is non-zero on one rank only: exact
-        inv = 1.0 / row_abs_sum.float().clamp(min=_influence.PARTIAL_EPS).double()
-        seed = torch.zeros(edges.shape[1], dtype=torch.float32, device=edges.device)
-        if logit_p.numel():
-            seed[-logit_p.numel() :] = logit_p.to(seed.device)
-        coef = seed[nodes].double() * inv
-        total_coef = torch.zeros(st, dtype=torch.float64, device=edges.device)
-        for _ in range(max_iter):
-            peak = float(coef.abs().max()) if coef.numel() else 0.0
-            if peak == 0.0:
-                break
-            total_coef += coef
-            if not torch.isfinite(torch.tensor(peak)):
-                break
-            self.ranks.matvecs += 1
-            coef = self._combine(coef[mine] @ at_nodes).float().double() * inv
-        else:
+        nodes = row_to_node[:st].to(torch.int64)
+        if not self._on_host():  # circuit-tracer's series, each term a mat-vec split by rows
+            sums = torch.zeros(st, dtype=torch.float64, device=self.edges.device)
+            own = torch.nonzero(self.local[:st] >= 0).flatten().to(sums.device)
+            sums[own] = self.edges[: self.m].abs().sum(1, dtype=torch.float64)
+            return _influence.partial_influence_series(
+                lambda y: self._combine(self._own_total(y)).float(), self._combine(sums), logit_p.to(sums.device),
+                nodes.to(sums.device), self.edges.shape[1], max_iter=max_iter)  # fmt: skip
+        row_sum, block = self._replicated_state(st, nodes.cpu())
+        total_coef, last = _influence.partial_coefficients(row_sum, block, logit_p.cpu(), nodes.cpu(),
+                                                           self.edges.shape[1], max_iter=max_iter)  # fmt: skip
+        if last is not None and bool((self._combine(self._own_total(last)).float() != 0).any()):
             raise _influence._partial_converge_error()
-        total = torch.zeros(edges.shape[1], dtype=torch.float64, device=edges.device)
-        for rows in blocks:
-            total += total_coef[rows] @ edges[rows].abs_().double()
-        return self._combine(total).float()
+        return self._combine(self._own_total(total_coef)).float()
 
-    def gather_rows(self, st: int, gather: str) -> bool:
-        """Every rank's rows onto every rank (``"all"``) or rank 0 (``"rank0"``); whether this rank
-        now holds the whole matrix."""
-        r, edges = self.ranks, self.local.edges
+    def gather_rows(self, st: int, gather: str, columns: torch.Tensor | None) -> bool:
+        """Every rank's rows, at ``columns`` only (the graph's; None: all), onto every rank
+        (``"all"``) or rank 0 (``"rank0"``); whether this rank now holds them (:meth:`rows`)."""
+        r, edges = self.ranks, self.edges
         dev = r.comm_device or edges.device
+        width = edges.shape[1] if columns is None else len(columns)
+        receives = gather == "all" or r.rank == 0
+        if receives:
+            self.gathered = torch.empty(st, width, device=edges.device)
         for src in range(r.size):
-            idx = torch.nonzero(self.owner[:st] == src).flatten().to(edges.device)
+            idx = torch.nonzero(self.owner[:st] == src).flatten()
             if not len(idx):
                 continue
-            if gather == "all":
-                buf = edges[idx].to(dev) if src == r.rank else torch.empty(len(idx), edges.shape[1], device=dev)
-                r.dist.broadcast(buf, src=r.global_ranks[src], group=r.group)
-                if src == r.rank:
-                    r.bytes_sent += buf.numel() * buf.element_size() * (r.size - 1)
-                    r.bytes_by_phase["gather"] += buf.numel() * buf.element_size() * (r.size - 1)
+            if src == r.rank:
+                local = self.local[idx].to(edges.device)
+                mine = edges[local] if columns is None else edges[local[:, None], columns[None, :]]
+                if receives:
+                    self.gathered[idx.to(edges.device)] = mine
+                if gather == "all" or src != 0:
+                    sent = mine.numel() * mine.element_size() * ((r.size - 1) if gather == "all" else 1)
+                    r.bytes_sent += sent
+                    r.bytes_by_phase["gather"] += sent
+                if gather == "all":
+                    r.dist.broadcast(mine.to(dev).contiguous(), src=r.global_ranks[src], group=r.group)
+                elif src != 0:
+                    r.dist.send(mine.to(dev).contiguous(), dst=r.global_ranks[0], group=r.group)
+            elif receives:
+                buf = torch.empty(len(idx), width, device=dev)
+                if gather == "all":
+                    r.dist.broadcast(buf, src=r.global_ranks[src], group=r.group)
                 else:
-                    edges[idx] = buf.to(edges.device)
-            elif src != 0 and r.rank == src:
-                r.dist.send(edges[idx].to(dev).contiguous(), dst=r.global_ranks[0], group=r.group)
-                r.bytes_sent += len(idx) * edges.shape[1] * edges.element_size()
-                r.bytes_by_phase["gather"] += len(idx) * edges.shape[1] * edges.element_size()
-            elif src != 0 and r.rank == 0:
-                buf = torch.empty(len(idx), edges.shape[1], device=dev)
-                r.dist.recv(buf, src=r.global_ranks[src], group=r.group)
-                edges[idx] = buf.to(edges.device)
-        return gather == "all" or r.rank == 0
+                    r.dist.recv(buf, src=r.global_ranks[src], group=r.group)
+                self.gathered[idx.to(edges.device)] = buf.to(edges.device)
+        # The shard is no longer needed once its rows are gathered.
+        self.edges = self.edges[:0]
+        return receives
 
     def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.local.rows(index, columns)
+        """Rows ``index`` at the columns :meth:`gather_rows` gathered (``columns`` must be those)."""
+        if self.gathered is None:
+            raise RuntimeError("ShardedDenseRows.rows: gather_rows first")
+        return self.gathered[index.to(self.gathered.device)], None

@@ -298,12 +298,12 @@ class _RowWriter:
         """Each rank computes its own batches into its shard; every rank records every row's node."""
         ranks = self.run.ranks
         for j, b in enumerate(batches):
-            n, block_rows = len(b["nodes"]), self.s.rows.block_rows(len(b["nodes"]))
-            if ranks.owner(j) == ranks.rank:
-                block = self.store.target(self.st, block_rows)[:, : self.s.logit_offset]
+            n, owner = len(b["nodes"]), b.get("owner", ranks.owner(j))
+            if owner == ranks.rank:
+                block = self.store.target(self.st, self.s.rows.block_rows(n))[:, : self.s.logit_offset]
                 # Every rank keeps the graph alive: which batch is the last one is not its own.
                 self._compute(block, b["layers"], b["positions"], b["values"], True)
-            self.store.written(self.st, n, block_rows, ranks.owner(j))
+            self.store.written(self.st, n, owner)
             self._commit(b["nodes"], b["layers"], b.get("features"))
 
     def _compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
@@ -332,14 +332,28 @@ class _RowWriter:
         self._commit(nodes, layers, features)
 
 
+def _shares(run: _Run, store: RowStore, items: torch.Tensor) -> list[tuple[int | None, torch.Tensor]]:
+    """Who computes which of a phase's ``items`` (in position order): (owner, items) pairs, the
+    owner None where the phase's batches are dealt round-robin (or there are no ranks)."""
+    if run.ranks is None or not isinstance(store, _distributed.ShardedDenseRows):
+        return [(None, items)]
+    # Rows go to the rank that computes them, in any order: each rank takes every R-th item, so
+    # every share covers the same position prefixes (the linear engine's cost grows with them)
+    # and the ranks finish together.
+    return [(r, items[r :: run.ranks.size]) for r in range(run.ranks.size)]
+
+
 def _logit_rows(run: _Run, s: _Setup, writer: _RowWriter, batch_size: int) -> None:
     t = time.perf_counter()
     batches = []
-    for i in range(0, s.n_logits, batch_size):
-        vecs = s.targets.logit_vectors[i : i + batch_size]
-        n = vecs.shape[0]
-        batches.append(dict(nodes=torch.arange(i, i + n) + s.logit_offset, layers=torch.full((n,), s.n_layers),
-                            positions=torch.full((n,), s.n_pos - 1), values=vecs))  # fmt: skip
+    for owner, share in _shares(run, writer.store, torch.arange(s.n_logits)):
+        for i in range(0, len(share), batch_size):
+            idx = share[i : i + batch_size]
+            n = len(idx)
+            batches.append(dict(nodes=idx + s.logit_offset, layers=torch.full((n,), s.n_layers),
+                                positions=torch.full((n,), s.n_pos - 1), values=s.targets.logit_vectors[idx]))  # fmt: skip
+            if owner is not None:
+                batches[-1]["owner"] = owner
     writer.phase(batches)
     run.timings["logits"] = time.perf_counter() - t
 
@@ -385,15 +399,19 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
         batches = []
         # The queue is circuit-tracer's (update_interval batches); how it is cut into engine runs is not.
         step = s.rows.rows_per_write(batch_size, 4 * s.total_nodes)
-        if run.ranks is not None:  # every rank gets a share of the queue
+        shares = _shares(run, store, pending)
+        if run.ranks is not None and shares[0][0] is None:  # batches dealt round-robin: one for every rank
             step = max(batch_size, min(step, -(-len(pending) // run.ranks.size)))
-        for i in range(0, len(pending), step):
-            idx = pending[i : i + step]
-            # Upper layers first inside a batch: the linear engine then sweeps each row from its own layer.
-            idx = idx[torch.argsort(feat_layers[idx], descending=True, stable=True)]
-            n_visited += len(idx)
-            batches.append(dict(nodes=idx, layers=feat_layers[idx], positions=feat_pos[idx],
-                                values=s.ctx.encoder_vecs[idx], retain=n_visited < s.n_features, features=idx))  # fmt: skip
+        for owner, share in shares:
+            for i in range(0, len(share), step):
+                idx = share[i : i + step]
+                # Upper layers first inside a batch: the linear engine then sweeps each row from its own layer.
+                idx = idx[torch.argsort(feat_layers[idx], descending=True, stable=True)]
+                n_visited += len(idx)
+                batches.append(dict(nodes=idx, layers=feat_layers[idx], positions=feat_pos[idx],
+                                    values=s.ctx.encoder_vecs[idx], retain=n_visited < s.n_features, features=idx))  # fmt: skip
+                if owner is not None:
+                    batches[-1]["owner"] = owner
         writer.phase(batches)
         visited[pending] = True
         pbar.update(len(pending))
@@ -403,14 +421,19 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
     return visited
 
 
+def _final_columns(s: _Setup, visited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The selected features, and the edge-row columns the graph keeps (None: all of them)."""
+    selected = torch.where(visited)[0]
+    if s.n_features == s.total_active:
+        return selected, None
+    return selected, torch.cat([selected, torch.arange(s.total_active, s.total_nodes)]).to(s.device)
+
+
 def _assemble(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, visited: torch.Tensor,
               keep_on_device: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The square adjacency in circuit-tracer's order: selected features, errors, tokens, logits."""
     t = time.perf_counter()
-    selected = torch.where(visited)[0]
-    columns = None
-    if s.n_features < s.total_active:
-        columns = torch.cat([selected, torch.arange(s.total_active, s.total_nodes)]).to(s.device)
+    selected, columns = _final_columns(s, visited)
     order = torch.argsort(writer.row_to_node[: writer.st])
     n_final = s.n_features + (s.total_nodes - s.total_active)
     out_device = s.device if keep_on_device else torch.device("cpu")
@@ -446,12 +469,12 @@ def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, ve
     n_rows = s.n_features + s.n_logits
     # Room for the largest write: the feature loop's (the logit rows come in batch_size).
     spare = s.rows.block_rows(max(batch_size, s.rows.rows_per_write(batch_size, 4 * s.total_nodes)))
-    if edge_storage == "dense":
-        store: RowStore = DenseRows(n_rows, s.total_nodes, spare, s.device)
+    if run.ranks is not None and edge_storage == "dense" and not run.deterministic:
+        store: RowStore = _distributed.ShardedDenseRows(n_rows, s.total_nodes, spare, s.device, run.ranks)
+    elif edge_storage == "dense":
+        store = DenseRows(n_rows, s.total_nodes, spare, s.device)
     else:
         store = TopKRows(n_rows, s.total_nodes, s.n_logits, s.total_active, spare, topk or DEFAULT_TOPK, s.device)
-    if run.ranks is not None and edge_storage == "dense" and not run.deterministic:
-        store = _distributed.ShardedDenseRows(store, run.ranks)
     stream_influence = edge_storage == "topk" and s.n_features == s.total_active
     if stream_influence:
         store.stream_influence(s.targets.logit_probabilities.to(device=s.device, dtype=torch.float32))
@@ -461,7 +484,8 @@ def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, ve
                             verbose=verbose, stream_influence=stream_influence)  # fmt: skip
     if isinstance(store, _distributed.ShardedDenseRows):
         t = time.perf_counter()
-        has_graph = run.ranks.agree(lambda: store.gather_rows(writer.st, run.gather))
+        columns = _final_columns(s, visited)[1]
+        has_graph = run.ranks.agree(lambda: store.gather_rows(writer.st, run.gather, columns))
         run.timings["gather"] = time.perf_counter() - t
         if not has_graph:
             return None
@@ -571,7 +595,7 @@ def attribute(
     _report(run, s, time.perf_counter() - start, edge_storage)
     if ranks is not None:
         _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent, bytes_by_phase=dict(ranks.bytes_by_phase),
-                         matvecs=ranks.matvecs, rows_owned=ranks.rows_owned)  # fmt: skip
+                         rows_owned=ranks.rows_owned)  # fmt: skip
         if gather == "rank0" and ranks.rank != 0:
             return None
     return graph

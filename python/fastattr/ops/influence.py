@@ -63,7 +63,7 @@ NORMALIZE_EPS = 1e-10
 PARTIAL_EPS = 1e-8
 
 # Statuses of the compiled kernels (csrc/graph.h InfluenceStatus).
-_OK, _NO_CONVERGENCE, _NON_FINITE = 0, 1, 2
+_OK, _NO_CONVERGENCE, _NON_FINITE, _NEEDS_ROWS = 0, 1, 2, 3
 
 _F32 = (torch.float32,)
 
@@ -583,6 +583,56 @@ class PartialInfluenceState:
         if status == _NON_FINITE:
             _checks.check_finite(e, "edge_matrix")
         self._matrix, self.rows = (e.data_ptr(), e.stride(0)), st
+
+
+def grow_partial_rows(e: torch.Tensor, row_to_node: torch.Tensor, *, rows0: int, st0: int, row_sum: torch.Tensor,
+                      block: torch.Tensor) -> None:  # fmt: skip
+    """A partial-influence state over some rows of a split graph (host float32): ``e`` holds this
+    rank's rows, of which ``rows0`` onwards are new; ``row_to_node`` (st,) is every row's node, of
+    which ``st0`` onwards are new. Fills ``row_sum[rows0:]`` (float32 |sums|) and
+    ``block[r, t] = |e[r, row_to_node[t]]|`` for the new rows at every node column and the old rows
+    at the new ones. A non-finite row is a ValueError naming ``edge_matrix``."""
+    e = _checks.row_major(e, "edge_matrix")
+    idx = row_to_node.contiguous()
+    status = _ext.ext.partial_influence_grow_cpu(
+        e=e.data_ptr(), e_dtype=_ext.dtype_code(e), cols=e.shape[1], lde=_lda(e), row_to_node=idx.data_ptr(),
+        st0=st0, st=len(idx), row_sum=row_sum.data_ptr(), block=block.data_ptr(), ldb=block.stride(0),
+        rows0=rows0, rows=e.shape[0],
+    )  # fmt: skip
+    if status == _NON_FINITE:
+        _checks.check_finite(e[rows0:], "edge_matrix")
+
+
+def partial_coefficients(row_sum: torch.Tensor, block: torch.Tensor, logit_p: torch.Tensor, row_to_node: torch.Tensor,
+                         n_cols: int, *, max_iter: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The series of :func:`compute_partial_influences` on a state of all rows alone (host): float64
+    ``total_coef`` (rows,), the result being sum_r total_coef[r] |E_r|. With a second tensor, the
+    last allowed term was zero at every node column: the series converged iff that term, sum_r
+    last[r] |E_r|, is zero everywhere too, which only the rows' holders can tell. Raises
+    circuit-tracer's RuntimeError when it does not converge."""
+    rows = len(row_to_node)
+    idx = row_to_node.contiguous()
+    logit_p = logit_p.to(torch.float32).contiguous()
+    total, last = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    status = _ext.ext.partial_influence_coef_cpu(
+        rows=rows, cols=n_cols, logit_p=logit_p.data_ptr(), n_logits=logit_p.numel(), row_to_node=idx.data_ptr(),
+        total_coef=total.data_ptr(), last_coef=last.data_ptr(), max_iter=max_iter, eps=PARTIAL_EPS,
+        row_sum=row_sum.data_ptr(), block=block.data_ptr(), ldb=block.stride(0),
+    )  # fmt: skip
+    if status == _NO_CONVERGENCE:
+        raise _partial_converge_error()
+    return total, (last if status == _NEEDS_ROWS else None)
+
+
+def abs_weighted_row_sum(e: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_r coef[r] |e[r, :]| in float64 (host float32 ``e``, float64 ``coef``), summed as
+    :func:`compute_partial_influences` sums its result."""
+    e = _checks.row_major(e, "edge_matrix")
+    coef = coef.to(torch.float64).contiguous()
+    out = torch.empty(e.shape[1], dtype=torch.float64)
+    _ext.ext.abs_weighted_row_sum_cpu(e=e.data_ptr(), e_dtype=_ext.dtype_code(e), rows=e.shape[0], cols=e.shape[1],
+                                      lde=_lda(e), coef=coef.data_ptr(), out=out.data_ptr())  # fmt: skip
+    return out
 
 
 # The compiled kernels take float32, the dtype of circuit-tracer's edge matrix. Other dtypes (a
