@@ -25,9 +25,11 @@ import time
 # Timed calls per configuration; the fastest is reported (all of them are in the JSON).
 REPEAT = 3
 WORKLOAD = dict(n_layers=6, d_model=128, d_transcoder=512, n_pos=40, nodes=1200, batch_size=64)
+# A larger graph of the same kind (--workload large), where the sweeps outweigh the per-call setup.
+LARGE = dict(n_layers=6, d_model=256, d_transcoder=1024, n_pos=96, nodes=2400, batch_size=128)
 
 
-def worker(rank: int, world: int, port: str, smoke: bool) -> None:
+def worker(rank: int, world: int, port: str, smoke: bool, large: bool = False) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -35,7 +37,9 @@ def worker(rank: int, world: int, port: str, smoke: bool) -> None:
     from fastattr import synthetic
     from fastattr.attribution import driver
 
-    w = dict(WORKLOAD, n_layers=2, d_model=32, d_transcoder=64, n_pos=8, nodes=40, batch_size=8) if smoke else WORKLOAD
+    w = LARGE if large else WORKLOAD
+    if smoke:
+        w = dict(WORKLOAD, n_layers=2, d_model=32, d_transcoder=64, n_pos=8, nodes=40, batch_size=8)
     group = None
     if world > 0:
         import torch.distributed as dist
@@ -67,13 +71,14 @@ def worker(rank: int, world: int, port: str, smoke: bool) -> None:
                           "phases": {k: last[k] for k in ("precompute", "forward", "logits", "features", "gather", "assemble") if k in last}}))  # fmt: skip
 
 
-def launch(world: int, smoke: bool) -> dict:
+def launch(world: int, smoke: bool, large: bool = False) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     n = max(world, 1)
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), port] + (["--smoke"] if smoke else []),
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), port] + (["--smoke"] if smoke else [])
+                              + (["--workload", "large"] if large else []),
                               env=env, stdout=subprocess.PIPE, text=True) for r in range(n)]  # fmt: skip
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -86,17 +91,21 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="a tiny model, to check that the script runs")
+    ap.add_argument("--workload", choices=("issue", "large"), default="issue",
+                    help="issue 22's workload, or LARGE (d_model 256, 96 positions, 2,400 nodes)")
     ap.add_argument("--worker", nargs=3, default=None)
     args = ap.parse_args()
     if args.worker:
-        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.smoke)
+        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.smoke, args.workload == "large")
         return
     load = os.getloadavg()
-    result = {"workload": WORKLOAD, "loadavg_before": load, "one_process": launch(0, args.smoke), "ranks": {}}
+    large = args.workload == "large"
+    result = {"workload": LARGE if large else WORKLOAD, "loadavg_before": load, "one_process": launch(0, args.smoke, large),
+              "ranks": {}}  # fmt: skip
     base = result["one_process"]["seconds"]
     print(f"load {load[0]:.2f}; one process: {base:.2f}s ({result['one_process']['engine']} engine)")
     for r in args.ranks:
-        got = launch(r, args.smoke)
+        got = launch(r, args.smoke, large)
         # Rank 0 sends, per update, its share of the state (float32) and its full-width share of
         # the result (N float64); then its own rows at the graph's columns.
         n, got_b = got["n_cols"], got.get("bytes_by_phase_rank0", {})

@@ -293,3 +293,22 @@ def test_positions_below_contracts_only_a_prefix(backend, below):
     assert torch.equal(out[~owned].nan_to_num(7.0), before[~owned].nan_to_num(7.0))
     with pytest.raises(ValueError, match="positions_below: expected a non-negative integer"):
         plan(grads, out, positions_below=-1)
+
+
+def test_plan_takes_vectors_only_when_given_up_and_in_order():
+    # take_vectors lets a plan keep the caller's tensor (no copy of the largest input) where it is
+    # already in the plan's order; otherwise, or without it, the plan holds its own sorted copy.
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(6, 8, generator=gen)
+    grads = torch.randn(3, 4, 8, generator=gen)
+    rows = torch.tensor([4, 0, 2, 5, 1, 3])
+    for positions, take, kept in (([0, 0, 1, 2, 2, 3], True, True), ([0, 0, 1, 2, 2, 3], False, False),
+                                  ([2, 0, 1, 3, 2, 0], True, False)):  # fmt: skip
+        pos = torch.tensor(positions)
+        plan = ContractionPlan(vectors, pos, rows, take_vectors=take)
+        assert (plan.vectors.data_ptr() == vectors.data_ptr()) is kept
+        out = torch.zeros(6, 3)
+        plan(grads, out, backend="cpu")
+        want = torch.zeros(6, 3)
+        want[rows] = torch.einsum("sd,bsd->sb", vectors.double(), grads[:, pos].double()).float()
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

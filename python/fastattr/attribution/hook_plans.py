@@ -26,30 +26,42 @@ from fastattr._runtime import backends as _backends
 from fastattr.ops.contraction import ContractionPlan
 
 
-def _plan_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> ContractionPlan | None:
+def _plan_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> ContractionPlan | None:
+    """A plan over parts (source vectors, the source rows taken or None for all, positions, output
+    rows). Each part's vectors are gathered straight into the plan's position order: one copy of
+    the decoder rows (the largest input of a setup), not one per step."""
     if not parts:
         return None
     dtype = parts[0][0].dtype
     device = parts[0][0].device
-    vectors = torch.cat([v.to(dtype) for v, _, _ in parts])
-    positions = torch.cat([p.to(device=device, dtype=torch.int64) for _, p, _ in parts])
-    rows = torch.cat([r.to(device=device, dtype=torch.int64) for _, _, r in parts])
-    return ContractionPlan(vectors, positions, rows)
+    positions = torch.cat([p.to(device=device, dtype=torch.int64) for _, _, p, _ in parts])
+    rows = torch.cat([r.to(device=device, dtype=torch.int64) for _, _, _, r in parts])
+    order = torch.argsort(positions, stable=True)  # the plan's own order (it sorts stably by position)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(len(order), device=device)
+    vectors = torch.empty(len(order), parts[0][0].shape[1], dtype=dtype, device=device)
+    start = 0
+    for source, take, p, _ in parts:
+        picked = source if take is None else source.index_select(0, take.to(source.device))
+        vectors.index_copy_(0, slot[start : start + len(p)], picked.to(dtype))
+        start += len(p)
+    return ContractionPlan(vectors, positions[order], rows[order], take_vectors=True)
 
 
 def layer_plan(ctx: Any, layer: int, *, features: bool, errors: bool) -> ContractionPlan | None:
     """The feature decoder rows and/or error nodes that write at ``layer``."""
     n_layers, n_pos, _ = ctx.activation_matrix.shape
     n_features = ctx.activation_matrix._nnz()
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
     if features:
         nnz_layers, nnz_positions = ctx.decoder_locations
         mask = nnz_layers == layer
         if bool(mask.any()):
-            parts.append((ctx.decoder_vecs[mask], nnz_positions[mask], torch.as_tensor(ctx.encoder_to_decoder_map)[mask]))
+            take = torch.nonzero(mask).flatten()
+            parts.append((ctx.decoder_vecs, take, nnz_positions[take], torch.as_tensor(ctx.encoder_to_decoder_map)[take]))
     if errors:
         positions = torch.arange(n_pos, device=ctx.error_vectors.device)
-        parts.append((ctx.error_vectors[layer], positions, n_features + layer * n_pos + positions))
+        parts.append((ctx.error_vectors[layer], None, positions, n_features + layer * n_pos + positions))
     return _plan_from_parts(parts)
 
 
@@ -58,7 +70,7 @@ def token_plan(ctx: Any) -> ContractionPlan | None:
     n_layers, n_pos, _ = ctx.activation_matrix.shape
     positions = torch.arange(n_pos, device=ctx.token_vectors.device)
     start = ctx.activation_matrix._nnz() + n_layers * n_pos
-    return _plan_from_parts([(ctx.token_vectors, positions, start + positions)])
+    return _plan_from_parts([(ctx.token_vectors, None, positions, start + positions)])
 
 
 # ------------------------------------------------------------------------------------- routing

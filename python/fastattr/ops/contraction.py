@@ -136,7 +136,9 @@ class ContractionPlan:
     passes: its threads then own batch columns and add every tile in order, in one launch.
     """
 
-    def __init__(self, vectors: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
+    def __init__(self, vectors: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, *, take_vectors: bool = False):
+        """``take_vectors``: the caller gives ``vectors`` up, so that a plan whose vectors are
+        already in its order keeps that tensor instead of a copy (they are the largest input)."""
         check_tensor(vectors, "vectors", ndim=2, dtypes=DTYPES, unit_last_stride=True)
         check_tensor(positions, "positions", ndim=1, dtypes=INDEX_DTYPES)
         check_tensor(rows, "rows", ndim=1, dtypes=INDEX_DTYPES)
@@ -164,7 +166,8 @@ class ContractionPlan:
             self.n_passes = int(passes.max()) + 1
             within = torch.argsort(positions[order].to(torch.int64) * self.n_passes + passes, stable=True)
             order, passes = order[within], passes[within]
-        self.vectors = vectors[order].contiguous()
+        in_order = take_vectors and vectors.is_contiguous() and (n < 2 or bool((order[1:] > order[:-1]).all()))
+        self.vectors = vectors if in_order else vectors[order].contiguous()
         self._positions = positions[order].to(torch.int32).contiguous()
         self._rows = rows[order].to(torch.int32).contiguous()
         self._passes = passes.to(torch.int32).contiguous()
