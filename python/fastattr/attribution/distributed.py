@@ -2,14 +2,17 @@
 
 circuit-tracer's feature selection only changes between partial-influence updates: the batches of
 one phase (the logit rows, then each queue of features) are fixed before the phase starts. Every
-rank runs the setup, the batches of a phase are dealt round-robin over the ranks, and after the
-phase each batch's rows are broadcast from the rank that computed them and committed on every rank
-in the one-process order. Each batch is computed exactly as one process computes it, and every
-store then holds the one-process rows in the one-process order, so selection, partial influences,
-streamed node influence and pruning are those of one process, whatever the number of ranks.
+rank runs the setup, and each phase's rows are computed by one rank each, exactly as one process
+computes them. Two stores (see docs/distributed.md for the bytes):
 
-Rows travel once per phase (see docs/distributed.md for the bytes); the partial influences are
-computed on every rank, not split.
+- :class:`ShardedDenseRows` (dense storage, not deterministic): each rank keeps the rows it
+  computed; a partial-influence update all-gathers the ranks' pieces of one process's series state
+  (rows x rows), every rank runs one process's series, and each row's owner adds its rows' share
+  of the result; rows travel once, at the end, at the graph's columns.
+- the broadcast path (top-k storage, or ``deterministic=True``): after each phase each batch's
+  rows are broadcast from the rank that computed them and committed on every rank in the
+  one-process order, so every store holds the one-process rows in that order and everything
+  downstream is one process's, bitwise.
 """
 
 from __future__ import annotations
