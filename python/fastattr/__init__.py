@@ -26,6 +26,7 @@ from fastattr.ops.threshold import find_threshold
 from fastattr.ops.sparse_edges import SparseEdges
 from fastattr.ops.topk_edges import topk_edges
 from fastattr.attribution.driver import attribute  # noqa: I001 - after the graph ops it uses
+from fastattr.attribution.distributed import load_graph_shards
 from fastattr.patch import patch_circuit_tracer
 from fastattr.selftest import selftest
 
@@ -48,6 +49,7 @@ __all__ = [
     "find_threshold",
     "info",
     "last_backend",
+    "load_graph_shards",
     "normalize_matrix",
     "patch_circuit_tracer",
     "prune_graph",

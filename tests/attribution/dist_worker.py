@@ -19,6 +19,8 @@ CASES = [  # (transcoder, edge_storage, engine, deterministic)
     ("clt", "topk", "autograd", False),
     ("clt", "dense", "autograd", False),
 ]
+# Cases also written with gather="shards": the row-sharded store and the broadcast path.
+SHARDED = (0, 2)
 # After CASES each rank saves one more graph: circuit-tracer's attribute() under patch_circuit_tracer.
 PATCHED = ("clt", "dense", "patched circuit_tracer.attribute", False)
 
@@ -78,6 +80,21 @@ def main() -> int:
             handle.undo()
         results.append(summary(graph, prune_graph))
         torch.save(results, os.path.join(out, f"{mode}-{world}-{rank}.pt"))
+        if mode == "split":
+            # gather="shards" of the cases SHARDED, read back on rank 0 (the test compares them
+            # with the same case gathered to every rank).
+            loaded = []
+            for i in SHARDED:
+                transcoder, storage, engine, det = CASES[i]
+                shard_dir = os.path.join(out, f"shards-{world}-{i}")
+                none = fastattr.attribute(prompt, models[transcoder], batch_size=4, update_interval=2,
+                                          max_feature_nodes=20, edge_storage=storage, topk=16, engine=engine,
+                                          deterministic=det, process_group=group, gather="shards", shard_dir=shard_dir)
+                assert none is None
+                if rank == 0:
+                    loaded.append(summary(fastattr.load_graph_shards(shard_dir), prune_graph))
+            if rank == 0:
+                torch.save(loaded, os.path.join(out, f"shards-{world}-0.pt"))
         return 0
     except Exception as exc:
         with open(os.path.join(out, f"{mode}-{world}-{rank}.err"), "w") as f:

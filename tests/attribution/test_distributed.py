@@ -72,6 +72,35 @@ def test_split_graph_equals_one_process(runs, world):
                 assert float((a["adjacency"] - b["adjacency"]).abs().max()) <= 1e-6 * scale, case
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_load_as_the_gathered_graph(runs, world):
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import SHARDED
+
+    gathered = torch.load(runs / f"split-{world}-0.pt")
+    loaded = torch.load(runs / f"shards-{world}-0.pt")
+    assert len(loaded) == len(SHARDED)
+    for i, got in zip(SHARDED, loaded):
+        for key in ("selected", "adjacency", "node_mask", "edge_mask"):
+            assert torch.equal(gathered[i][key], got[key]), (i, key)
+    files = sorted(p.name for p in (runs / f"shards-{world}-{SHARDED[0]}").iterdir())
+    assert files == ["graph.pt"] + [f"rows-{r:05d}-of-{world:05d}.pt" for r in range(world)]
+
+
+def test_shards_arguments_and_incomplete_sets(tmp_path):
+    import fastattr
+    from fastattr.attribution import distributed
+
+    with pytest.raises(ValueError, match="process_group"):
+        distributed.check_group(None, "shards", tmp_path)
+    with pytest.raises(ValueError, match="shard_dir"):
+        distributed.check_group(None, "all", tmp_path)
+    with pytest.raises(ValueError, match="shard_dir"):
+        fastattr.load_graph_shards(tmp_path)
+    with pytest.raises(ValueError, match="gather"):  # circuit-tracer's attribute returns a Graph
+        fastattr.patch_circuit_tracer(attribute=True, process_group=object(), gather="shards")
+
+
 @pytest.mark.parametrize("mode", ["bad-input", "mid-phase"])
 def test_failing_rank_ends_every_rank(tmp_path, mode):
     world = 3 if mode == "mid-phase" else 2

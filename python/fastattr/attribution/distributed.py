@@ -18,7 +18,9 @@ computes them. Two stores (see docs/distributed.md for the bytes):
 from __future__ import annotations
 
 import logging
+import os
 import traceback
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -26,17 +28,27 @@ import torch
 
 logger = logging.getLogger("fastattr")
 
-GATHER = ("all", "rank0")
+GATHER = ("all", "rank0", "shards")
+# Files of gather="shards" in shard_dir: each rank's rows, then the graph without them (written last).
+GRAPH_FILE = "graph.pt"
+ROWS_FILE = "rows-{rank:05d}-of-{world:05d}.pt"
 
 
 class RankFailed(RuntimeError):
     """Another rank raised; carries its rank and message."""
 
 
-def check_group(process_group: Any, gather: Any) -> Any:
-    """``process_group`` validated (None: no distribution)."""
+def check_group(process_group: Any, gather: Any, shard_dir: Any = None) -> Any:
+    """``process_group`` validated (None: no distribution), with ``gather`` and ``shard_dir``."""
     if gather not in GATHER:
         raise ValueError(f"gather: expected one of {', '.join(map(repr, GATHER))}, got {gather!r}")
+    if gather == "shards":
+        if process_group is None:
+            raise ValueError("gather: 'shards' writes one file per rank of a process_group; got process_group=None")
+        if not isinstance(shard_dir, (str, os.PathLike)):
+            raise TypeError(f"shard_dir: expected a directory path with gather='shards', got {type(shard_dir).__name__}")
+    elif shard_dir is not None:
+        raise ValueError(f"shard_dir: expected None unless gather='shards', got {shard_dir!r} with gather={gather!r}")
     if process_group is None:
         return None
     import torch.distributed as dist
@@ -290,6 +302,13 @@ class ShardedDenseRows:
             raise _influence._partial_converge_error()
         return self._combine(self._own_total(total_coef)).float()
 
+    def own_rows(self, st: int, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global index, rows at ``columns``) of the rows this rank computed, in index order."""
+        idx = torch.nonzero(self.owner[:st] == self.ranks.rank).flatten()
+        local = self.local[idx].to(self.edges.device)
+        rows = self.edges[local] if columns is None else self.edges[local[:, None], columns[None, :]]
+        return idx, rows
+
     def gather_rows(self, st: int, gather: str, columns: torch.Tensor | None) -> bool:
         """Every rank's rows, at ``columns`` only (the graph's; None: all), onto every rank
         (``"all"``) or rank 0 (``"rank0"``); whether this rank now holds them (:meth:`rows`)."""
@@ -304,8 +323,7 @@ class ShardedDenseRows:
             if not len(idx):
                 continue
             if src == r.rank:
-                local = self.local[idx].to(edges.device)
-                mine = edges[local] if columns is None else edges[local[:, None], columns[None, :]]
+                mine = self.own_rows(st, columns)[1]
                 if receives:
                     self.gathered[idx.to(edges.device)] = mine
                 if gather == "all" or src != 0:
@@ -332,3 +350,67 @@ class ShardedDenseRows:
         if self.gathered is None:
             raise RuntimeError("ShardedDenseRows.rows: gather_rows first")
         return self.gathered[index.to(self.gathered.device)], None
+
+
+# ------------------------------------------------------------------------------------ shard files
+
+
+def _save_whole(obj: Any, path: Path) -> None:
+    """torch.save through a temporary and a rename: a file under its final name is whole."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def clear_shards(shard_dir: str | os.PathLike) -> None:
+    """Rank 0, before any rank writes: the directory without an earlier run's files."""
+    d = Path(shard_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for f in [d / GRAPH_FILE, *d.glob("rows-*-of-*.pt")]:
+        f.unlink(missing_ok=True)
+
+
+def write_rows(shard_dir: str | os.PathLike, ranks: Ranks, rows: torch.Tensor, final_rows: torch.Tensor, n_final: int) -> None:
+    """This rank's rows of the final adjacency (``final_rows`` says which), for :func:`load_graph_shards`."""
+    path = Path(shard_dir) / ROWS_FILE.format(rank=ranks.rank, world=ranks.size)
+    _save_whole({"rows": rows.cpu(), "final_rows": final_rows.cpu(), "n_final": n_final}, path)
+
+
+def write_graph(shard_dir: str | os.PathLike, graph: Any) -> None:
+    """Rank 0, after every rank wrote its rows: the graph (its adjacency empty when the rows are in
+    the rank files), circuit-tracer's ``Graph.to_pt`` format. Its presence marks a whole set."""
+    path = Path(shard_dir) / GRAPH_FILE
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    graph.to_pt(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_graph_shards(shard_dir: str | os.PathLike) -> Any:
+    """The circuit-tracer ``Graph`` that ``fastattr.attribute(..., gather="shards",
+    shard_dir=shard_dir)`` wrote over its ranks: the graph file with every rank's rows put back in
+    its adjacency. ValueError naming ``shard_dir`` when the set is not whole."""
+    from circuit_tracer.graph import Graph
+
+    d = Path(shard_dir)
+    meta = d / GRAPH_FILE
+    if not meta.is_file():
+        raise ValueError(f"shard_dir: expected {meta} (written last by attribute(gather='shards')), got no such file")
+    graph = Graph.from_pt(str(meta))
+    if graph.adjacency_matrix.numel():
+        return graph  # the broadcast path: rank 0 held the whole graph
+    files = sorted(d.glob("rows-*-of-*.pt"))
+    worlds = {int(f.stem.split("-of-")[1]) for f in files}
+    if len(worlds) != 1:
+        raise ValueError(f"shard_dir: expected the row files of one run, got files for {sorted(worlds) or 'no'} ranks in {d}")
+    world = worlds.pop()
+    found = {int(f.stem.split("-")[1]) for f in files}
+    if found != set(range(world)):
+        raise ValueError(f"shard_dir: expected rows of ranks 0..{world - 1} in {d}, missing {sorted(set(range(world)) - found)}")
+    adjacency = None
+    for f in files:
+        part = torch.load(f, weights_only=True)
+        if adjacency is None:
+            adjacency = torch.zeros(part["n_final"], part["n_final"])
+        adjacency[part["final_rows"]] = part["rows"]
+    graph.adjacency_matrix = adjacency
+    return graph

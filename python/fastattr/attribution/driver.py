@@ -157,8 +157,9 @@ class _Run:
     ranks: Any = None
     # Rows each partial-influence update read: for the benchmarks' floor model.
     influence_rows: list = field(default_factory=list)
-    # Where the graph is assembled with a process group: "all" ranks or "rank0".
+    # Where the graph goes with a process group: "all" ranks, "rank0", or "shards" (files in shard_dir).
     gather: str = "all"
+    shard_dir: Any = None
 
     def offload(self, how: str | None, phase: int) -> None:
         if how:
@@ -429,6 +430,16 @@ def _final_columns(s: _Setup, visited: torch.Tensor) -> tuple[torch.Tensor, torc
     return selected, torch.cat([selected, torch.arange(s.total_active, s.total_nodes)]).to(s.device)
 
 
+def _final_rows(s: _Setup, writer: _RowWriter) -> torch.Tensor:
+    """The row of the square adjacency that each written row becomes (see :func:`_assemble`)."""
+    order = torch.argsort(writer.row_to_node[: writer.st])
+    n_final = s.n_features + (s.total_nodes - s.total_active)
+    dest = torch.cat([torch.arange(s.n_features), torch.arange(n_final - s.n_logits, n_final)]).to(order.device)
+    final = torch.empty_like(order)
+    final[order] = dest
+    return final
+
+
 def _assemble(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, visited: torch.Tensor,
               keep_on_device: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The square adjacency in circuit-tracer's order: selected features, errors, tokens, logits."""
@@ -484,7 +495,18 @@ def _all_rows(run: _Run, s: _Setup, *, batch_size: int, update_interval: int, ve
                             verbose=verbose, stream_influence=stream_influence)  # fmt: skip
     if isinstance(store, _distributed.ShardedDenseRows):
         t = time.perf_counter()
-        columns = _final_columns(s, visited)[1]
+        selected, columns = _final_columns(s, visited)
+        if run.gather == "shards":  # each rank's rows to its own file; the graph file holds the rest
+            final = _final_rows(s, writer)
+
+            def write() -> None:
+                idx, rows = store.own_rows(writer.st, columns)
+                n_final = s.n_features + s.total_nodes - s.total_active
+                _distributed.write_rows(run.shard_dir, run.ranks, rows, final[idx.to(final.device)], n_final)
+
+            run.ranks.agree(write)
+            run.timings["gather"] = time.perf_counter() - t
+            return _Rows(selected, torch.empty(0, 0), torch.empty(0), None)
         has_graph = run.ranks.agree(lambda: store.gather_rows(writer.st, run.gather, columns))
         run.timings["gather"] = time.perf_counter() - t
         if not has_graph:
@@ -534,7 +556,8 @@ def attribute(
     engine: Literal["auto", "linear", "autograd"] = "auto",
     deterministic: bool | None = None,
     process_group: Any = None,
-    gather: Literal["all", "rank0"] = "all",
+    gather: Literal["all", "rank0", "shards"] = "all",
+    shard_dir: str | os.PathLike | None = None,
 ):
     """Compute an attribution graph for ``prompt``: circuit-tracer's ``attribute``, fast.
 
@@ -559,15 +582,20 @@ def attribute(
             batches of each phase are split over them and the graph is the one-process graph.
             None: this process alone. See docs/distributed.md.
         gather: with a process group, "all" returns the graph on every rank, "rank0" on rank 0
-            only (the others return None).
+            only (the others return None), "shards" writes it to ``shard_dir`` without gathering
+            the rows anywhere (each rank its own rows; every rank returns None):
+            :func:`fastattr.load_graph_shards` reads it back as one ``Graph``.
+        shard_dir: the directory of gather="shards" (created; an earlier run's files in it are
+            removed).
     """
-    group = _distributed.check_group(process_group, gather)
+    group = _distributed.check_group(process_group, gather, shard_dir)
     ranks = None if group is None else _distributed.Ranks(group)
     checks = lambda: (_validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk,  # noqa: E731
                                 max_n_logits, engine), ct.require_api(model))  # fmt: skip
     checks() if ranks is None else ranks.agree(checks)
     run = _Run(model, verbose, deterministic=_backends.deterministic(deterministic),
-               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks, gather=gather)  # fmt: skip
+               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks, gather=gather,
+               shard_dir=shard_dir)  # fmt: skip
     start = time.perf_counter()
     try:
         chosen = _choose_engine(model, engine)
@@ -576,6 +604,8 @@ def attribute(
                    else "rows kept on their rank, partial influences split by rows")  # fmt: skip
             logger.info("fastattr.attribute: %r, %s engine, batches of each phase dealt round-robin, %s",
                         ranks, chosen, how)  # fmt: skip
+            if gather == "shards":  # a clean directory before any rank writes into it
+                ranks.agree(lambda: _distributed.clear_shards(shard_dir) if ranks.rank == 0 else None)
         # Only circuit-tracer's backward passes go through its contexts' (patched) hooks.
         with context_hooks.contraction_patch() if chosen == "autograd" else contextlib.nullcontext():
             setup = lambda: _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,  # noqa: E731
@@ -596,6 +626,11 @@ def attribute(
     if ranks is not None:
         _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent, bytes_by_phase=dict(ranks.bytes_by_phase),
                          rows_owned=ranks.rows_owned)  # fmt: skip
+        if gather == "shards":
+            # Written last, once every rank's rows are (the rows phase ended in a collective).
+            ranks.agree(lambda: _distributed.write_graph(shard_dir, graph) if ranks.rank == 0 else None)
+            logger.info("fastattr.attribute: graph written to %s (fastattr.load_graph_shards reads it)", shard_dir)
+            return None
         if gather == "rank0" and ranks.rank != 0:
             return None
     return graph
