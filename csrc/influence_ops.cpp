@@ -103,19 +103,28 @@ PartialState partial_state(std::uintptr_t row_sum, std::uintptr_t block, std::in
   return PartialState{as_ptr<float>(row_sum), as_ptr<float>(block), ldb};
 }
 
+// The arguments both partial-influence series share: the logits seeded in the last n_logits of
+// cols columns, each of the rows' node, the stopping rule's max_iter and the sums' floor eps.
+const std::int64_t* checked_series_args(std::int64_t rows, std::int64_t cols, std::uintptr_t logit_p,
+                                        std::int64_t n_logits, std::uintptr_t row_to_node, std::int64_t max_iter,
+                                        float eps) {
+  if (n_logits < 0 || n_logits > cols) fail("logit_p: expected at most ", cols, " entries, got ", n_logits);
+  check_nonnull(logit_p, n_logits, "logit_p");
+  check_nonnull(row_to_node, rows, "row_to_node_index");
+  check_eps(eps);
+  check_max_iter(max_iter);
+  const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
+  check_row_to_node(idx, rows, cols);
+  return idx;
+}
+
 int partial_influence(std::uintptr_t e, int e_dtype, std::int64_t rows, std::int64_t cols, std::int64_t lde,
                       std::uintptr_t logit_p, std::int64_t n_logits, std::uintptr_t row_to_node, std::uintptr_t out,
                       std::int64_t max_iter, float eps, std::uintptr_t row_sum, std::uintptr_t block,
                       std::int64_t ldb) {
   check_matrix(e, e_dtype, rows, cols, lde, "edge_matrix");
-  if (n_logits < 0 || n_logits > cols) fail("logit_p: expected at most ", cols, " entries, got ", n_logits);
-  check_nonnull(logit_p, n_logits, "logit_p");
-  check_nonnull(row_to_node, rows, "row_to_node_index");
   check_nonnull(out, cols, "out");
-  check_eps(eps);
-  check_max_iter(max_iter);
-  const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
-  check_row_to_node(idx, rows, cols);
+  const std::int64_t* idx = checked_series_args(rows, cols, logit_p, n_logits, row_to_node, max_iter, eps);
   if ((row_sum == 0) != (block == 0)) fail("row_sum, block: expected both or neither");
   PartialState state{};
   if (block != 0) state = partial_state(row_sum, block, ldb, rows);
@@ -145,15 +154,9 @@ int partial_influence_coef(std::int64_t rows, std::int64_t cols, std::uintptr_t 
                            std::int64_t max_iter, float eps, std::uintptr_t row_sum, std::uintptr_t block,
                            std::int64_t ldb) {
   if (rows < 0 || cols < rows) fail("rows, cols: expected 0 <= rows <= cols, got ", rows, ", ", cols);
-  if (n_logits < 0 || n_logits > cols) fail("logit_p: expected at most ", cols, " entries, got ", n_logits);
-  check_nonnull(logit_p, n_logits, "logit_p");
-  check_nonnull(row_to_node, rows, "row_to_node_index");
   check_nonnull(total_coef, rows, "total_coef");
   check_nonnull(last_coef, rows, "last_coef");
-  check_eps(eps);
-  check_max_iter(max_iter);
-  const std::int64_t* idx = as_ptr<const std::int64_t>(row_to_node);
-  check_row_to_node(idx, rows, cols);
+  const std::int64_t* idx = checked_series_args(rows, cols, logit_p, n_logits, row_to_node, max_iter, eps);
   const PartialState state = partial_state(row_sum, block, ldb, rows);
   py::gil_scoped_release nogil;
   return partial_influence_coef_cpu(rows, cols, as_ptr<const float>(logit_p), n_logits, idx, as_ptr<double>(total_coef),
