@@ -140,12 +140,12 @@ class ShardedDenseRows:
 
     A rank's rows sit compact in its own (rows it owns, N) matrix, so memory and the series' reads
     shrink with R, and nothing row-sized travels during attribution. Every rank records which rank
-    owns each row. The partial influences are circuit-tracer's power series with each term a mat-vec
-    split by rows: a rank multiplies its own rows, and the partial vectors are all-gathered and
-    summed in rank order, so every rank ranks the same features. Sums are ordered by rank, not as
-    one process orders them: equal to one process to float64 rounding of float32 terms, not
-    bitwise (``deterministic=True`` takes the broadcast path). At the end only the graph's columns
-    of each row travel (:meth:`gather_rows`).
+    owns each row. A partial-influence update all-gathers the ranks' pieces of one process's
+    rows x rows series state, every rank runs one process's series on it (the same coefficients,
+    bitwise), and each owner adds its rows' full-width share of the result; the shares are summed
+    in rank order, so every rank ranks the same features, equal to one process to float64
+    rounding, not bitwise (``deterministic=True`` takes the broadcast path). At the end only the
+    graph's columns of each row travel (:meth:`gather_rows`), or none (:meth:`own_rows` to files).
     """
 
     def __init__(self, n_rows: int, n_cols: int, spare: int, device: torch.device, ranks: Ranks):
