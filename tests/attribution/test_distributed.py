@@ -99,6 +99,8 @@ def test_shards_arguments_and_incomplete_sets(tmp_path):
         fastattr.load_graph_shards(tmp_path)
     with pytest.raises(ValueError, match="gather"):  # circuit-tracer's attribute returns a Graph
         fastattr.patch_circuit_tracer(attribute=True, process_group=object(), gather="shards")
+    with pytest.raises(ValueError, match="gather"):
+        fastattr.patch_circuit_tracer(attribute=True, gather="shards")
 
 
 @pytest.mark.parametrize("mode", ["bad-input", "mid-phase"])

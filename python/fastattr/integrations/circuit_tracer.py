@@ -309,12 +309,12 @@ def patch_circuit_tracer(
     """
     if process_group is not None and not attribute:
         raise ValueError(f"process_group: expected attribute=True to route attribute() over the group, got attribute={attribute!r}")
+    if gather == "shards":
+        raise ValueError("gather: expected 'all' or 'rank0' under patch_circuit_tracer (circuit-tracer's "
+                         "attribute returns a Graph), got 'shards'")  # fmt: skip
     if process_group is not None:
         from fastattr.attribution import distributed as _distributed
 
-        if gather == "shards":
-            raise ValueError("gather: expected 'all' or 'rank0' under patch_circuit_tracer (circuit-tracer's "
-                             "attribute returns a Graph), got 'shards'")  # fmt: skip
         _distributed.check_group(process_group, gather)
     if attribute and not contraction:
         raise ValueError("attribute: expected contraction=True as well (fastattr.attribute writes through the patched hooks)")
