@@ -87,6 +87,26 @@ def test_shards_load_as_the_gathered_graph(runs, world):
     assert files == ["graph.pt"] + [f"rows-{r:05d}-of-{world:05d}.pt" for r in range(world)]
 
 
+def test_incomplete_shard_sets_are_refused(runs, tmp_path):
+    import shutil
+
+    import fastattr
+
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import SHARDED
+
+    broken = tmp_path / "missing-rank"
+    shutil.copytree(runs / f"shards-3-{SHARDED[0]}", broken)
+    (broken / "rows-00001-of-00003.pt").unlink()
+    with pytest.raises(ValueError, match=r"shard_dir: .*missing \[1\]"):
+        fastattr.load_graph_shards(broken)
+    mixed = tmp_path / "two-runs"
+    shutil.copytree(runs / f"shards-3-{SHARDED[0]}", mixed)
+    shutil.copy(runs / f"shards-2-{SHARDED[0]}" / "rows-00000-of-00002.pt", mixed)
+    with pytest.raises(ValueError, match="shard_dir: expected the row files of one run"):
+        fastattr.load_graph_shards(mixed)
+
+
 def test_shards_arguments_and_incomplete_sets(tmp_path):
     import fastattr
     from fastattr.attribution import distributed
@@ -95,6 +115,12 @@ def test_shards_arguments_and_incomplete_sets(tmp_path):
         distributed.check_group(None, "shards", tmp_path)
     with pytest.raises(ValueError, match="shard_dir"):
         distributed.check_group(None, "all", tmp_path)
+    group = object()  # the shard_dir checks come before the group's
+    with pytest.raises(TypeError, match="shard_dir"):
+        distributed.check_group(group, "shards", 7)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="shard_dir: expected a directory"):
+        distributed.check_group(group, "shards", tmp_path / "a-file")
     with pytest.raises(ValueError, match="shard_dir"):
         fastattr.load_graph_shards(tmp_path)
     with pytest.raises(ValueError, match="gather"):  # circuit-tracer's attribute returns a Graph

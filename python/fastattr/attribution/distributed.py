@@ -47,6 +47,8 @@ def check_group(process_group: Any, gather: Any, shard_dir: Any = None) -> Any:
             raise ValueError("gather: 'shards' writes one file per rank of a process_group; got process_group=None")
         if not isinstance(shard_dir, (str, os.PathLike)):
             raise TypeError(f"shard_dir: expected a directory path with gather='shards', got {type(shard_dir).__name__}")
+        if Path(shard_dir).exists() and not Path(shard_dir).is_dir():
+            raise ValueError(f"shard_dir: expected a directory (it is created if missing), got the file {shard_dir}")
     elif shard_dir is not None:
         raise ValueError(f"shard_dir: expected None unless gather='shards', got {shard_dir!r} with gather={gather!r}")
     if process_group is None:
