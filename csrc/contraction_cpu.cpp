@@ -842,9 +842,12 @@ void contract_cpu_impl(const ContractionArgs& a, bool deterministic) {
       for (std::int64_t chunk = c_lo; chunk < c_lo + chunks_per_task; ++chunk) {
         const std::int64_t b0 = chunk * kBatchChunk;
         const std::int64_t b1 = std::min(a.B, b0 + kBatchChunk);
+        // A chunk of at most 16 columns never takes the 32-wide kernel, so its panel is packed 16
+        // wide: half the packing stores, which dominate when positions hold few vectors.
+        const std::int64_t pw = b1 - b0 <= kPanelColumnStep ? kPanelColumnStep : kBatchChunk;
         for (std::int64_t t = run_first[run]; t < run_first[run + 1]; ++t) {
           if (te[t] == ts[t]) continue;
-          runner.run(ts[t], te[t] - ts[t], tp[t], b0, b1 - b0, kBatchChunk, a.atomic);
+          runner.run(ts[t], te[t] - ts[t], tp[t], b0, b1 - b0, pw, a.atomic);
         }
       }
     }
