@@ -59,6 +59,8 @@ def worker(rank: int, world: int, port: str, smoke: bool, large: bool = False) -
         runs.append(time.perf_counter() - t)
     seconds = min(runs)
     last = dict(driver._LAST_RUN)
+    if group is not None:
+        dist.destroy_process_group()
     if rank == 0:
         n_cols = graph.active_features.shape[0] + (w["n_layers"] + 1) * w["n_pos"] + len(graph.logit_targets)
         rows = len(graph.selected_features) + len(graph.logit_targets)

@@ -100,6 +100,11 @@ def main() -> int:
         with open(os.path.join(out, f"{mode}-{world}-{rank}.err"), "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         return 3
+    finally:
+        # A group left to the interpreter's exit can abort there (gloo's threads outlive it), as
+        # torch warns: every rank ends its group, whether it returns or raises.
+        if group is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
