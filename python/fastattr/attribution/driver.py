@@ -431,7 +431,8 @@ def _final_columns(s: _Setup, visited: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _final_rows(s: _Setup, writer: _RowWriter) -> torch.Tensor:
-    """The row of the square adjacency that each written row becomes (see :func:`_assemble`)."""
+    """The row of the square adjacency that each written row becomes: rows sorted by node are
+    [features ascending, logits], and in the square matrix the logits go last."""
     order = torch.argsort(writer.row_to_node[: writer.st])
     n_final = s.n_features + (s.total_nodes - s.total_active)
     dest = torch.cat([torch.arange(s.n_features), torch.arange(n_final - s.n_logits, n_final)]).to(order.device)
@@ -445,17 +446,16 @@ def _assemble(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, visited
     """The square adjacency in circuit-tracer's order: selected features, errors, tokens, logits."""
     t = time.perf_counter()
     selected, columns = _final_columns(s, visited)
-    order = torch.argsort(writer.row_to_node[: writer.st])
+    final = _final_rows(s, writer)
     n_final = s.n_features + (s.total_nodes - s.total_active)
     out_device = s.device if keep_on_device else torch.device("cpu")
     adjacency = torch.zeros(n_final, n_final, device=out_device)
-    # Sorted rows are [features ascending, logits]; in the square matrix the logits go last.
-    dest = torch.cat([torch.arange(s.n_features), torch.arange(n_final - s.n_logits, n_final)])
     row_abs_sum = torch.zeros(n_final, device=out_device)
     row_block = max(1, _BLOCK_BYTES // (4 * n_final))
-    for r0 in range(0, len(order), row_block):
-        block, sums = store.rows(order[r0 : r0 + row_block], columns)
-        where = dest[r0 : r0 + row_block].to(out_device)
+    for r0 in range(0, writer.st, row_block):
+        index = torch.arange(r0, min(writer.st, r0 + row_block), device=final.device)
+        block, sums = store.rows(index, columns)
+        where = final[index].to(out_device)
         adjacency[where] = block.to(out_device)
         if sums is not None:
             row_abs_sum[where] = sums.to(out_device)
