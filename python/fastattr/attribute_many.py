@@ -154,6 +154,12 @@ def run(args: Any) -> int:
                 # Every rank finishes one prompt per round, except on the last round.
                 bar.update(min(size, len(todo) - k * size))
         bar.close()
+        if ranks is not None:
+            ranks.settle()
+    except BaseException:
+        if ranks is not None and ranks.failed_together:  # every rank is raising: end together
+            ranks.settle()
+        raise
     finally:
         if ranks is not None:
             ranks.dist.destroy_process_group()

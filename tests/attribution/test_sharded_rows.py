@@ -130,3 +130,24 @@ def test_gather_keeps_only_the_graph_columns(ranks):
     got, sums = store.rows(index, columns)
     assert sums is None and torch.equal(got, edges[index][:, columns])
     assert ranks.bytes_by_phase["gather"] == 0  # one rank sends nothing
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["returns", "every-rank-raises"])
+def test_call_ends_in_a_barrier_once_every_rank_is_done(ranks, bad, monkeypatch):
+    # Ranks.settle's barrier is what keeps gloo's workers from releasing the last collective's
+    # tensors during interpreter exit (an abort, exit -6): it must end every call that ends on
+    # all ranks, returning or raising together.
+    import fastattr
+    from fastattr import synthetic
+
+    settled = []
+    monkeypatch.setattr(distributed.Ranks, "settle", lambda self: settled.append(self.failed_together))
+    model = synthetic.make_replacement_model(transcoder="plt", n_layers=2, d_model=16, d_transcoder=32, seed=0)
+    prompt = synthetic.random_prompt(5, seed=1)
+    if bad:
+        with pytest.raises(ValueError, match="batch_size"):
+            fastattr.attribute(prompt, model, batch_size=0, process_group=ranks.group)
+        assert settled == [True]
+    else:
+        graph = fastattr.attribute(prompt, model, batch_size=4, max_feature_nodes=8, process_group=ranks.group)
+        assert graph is not None and settled == [False]

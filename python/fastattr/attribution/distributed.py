@@ -84,6 +84,8 @@ class Ranks:
         # series' state and of each result), "gather" (its rows at the end).
         self.bytes_by_phase = {"influence": 0, "gather": 0}
         self.rows_owned = 0
+        # True once every rank knows the call failed (agree's messages): ending then is collective too.
+        self.failed_together = False
 
     def __repr__(self) -> str:
         return f"rank {self.rank} of {self.size} ({self.dist.get_backend(self.group)})"
@@ -103,12 +105,24 @@ class Ranks:
         message = None if error is None else f"{type(error).__name__}: {error}"
         messages: list = [None] * self.size
         self.dist.all_gather_object(messages, message, group=self.group)
+        self.failed_together = any(m is not None for m in messages)
         if error is not None:
             raise error
         for r, m in enumerate(messages):
             if m is not None:
                 raise RankFailed(f"fastattr.attribute: rank {r} of {self.size} failed: {m}")
         return result
+
+    def settle(self) -> None:
+        """A last barrier, so that gloo's worker threads have released the call's tensors before it
+        returns. A worker releases a finished collective's tensors after the caller has resumed, and
+        releasing them takes the GIL; if the interpreter is exiting by then, the thread is ended
+        inside C++ and the process aborts ("terminate called without an active exception", exit
+        -6). That happens whenever something keeps the group alive past destroy_process_group:
+        importing transformers' modeling code after init_process_group does (torch.distributed.fsdp
+        binds the default group in function defaults). The barrier's enqueue waits for the worker
+        to finish the previous collective, tensors included, and the wait gives up the GIL."""
+        self.dist.barrier(group=self.group)
 
     def share(self, rows: torch.Tensor | None, shape: tuple[int, int], owner: int, like: torch.Tensor) -> torch.Tensor:
         """The rows a batch's owner computed, on every rank."""

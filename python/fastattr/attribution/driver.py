@@ -590,50 +590,56 @@ def attribute(
     """
     group = _distributed.check_group(process_group, gather, shard_dir)
     ranks = None if group is None else _distributed.Ranks(group)
-    checks = lambda: (_validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk,  # noqa: E731
-                                max_n_logits, engine), ct.require_api(model))  # fmt: skip
-    checks() if ranks is None else ranks.agree(checks)
-    run = _Run(model, verbose, deterministic=_backends.deterministic(deterministic),
-               profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks, gather=gather,
-               shard_dir=shard_dir)  # fmt: skip
-    start = time.perf_counter()
     try:
-        chosen = _choose_engine(model, engine)
+        checks = lambda: (_validate(prompt, batch_size, max_feature_nodes, update_interval, edge_storage, topk,  # noqa: E731
+                                    max_n_logits, engine), ct.require_api(model))  # fmt: skip
+        checks() if ranks is None else ranks.agree(checks)
+        run = _Run(model, verbose, deterministic=_backends.deterministic(deterministic),
+                   profile=verbose or os.environ.get("FASTATTR_PROFILE") == "1", ranks=ranks, gather=gather,
+                   shard_dir=shard_dir)  # fmt: skip
+        start = time.perf_counter()
+        try:
+            chosen = _choose_engine(model, engine)
+            if ranks is not None:
+                how = ("rows broadcast after each phase" if edge_storage == "topk" or run.deterministic
+                       else "rows kept on their rank, partial influences split by rows")  # fmt: skip
+                logger.info("fastattr.attribute: %r, %s engine, batches of each phase dealt round-robin, %s",
+                            ranks, chosen, how)  # fmt: skip
+                if gather == "shards":  # a clean directory before any rank writes into it
+                    ranks.agree(lambda: _distributed.clear_shards(shard_dir) if ranks.rank == 0 else None)
+            # Only circuit-tracer's backward passes go through its contexts' (patched) hooks.
+            with context_hooks.contraction_patch() if chosen == "autograd" else contextlib.nullcontext():
+                setup = lambda: _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,  # noqa: E731
+                                       attribution_targets=attribution_targets, max_n_logits=max_n_logits,
+                                       desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes)  # fmt: skip
+                s = setup() if ranks is None else ranks.agree(setup)
+                rows = _all_rows(run, s, batch_size=batch_size, update_interval=update_interval, verbose=verbose,
+                                 edge_storage=edge_storage, topk=topk, keep_on_device=keep_on_device)  # fmt: skip
+            graph = None if rows is None else _graph(model, s, rows)
+            if graph is not None and edge_storage == "topk":
+                # Pruning a top-k graph needs its exact row sums; recorded so that they also survive
+                # circuit-tracer's Graph.to_pt / from_pt.
+                pruning.record_topk(graph, rows.row_abs_sum, rows.node_influence)
+        finally:
+            for reload in run.offload_handles:
+                reload()
+        _report(run, s, time.perf_counter() - start, edge_storage)
         if ranks is not None:
-            how = ("rows broadcast after each phase" if edge_storage == "topk" or run.deterministic
-                   else "rows kept on their rank, partial influences split by rows")  # fmt: skip
-            logger.info("fastattr.attribute: %r, %s engine, batches of each phase dealt round-robin, %s",
-                        ranks, chosen, how)  # fmt: skip
-            if gather == "shards":  # a clean directory before any rank writes into it
-                ranks.agree(lambda: _distributed.clear_shards(shard_dir) if ranks.rank == 0 else None)
-        # Only circuit-tracer's backward passes go through its contexts' (patched) hooks.
-        with context_hooks.contraction_patch() if chosen == "autograd" else contextlib.nullcontext():
-            setup = lambda: _setup(run, prompt, chosen=chosen, batch_size=batch_size, offload=offload,  # noqa: E731
-                                   attribution_targets=attribution_targets, max_n_logits=max_n_logits,
-                                   desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes)  # fmt: skip
-            s = setup() if ranks is None else ranks.agree(setup)
-            rows = _all_rows(run, s, batch_size=batch_size, update_interval=update_interval, verbose=verbose,
-                             edge_storage=edge_storage, topk=topk, keep_on_device=keep_on_device)  # fmt: skip
-        graph = None if rows is None else _graph(model, s, rows)
-        if graph is not None and edge_storage == "topk":
-            # Pruning a top-k graph needs its exact row sums; recorded so that they also survive
-            # circuit-tracer's Graph.to_pt / from_pt.
-            pruning.record_topk(graph, rows.row_abs_sum, rows.node_influence)
-    finally:
-        for reload in run.offload_handles:
-            reload()
-    _report(run, s, time.perf_counter() - start, edge_storage)
-    if ranks is not None:
-        _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent, bytes_by_phase=dict(ranks.bytes_by_phase),
-                         rows_owned=ranks.rows_owned)  # fmt: skip
-        if gather == "shards":
-            # Written last, once every rank's rows are (the rows phase ended in a collective).
-            ranks.agree(lambda: _distributed.write_graph(shard_dir, graph) if ranks.rank == 0 else None)
-            logger.info("fastattr.attribute: graph written to %s (fastattr.load_graph_shards reads it)", shard_dir)
-            return None
-        if gather == "rank0" and ranks.rank != 0:
-            return None
-    return graph
+            _LAST_RUN.update(ranks=ranks.size, bytes_sent=ranks.bytes_sent, bytes_by_phase=dict(ranks.bytes_by_phase),
+                             rows_owned=ranks.rows_owned)  # fmt: skip
+            if gather == "shards":
+                # Written last, once every rank's rows are (the rows phase ended in a collective).
+                ranks.agree(lambda: _distributed.write_graph(shard_dir, graph) if ranks.rank == 0 else None)
+                logger.info("fastattr.attribute: graph written to %s (fastattr.load_graph_shards reads it)", shard_dir)
+                graph = None
+            if gather == "rank0" and ranks.rank != 0:
+                graph = None
+            ranks.settle()
+        return graph
+    except BaseException:
+        if ranks is not None and ranks.failed_together:  # every rank is raising: end together
+            ranks.settle()
+        raise
 
 
 def _report(run: _Run, s: _Setup, total: float, edge_storage: str) -> None:
