@@ -244,3 +244,30 @@ def test_a_users_hook_runs_the_autograd_engine(caplog):
     assert_same_graph(g0, g1)
     fastattr.attribute(prompt, model, batch_size=16)
     assert attribute_module._LAST_RUN["engine"] == "linear"  # the hook is gone with its block
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_from_parts_is_the_stable_position_sort_of_its_parts(seed):
+    # The plan's vectors are its parts' picked rows, concatenated then sorted stably by position:
+    # however the largest part is read (one gather), whichever part is largest, with taken or
+    # whole sources, a part of another dtype and a part at no position.
+    from fastattr.attribution import hook_plans
+
+    gen = torch.Generator().manual_seed(seed)
+    d = 5
+    sizes = torch.randint(0, 9, (3,), generator=gen).tolist() + [0]
+    out_rows = torch.randperm(50, generator=gen)  # distinct, as one layer's rows are
+    parts, picked = [], []
+    for k, n in enumerate(sizes):
+        source = torch.randn(n + 4, d, generator=gen, dtype=torch.float64 if k == 1 else torch.float32)
+        take = None if k == 2 else torch.randperm(n + 4, generator=gen)[:n]
+        source = source[:n] if take is None else source
+        positions = torch.randint(0, 4, (n,), generator=gen)
+        parts.append((source, take, positions, out_rows[sum(sizes[:k]) : sum(sizes[: k + 1])]))
+        picked.append(source if take is None else source[take])
+    plan = hook_plans._plan_from_parts(parts)
+    positions = torch.cat([p for _, _, p, _ in parts])
+    order = torch.argsort(positions, stable=True)
+    assert torch.equal(plan.vectors, torch.cat([v.float() for v in picked])[order])
+    assert torch.equal(plan.rows.long(), torch.cat([r for _, _, _, r in parts])[order])
+    assert torch.equal(plan.positions.long(), positions[order])

@@ -28,8 +28,10 @@ from fastattr.ops.contraction import ContractionPlan
 
 def _plan_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]) -> ContractionPlan | None:
     """A plan over parts (source vectors, the source rows taken or None for all, positions, output
-    rows). Each part's vectors are gathered straight into the plan's position order: one copy of
-    the decoder rows (the largest input of a setup), not one per step."""
+    rows), its vectors gathered straight into the plan's position order. The largest part (the
+    decoder rows, the largest input of a setup) is read in one index_select into a fresh tensor:
+    one pass over it and one first touch of the result; the small parts are written over their
+    slots after."""
     if not parts:
         return None
     dtype = parts[0][0].dtype
@@ -39,12 +41,20 @@ def _plan_from_parts(parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.
     order = torch.argsort(positions, stable=True)  # the plan's own order (it sorts stably by position)
     slot = torch.empty_like(order)
     slot[order] = torch.arange(len(order), device=device)
-    vectors = torch.empty(len(order), parts[0][0].shape[1], dtype=dtype, device=device)
-    start = 0
-    for source, take, p, _ in parts:
-        picked = source if take is None else source.index_select(0, take.to(source.device))
-        vectors.index_copy_(0, slot[start : start + len(p)], picked.to(dtype))
-        start += len(p)
+    starts = [0]
+    for _, _, p, _ in parts:
+        starts.append(starts[-1] + len(p))
+    big = max(range(len(parts)), key=lambda k: len(parts[k][2]))
+    source, take, p, _ = parts[big]
+    # Every slot reads some row of the big source; the other parts' slots are overwritten below.
+    read = torch.zeros(len(order), dtype=torch.int64, device=source.device)
+    read[slot[starts[big] : starts[big + 1]].to(source.device)] = (
+        torch.arange(len(p), device=source.device) if take is None else take.to(source.device, torch.int64))
+    vectors = source.index_select(0, read).to(device=device, dtype=dtype)
+    for k, (source, take, p, _) in enumerate(parts):
+        if k != big and len(p):
+            picked = source if take is None else source.index_select(0, take.to(source.device))
+            vectors.index_copy_(0, slot[starts[k] : starts[k + 1]], picked.to(device=device, dtype=dtype))
     return ContractionPlan(vectors, positions[order], rows[order], take_vectors=True)
 
 
