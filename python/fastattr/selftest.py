@@ -279,7 +279,6 @@ def selftest(*, backends: list[str] | None = None, ops: list[str] | None = None,
     if interpret and "TRITON_INTERPRET" not in os.environ:
         # Triton reads this when its kernels are decorated, so it must precede their import.
         os.environ["TRITON_INTERPRET"] = "1"
-        _backends._triton_status.cache_clear()
     status = _backends.backend_status()
     chosen = [b for b in _backends.BACKENDS if backends is None or b in backends]
     table: dict[str, dict[str, dict]] = {}

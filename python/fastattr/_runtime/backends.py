@@ -160,15 +160,26 @@ def _insufficient_driver(build_cuda: str, driver: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_status() -> tuple[bool, str]:
+def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        return False, f"triton is not installed ({exc})"
+        return f"triton is not installed ({exc})"
     try:
         from fastattr import triton_kernels  # noqa: F401
     except ImportError as exc:
-        return False, f"fastattr.triton_kernels failed to import ({exc})"
+        return f"fastattr.triton_kernels failed to import ({exc})"
+    return None
+
+
+def _triton_status() -> tuple[bool, str]:
+    # Only the import is cached: TRITON_INTERPRET may change between calls, and a status cached
+    # under the other setting would name a backend that cannot run.
+    error = _triton_import_error()
+    if error is not None:
+        return False, error
+    import triton
+
     if triton_interpret():
         return True, f"triton {triton.__version__} in interpreter mode (TRITON_INTERPRET=1), CPU tensors"
     if torch.cuda.is_available():
