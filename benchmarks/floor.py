@@ -70,19 +70,21 @@ def sweep_flops(work: dict[str, Any]) -> dict[str, float]:
     layers = work["layers"]
     causal = work["causal"]
     out = dict(attention_projections=0.0, attention_pattern=0.0, skip=0.0, contraction=0.0)
-    for layer, P, n, vecs in work["steps"]:
+    # n_out: rows whose cotangent at the layer's output hook is not zero (seeded above it); n_in:
+    # those and the rows seeded at the layer, which the attention transpose carries down.
+    for layer, P, n_out, n_in, vecs in work["steps"]:
         if layer < 0:  # the token embeddings: the contraction only
             D = layers[0]["d_model"]
-            out["contraction"] += 2.0 * n * D * vecs
+            out["contraction"] += 2.0 * n_out * D * vecs
             continue
         la = layers[layer]
         D, H, Hkv, dh = la["d_model"], la["n_heads"], la["n_kv_heads"], la["d_head"]
-        out["contraction"] += 2.0 * n * D * vecs
-        out["attention_projections"] += 2.0 * P * n * D * dh * (H + Hkv)
+        out["contraction"] += 2.0 * n_out * D * vecs
+        out["attention_projections"] += 2.0 * P * n_in * D * dh * (H + Hkv)
         pairs = P * (P + 1) / 2 if causal else P * P
-        out["attention_pattern"] += 2.0 * H * dh * n * pairs
+        out["attention_pattern"] += 2.0 * H * dh * n_in * pairs
         if la["skip"]:
-            out["skip"] += 2.0 * P * n * D * D
+            out["skip"] += 2.0 * P * n_out * D * D
     return out
 
 

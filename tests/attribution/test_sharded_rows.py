@@ -126,9 +126,8 @@ def test_gather_keeps_only_the_graph_columns(ranks):
     _write(store, 5, edges[5:])
     columns = torch.tensor([0, 7, 8, 30, 49])
     assert store.gather_rows(12, "all", columns)
-    index = torch.tensor([11, 0, 5])
-    got, sums = store.rows(index, columns)
-    assert sums is None and torch.equal(got, edges[index][:, columns])
+    got, sums = store.rows(3, 11, columns)
+    assert sums is None and torch.equal(got, edges[3:11][:, columns])
     assert ranks.bytes_by_phase["gather"] == 0  # one rank sends nothing
 
 

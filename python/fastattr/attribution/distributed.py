@@ -368,11 +368,11 @@ class ShardedDenseRows:
         self.edges = self.edges[:0]
         return receives
 
-    def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows ``index`` at the columns :meth:`gather_rows` gathered (``columns`` must be those)."""
+    def rows(self, start: int, stop: int, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``start .. stop - 1`` at the columns :meth:`gather_rows` gathered (``columns`` must be those)."""
         if self.gathered is None:
             raise RuntimeError("ShardedDenseRows.rows: gather_rows first")
-        return self.gathered[index.to(self.gathered.device)], None
+        return self.gathered[start:stop], None
 
 
 # ------------------------------------------------------------------------------------ shard files

@@ -453,9 +453,9 @@ def _assemble(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, visited
     row_abs_sum = torch.zeros(n_final, device=out_device)
     row_block = max(1, _BLOCK_BYTES // (4 * n_final))
     for r0 in range(0, writer.st, row_block):
-        index = torch.arange(r0, min(writer.st, r0 + row_block), device=final.device)
-        block, sums = store.rows(index, columns)
-        where = final[index].to(out_device)
+        r1 = min(writer.st, r0 + row_block)
+        block, sums = store.rows(r0, r1, columns)
+        where = final[r0:r1].to(out_device)
         adjacency[where] = block.to(out_device)
         if sums is not None:
             row_abs_sum[where] = sums.to(out_device)

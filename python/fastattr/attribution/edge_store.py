@@ -39,8 +39,8 @@ class RowStore(Protocol):
         """circuit-tracer's compute_partial_influences over the first ``st`` rows; ``deterministic``
         as in :func:`fastattr.compute_partial_influences`."""
 
-    def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows ``index`` restricted to ``columns`` (all if None), and their |weight| sums if kept."""
+    def rows(self, start: int, stop: int, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``start .. stop - 1`` restricted to ``columns`` (all if None), and their |weight| sums if kept."""
 
 
 def _check_fits(n_rows: int, n_cols: int, batch: int, device: torch.device) -> None:
@@ -91,10 +91,10 @@ class DenseRows:
         return _influence.compute_partial_influences(self.edges[:st], logit_p, row_to_node, deterministic=deterministic,
                                                      state=self._partial)  # fmt: skip
 
-    def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if columns is None:
-            return self.edges[index], None
-        return self.edges[index[:, None], columns[None, :]], None  # no full-width intermediate
+    def rows(self, start: int, stop: int, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        block = self.edges[start:stop]
+        # A row slice read at the kept columns: one gather, no full-width intermediate.
+        return (block if columns is None else block.index_select(1, columns)), None
 
 
 class TopKRows:
@@ -224,9 +224,10 @@ class TopKRows:
 
         return matvec
 
-    def rows(self, index: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``index`` restricted to ``columns``, dense, and their |weight| sums over those columns."""
+    def rows(self, start: int, stop: int, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``start .. stop - 1`` restricted to ``columns``, dense, and their |weight| sums over those columns."""
         dev = self.values.device
+        index = torch.arange(start, stop, device=dev)
         width = self.n_cols if columns is None else len(columns)
         if columns is None:
             col_map = None

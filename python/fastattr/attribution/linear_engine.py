@@ -188,10 +188,11 @@ class LinearEngine:
         # Cotangent moves between placements in the last run() (one per boundary crossed), and
         # their bytes: what tests and the split-device docs check.
         self.last_transfers: list[tuple[Hashable, Hashable, int]] = []
-        # What every run() since construction swept, per layer step: (layer, positions, rows,
-        # vectors contracted); layer -1 is the token embeddings. The benchmarks' floor model
-        # counts the work an exact sweep cannot skip from it.
-        self.steps: list[tuple[int, int, int, int]] = []
+        # What every run() since construction swept, per layer step: (layer, positions, rows
+        # contracted and skipped, rows through the attention transpose, vectors contracted); layer
+        # -1 is the token embeddings. The benchmarks' floor model counts the work an exact sweep
+        # cannot skip from it.
+        self.steps: list[tuple[int, int, int, int, int]] = []
 
     def _placed(self, plan: Any, device: torch.device, place: Hashable) -> _PlacedPlan | None:
         if plan is None:
@@ -219,9 +220,12 @@ class LinearEngine:
 
     # ----------------------------------------------------------------------------------- sweep
 
-    def _contract(self, layer: int, placed: _PlacedPlan | None, g: torch.Tensor, out: torch.Tensor) -> None:
+    @staticmethod
+    def _vectors(placed: _PlacedPlan | None, n_pos: int) -> int:
+        return 0 if placed is None else placed.plan.vectors_below(n_pos)
+
+    def _contract(self, placed: _PlacedPlan | None, g: torch.Tensor, out: torch.Tensor) -> None:
         """Contract ``placed``'s vectors at the positions ``g`` (P, n, D) covers into ``out`` (rows x n)."""
-        self.steps.append((layer, g.shape[0], g.shape[1], 0 if placed is None else placed.plan.vectors_below(g.shape[0])))
         if placed is None:
             return
         # (n, P, D) view: the plan reads through strides; later positions' gradients are zero.
@@ -244,19 +248,27 @@ class LinearEngine:
         """g_in = sum_h pattern_h^T g W_O[h]^T W_V[h]^T: three large products, all heads at once."""
         P, n, D = g.shape
         H, Hkv, dh = layer.n_heads, layer.n_kv_heads, layer.d_head
-        g_z = (g.reshape(P * n, D) @ layer.w_o).view(P, n, H, dh).permute(2, 0, 1, 3).reshape(H, P, n * dh)
-        # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q]. With a causal
-        # pattern, key block [k0, k1) only hears queries >= k0: about half of the P^2 term is skipped.
+        G = H // Hkv  # grouped-query attention: kv head j serves heads j * G ... (j + 1) * G - 1
+        # (H, P * n, dh): one product per head, broadcast over g, lands head-major, so the pattern
+        # product reads each head's (P, n * dh) block without a permuted copy of g_z.
+        w_o = layer.w_o.view(D, H, dh).permute(1, 0, 2)
+        g_z = torch.matmul(g.reshape(1, P * n, D), w_o).view(Hkv, G, P, n * dh)
+        # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q], summed over the
+        # kv head's G heads. With a causal pattern, key block [k0, k1) only hears queries >= k0:
+        # about half of the P^2 term is skipped.
+        pattern = layer.pattern.view(Hkv, G, *layer.pattern.shape[1:])
         block = max(_MIN_KEY_BLOCK, P // 16)
         if not self.causal or P <= 2 * block:
-            g_v = torch.bmm(layer.pattern[:, :P, :P].transpose(1, 2), g_z)
+            # The G heads side by side along the reduced axis: (Hkv, P_k, G * P_q) @ (Hkv, G * P_q, n * dh).
+            pattern_t = pattern[:, :, :P, :P].permute(0, 3, 1, 2).reshape(Hkv, P, G * P)
+            g_v = torch.bmm(pattern_t, g_z.view(Hkv, G * P, n * dh))
         else:
-            g_v = torch.empty_like(g_z)
+            g_v = torch.empty(Hkv, P, n * dh, device=g.device, dtype=g.dtype)
             for k0 in range(0, P, block):
                 k1 = min(k0 + block, P)
-                g_v[:, k0:k1] = torch.bmm(layer.pattern[:, k0:P, k0:k1].transpose(1, 2), g_z[:, k0:P])
-        if Hkv != H:  # grouped-query attention: kv head j serves heads j * H / Hkv ... (j + 1) * H / Hkv - 1
-            g_v = g_v.view(Hkv, H // Hkv, P, n * dh).sum(1)
+                g_v[:, k0:k1] = torch.bmm(pattern[:, 0, k0:P, k0:k1].transpose(1, 2), g_z[:, 0, k0:P])
+                for h in range(1, G):
+                    g_v[:, k0:k1].baddbmm_(pattern[:, h, k0:P, k0:k1].transpose(1, 2), g_z[:, h, k0:P])
         g_v = g_v.view(Hkv, P, n, dh).permute(1, 2, 0, 3).reshape(P * n, Hkv * dh)
         return (g_v @ layer.w_v).view(P, n, D)
 
@@ -307,16 +319,20 @@ class LinearEngine:
             top -= 1
         for i in range(top, -1, -1):
             layer = self.layers[i]
+            # A row seeded at this layer enters at its feature-input hook, below the output hook,
+            # so its cotangent there is zero: only the rows from above are contracted and skipped.
+            above = 0
             if g is not None:
                 g = self._move(g, layer.device, place, layer.place)
+                above = g.shape[1]
+                g_out = g if layer.ln2_post is None else layer.ln2_post.transpose(g)
+                self._contract(self.layer_plans[i], g_out, out[:, :above])
+                if layer.skip_t is not None:
+                    g_in = g_out @ layer.skip_t
+                    g.add_(g_in if layer.ln2 is None else layer.ln2.transpose_(g_in))
             place = layer.place
             g = grow(g, active.get(i, g.shape[1] if g is not None else B) if compact else B, layer.device)
-            n = g.shape[1]
-            g_out = g if layer.ln2_post is None else layer.ln2_post.transpose(g)
-            self._contract(i, self.layer_plans[i], g_out, out[:, :n])
-            if layer.skip_t is not None:
-                g_in = g_out @ layer.skip_t
-                g.add_(g_in if layer.ln2 is None else layer.ln2.transpose_(g_in))
+            self.steps.append((i, P, above, g.shape[1], self._vectors(self.layer_plans[i], P)))
             if i in seeds:
                 pos, rows, vals = seed(i, layer.device)
                 g[pos, rows] = vals if layer.ln2 is None else layer.ln2.transpose_at(vals, pos)
@@ -325,4 +341,5 @@ class LinearEngine:
         g = self._move(g, self.frozen.embed_device, place, self.frozen.embed_place)
         if self.frozen.embed_scale is not None:
             g = g * self.frozen.embed_scale
-        self._contract(-1, self.token_plan, g, out)
+        self.steps.append((-1, P, g.shape[1], 0, self._vectors(self.token_plan, P)))
+        self._contract(self.token_plan, g, out)
