@@ -271,3 +271,50 @@ def test_plan_from_parts_is_the_stable_position_sort_of_its_parts(seed):
     assert torch.equal(plan.vectors, torch.cat([v.float() for v in picked])[order])
     assert torch.equal(plan.rows.long(), torch.cat([r for _, _, _, r in parts])[order])
     assert torch.equal(plan.positions.long(), positions[order])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_runs_are_whole_batches_in_order_and_merge_only_short_padding(seed):
+    # cut_runs: consecutive runs covering every row once, in order, each a union of whole
+    # batch_size chunks, at most max_rows, and two chunks share a run only while the run's padded
+    # work (rows x its widest prefix) stays within the slack of their own.
+    from fastattr.attribution import linear_engine
+
+    gen = torch.Generator().manual_seed(seed)
+    engine = linear_engine.LinearEngine.__new__(linear_engine.LinearEngine)
+    engine.causal = True
+    n, batch = int(torch.randint(1, 400, (1,), generator=gen)), int(torch.randint(1, 40, (1,), generator=gen))
+    max_rows = batch * int(torch.randint(1, 8, (1,), generator=gen))
+    positions = torch.sort(torch.randint(0, 90, (n,), generator=gen)).values
+    runs = engine.cut_runs(positions, batch, max_rows)
+    assert runs[0][0] == 0 and runs[-1][1] == n and all(b == c for (_, b), (c, _) in zip(runs, runs[1:]))
+    for a, b in runs:
+        assert a % batch == 0 and (b - a) % batch == 0 or b == n
+        assert b - a <= max_rows
+        chunks = [(i, min(i + batch, b)) for i in range(a, b, batch)]
+        own = sum((d - c) * (int(positions[c:d].max()) + 1) for c, d in chunks)
+        assert len(chunks) == 1 or (b - a) * (int(positions[a:b].max()) + 1) <= (1 + linear_engine._PAD_SLACK) * own
+    # Without causal truncation every run sweeps the whole prompt: runs are max_rows long.
+    engine.causal = False
+    assert engine.cut_runs(positions, batch, max_rows) == [(i, min(i + max_rows, n)) for i in range(0, n, max_rows)]
+
+
+def test_graph_does_not_depend_on_how_runs_are_cut(monkeypatch):
+    from fastattr.attribution import linear_engine
+
+    model = _model(transcoder="clt", architecture="llama", skip_connection=True)
+    prompt = tracer_prompt(17, seed=4)
+    calls = []
+    run = linear_engine.LinearEngine.run
+    monkeypatch.setattr(linear_engine.LinearEngine, "run", lambda self, *a: calls.append(len(a[1])) or run(self, *a))
+    graphs, runs = {}, {}
+    for slack in (0.0, 1e9):  # no padding beyond the batches' own / each phase one run
+        monkeypatch.setattr(linear_engine, "_PAD_SLACK", slack)
+        calls.clear()
+        graphs[slack] = fastattr.attribute(prompt, model, batch_size=4, max_feature_nodes=48)
+        runs[slack] = len(calls)
+    tight, merged = graphs[0.0], graphs[1e9]
+    assert runs[0.0] > runs[1e9]
+    assert torch.equal(tight.selected_features, merged.selected_features)
+    a, b = tight.adjacency_matrix, merged.adjacency_matrix
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max()

@@ -106,6 +106,9 @@ class _LinearRows:
     def rows_per_write(self, batch_size: int, row_bytes: int) -> int:
         return self.engine.rows_per_run(batch_size, row_bytes)
 
+    def cut_runs(self, positions: torch.Tensor, batch_size: int, max_rows: int) -> list[tuple[int, int]]:
+        return self.engine.cut_runs(positions, batch_size, max_rows)
+
     def compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, retain: bool) -> None:
         self.engine.run(block.T, layers, positions, values)
 
@@ -129,6 +132,9 @@ class _AutogradRows:
 
     def rows_per_write(self, batch_size: int, row_bytes: int) -> int:
         return batch_size  # circuit-tracer's forward ran over exactly this many copies
+
+    def cut_runs(self, positions: torch.Tensor, batch_size: int, max_rows: int) -> list[tuple[int, int]]:
+        return [(i, min(i + batch_size, len(positions))) for i in range(0, len(positions), batch_size)]
 
     def compute(self, block: torch.Tensor, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, retain: bool) -> None:
         self.route.out = block.T
@@ -404,8 +410,8 @@ def _feature_rows(run: _Run, s: _Setup, writer: _RowWriter, store: RowStore, *, 
         if run.ranks is not None and shares[0][0] is None:  # batches dealt round-robin: one for every rank
             step = max(batch_size, min(step, -(-len(pending) // run.ranks.size)))
         for owner, share in shares:
-            for i in range(0, len(share), step):
-                idx = share[i : i + step]
+            for a, b in s.rows.cut_runs(feat_pos[share], batch_size, step):
+                idx = share[a:b]
                 # Upper layers first inside a batch: the linear engine then sweeps each row from its own layer.
                 idx = idx[torch.argsort(feat_layers[idx], descending=True, stable=True)]
                 n_visited += len(idx)

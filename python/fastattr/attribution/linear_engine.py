@@ -48,6 +48,8 @@ _MIN_KEY_BLOCK = 64
 # cotangent (a few times that with the attention transpose's temporaries), whatever the batch.
 _SWEEP_BYTES = 16 * 2**20
 _MAX_SWEEP_ROWS = 1024
+# How much wider than its chunks' own prefixes a merged run may sweep (see cut_runs).
+_PAD_SLACK = 0.25
 
 
 class FrozenNorm:
@@ -217,6 +219,30 @@ class LinearEngine:
         rounding), so this changes time, never the graph."""
         per_row = max(1, self.n_pos * self.d_model * torch.finfo(self.dtype).bits // 8, out_row_bytes)
         return max(batch_size, min(_MAX_SWEEP_ROWS, _SWEEP_BYTES // per_row))
+
+    def cut_runs(self, positions: torch.Tensor, batch_size: int, max_rows: int) -> list[tuple[int, int]]:
+        """Where to cut rows, in the caller's order, into :meth:`run` calls: chunks of
+        ``batch_size`` merged, up to ``max_rows``, while the merged run's padded work (rows x its
+        largest position, the prefix a causal sweep covers) stays within ``_PAD_SLACK`` of what the
+        chunks would cover alone. A longer run saves fixed costs per layer; a wider prefix than a
+        row needs is work on zeros. Changes time, never the graph."""
+        n = len(positions)
+        if not self.causal or max_rows <= batch_size:  # every run sweeps the whole prompt, or none merges
+            step = max(batch_size, max_rows)
+            return [(i, min(i + step, n)) for i in range(0, n, step)]
+        chunks = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        tops = [int(positions[a:b].max()) + 1 for a, b in chunks]
+        runs: list[tuple[int, int]] = []
+        start, top, own = chunks[0][0], 0, 0
+        for (a, b), p in zip(chunks, tops):
+            rows, wide = b - start, max(top, p)
+            if a > start and (rows > max_rows or rows * wide > (1 + _PAD_SLACK) * (own + (b - a) * p)):
+                runs.append((start, a))
+                start, top, own = a, 0, 0
+                wide = p
+            top, own = wide, own + (b - a) * p
+        runs.append((start, n))
+        return runs
 
     # ----------------------------------------------------------------------------------- sweep
 
