@@ -70,6 +70,19 @@ def test_linear_engine_below_all_features(arch, transcoder):
     assert_same_graph(g0, g1)
 
 
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_long_prompt_blocked_pattern_product_equals_circuit_tracer(n_kv_heads):
+    # Past 2 x 64 positions the causal pattern product runs by key blocks (and with grouped heads,
+    # one accumulated product per head of the group): still circuit-tracer's graph.
+    model = _model(transcoder="plt", architecture="gemma2", n_kv_heads=n_kv_heads)
+    prompt = tracer_prompt(150, seed=21)
+    g0 = ct.attribute(prompt, model, batch_size=32, max_feature_nodes=96)
+    g1 = fastattr.attribute(prompt, model, batch_size=32, max_feature_nodes=96, engine="linear")
+    assert attribute_module._LAST_RUN["engine"] == "linear"
+    assert max(p for _, p, _, _, _ in attribute_module._LAST_RUN["work"]["steps"]) > 128
+    assert_same_graph(g0, g1)
+
+
 def test_default_engine_under_the_patch_is_linear():
     model = _model(transcoder="clt", architecture="gpt2")
     prompt = tracer_prompt(9, seed=5)

@@ -275,10 +275,11 @@ class LinearEngine:
         P, n, D = g.shape
         H, Hkv, dh = layer.n_heads, layer.n_kv_heads, layer.d_head
         G = H // Hkv  # grouped-query attention: kv head j serves heads j * G ... (j + 1) * G - 1
-        # (H, P * n, dh): one product per head, broadcast over g, lands head-major, so the pattern
-        # product reads each head's (P, n * dh) block without a permuted copy of g_z.
+        # (H, P * n, dh): one product per head over the same g (a stride-0 batch, no copies of g)
+        # lands head-major, so the pattern product reads each head's (P, n * dh) block without a
+        # permuted copy of g_z.
         w_o = layer.w_o.view(D, H, dh).permute(1, 0, 2)
-        g_z = torch.matmul(g.reshape(1, P * n, D), w_o).view(Hkv, G, P, n * dh)
+        g_z = torch.bmm(g.reshape(P * n, D).expand(H, P * n, D), w_o).view(Hkv, G, P, n * dh)
         # z[q] = sum_k pattern[q, k] v[k], so g_v[k] = sum_q pattern[q, k] g_z[q], summed over the
         # kv head's G heads. With a causal pattern, key block [k0, k1) only hears queries >= k0:
         # about half of the P^2 term is skipped.
