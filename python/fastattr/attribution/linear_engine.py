@@ -82,6 +82,15 @@ class FrozenNorm:
             g.sub_(g.mean(-1, keepdim=True))
         return g
 
+    def add_transposed_(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """g += transpose(u) for a ``u`` nobody else reads: one pass over g where the map is a
+        scale in g's dtype (no transposed copy of u written and read back)."""
+        if self.factor is None:
+            return g.add_(u)
+        if not self.center and u.dtype == g.dtype == self.factor.dtype:
+            return g.addcmul_(u, self.factor[: u.shape[0]])
+        return g.add_(self.transpose_(u))
+
     def transpose_at(self, g: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """g: (k, D) vectors at ``positions`` (k,)."""
         if self.factor is None:
@@ -95,6 +104,9 @@ class FrozenNorm:
 
     def to(self, device: torch.device) -> FrozenNorm:
         return FrozenNorm(None if self.factor is None else self.factor.to(device), self.center)
+
+
+_IDENTITY = FrozenNorm()
 
 
 @dataclass
@@ -356,7 +368,7 @@ class LinearEngine:
                 self._contract(self.layer_plans[i], g_out, out[:, :above])
                 if layer.skip_t is not None:
                     g_in = g_out @ layer.skip_t
-                    g.add_(g_in if layer.ln2 is None else layer.ln2.transpose_(g_in))
+                    (layer.ln2 or _IDENTITY).add_transposed_(g, g_in)
             place = layer.place
             g = grow(g, active.get(i, g.shape[1] if g is not None else B) if compact else B, layer.device)
             self.steps.append((i, P, above, g.shape[1], self._vectors(self.layer_plans[i], P)))
@@ -364,7 +376,7 @@ class LinearEngine:
                 pos, rows, vals = seed(i, layer.device)
                 g[pos, rows] = vals if layer.ln2 is None else layer.ln2.transpose_at(vals, pos)
             g_attn = g if layer.ln1_post is None else layer.ln1_post.transpose(g)
-            g.add_(layer.ln1.transpose_(self._attention_transpose(g_attn, layer)))
+            layer.ln1.add_transposed_(g, self._attention_transpose(g_attn, layer))
         g = self._move(g, self.frozen.embed_device, place, self.frozen.embed_place)
         if self.frozen.embed_scale is not None:
             g = g * self.frozen.embed_scale
