@@ -245,13 +245,12 @@ class LinearEngine:
         chunks = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
         tops = [int(positions[a:b].max()) + 1 for a, b in chunks]
         runs: list[tuple[int, int]] = []
-        start, top, own = chunks[0][0], 0, 0
+        start, top, own = 0, 0, 0  # the open run: first row, widest prefix, its chunks' own work
         for (a, b), p in zip(chunks, tops):
-            rows, wide = b - start, max(top, p)
-            if a > start and (rows > max_rows or rows * wide > (1 + _PAD_SLACK) * (own + (b - a) * p)):
+            wide = max(top, p)
+            if a > start and (b - start > max_rows or (b - start) * wide > (1 + _PAD_SLACK) * (own + (b - a) * p)):
                 runs.append((start, a))
-                start, top, own = a, 0, 0
-                wide = p
+                start, wide, own = a, p, 0
             top, own = wide, own + (b - a) * p
         runs.append((start, n))
         return runs
